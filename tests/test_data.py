@@ -1,0 +1,274 @@
+"""Tests for crvlm_core.data: line-numbered errors, scopes, seeded splits, bundled datasets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from crvlm_core.data import (
+    DataError,
+    Sample,
+    assign_scope,
+    fingerprint,
+    list_datasets,
+    load_dataset,
+    read_jsonl,
+    split,
+)
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def rec(i: int, subject: str = "biology", **kw) -> dict:
+    return {"id": f"s{i}", "prompt": f"question {i}?", "subject": subject, **kw}
+
+
+def make_samples(n_in: int, n_out: int) -> list[Sample]:
+    ins = [Sample(f"in{i:03d}", f"p{i}", "biology") for i in range(n_in)]
+    outs = [Sample(f"out{i:03d}", f"q{i}", "history") for i in range(n_out)]
+    return ins + outs
+
+
+# --- read_jsonl errors ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad, pattern",
+    [
+        ("{not json", r"invalid JSON"),
+        (json.dumps({"id": "x", "subject": "biology"}), r"`prompt` is missing"),
+        (json.dumps({"id": "x", "prompt": "  ", "subject": "biology"}), r"`prompt` is empty"),
+        (json.dumps({"id": "x", "prompt": "q?"}), r"`subject` is missing"),
+        (json.dumps({"id": "x", "prompt": "q?", "subject": "b", "scope": "inside"}), r"`scope` must be"),
+        (json.dumps(["a", "list"]), r"expected a JSON object"),
+    ],
+)
+def test_bad_line_names_file_and_line(tmp_path, bad, pattern):
+    path = write_jsonl(tmp_path / "d.jsonl", [rec(1), "", bad])  # blank line 2; bad record on line 3
+    with pytest.raises(DataError, match=pattern) as err:
+        read_jsonl(path)
+    assert "d.jsonl:3" in str(err.value)
+
+
+def test_duplicate_id_names_both_lines(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [rec(1), rec(2), rec(1)])
+    with pytest.raises(DataError, match=r"d\.jsonl:3: duplicate id 's1' \(first seen on line 1\)"):
+        read_jsonl(path)
+
+
+def test_missing_image(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [rec(1, image="images/nope.png")])
+    with pytest.raises(DataError, match=r"d\.jsonl:1: image file does not exist"):
+        read_jsonl(path)
+
+
+def test_unreadable_image(tmp_path):
+    (tmp_path / "garbage.png").write_bytes(b"\x00not a png at all" * 10)
+    path = write_jsonl(tmp_path / "d.jsonl", [rec(1), rec(2, image="garbage.png")])
+    with pytest.raises(DataError, match=r"d\.jsonl:2: image cannot be opened"):
+        read_jsonl(path)
+
+
+def test_missing_id_is_generated_and_extra_kept(tmp_path):
+    path = write_jsonl(tmp_path / "mine.jsonl", [{"prompt": "q?", "subject": "b", "answer": "A"}])
+    (s,) = read_jsonl(path)
+    assert s.id == "mine-1" and s.extra == {"answer": "A"} and s.scope is None and s.image is None
+
+
+def test_user_jsonl_with_relative_image(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(tmp_path / "imgs" / "red.png")
+    path = write_jsonl(tmp_path / "user.jsonl", [rec(1, image="imgs/red.png", scope="in"), rec(2, "history")])
+    samples = load_dataset(str(path))
+    assert samples[0].image == (tmp_path / "imgs" / "red.png").resolve() and samples[0].image.is_absolute()
+    img = samples[0].load_image()
+    assert img.mode == "RGB" and img.size == (64, 64) and img.getpixel((0, 0)) == (200, 10, 10)
+    assert samples[1].load_image() is None
+
+
+def test_load_image_error_after_file_corrupted(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (s,) = read_jsonl(write_jsonl(tmp_path / "d.jsonl", [rec(1, image="a.png")]))
+    (tmp_path / "a.png").write_bytes(b"junk")
+    with pytest.raises(DataError, match="cannot read image"):
+        s.load_image()
+
+
+def test_load_dataset_unknown_name_and_subject(tmp_path):
+    with pytest.raises(DataError, match="unknown dataset"):
+        load_dataset("no_such_dataset")
+    path = write_jsonl(tmp_path / "d.jsonl", [rec(1), rec(2, "history")])
+    with pytest.raises(DataError, match=r"unknown subject\(s\) \['physics'\]; available: \['biology', 'history'\]"):
+        load_dataset(path, subjects=["physics"])
+
+
+def test_limit_per_subject_seeded(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [rec(i, "ab"[i % 2]) for i in range(40)])
+    a = load_dataset(path, limit_per_subject=5, seed=1)
+    assert Counter(s.subject for s in a) == {"a": 5, "b": 5}
+    assert [s.id for s in a] == [s.id for s in load_dataset(path, limit_per_subject=5, seed=1)]
+    assert [s.id for s in a] != [s.id for s in load_dataset(path, limit_per_subject=5, seed=2)]
+    assert [s.subject for s in load_dataset(path, subjects=["b"])] == ["b"] * 20
+
+
+# --- assign_scope ----------------------------------------------------------------------------
+
+
+def test_assign_scope_default_and_explicit_out():
+    samples = make_samples(3, 3) + [Sample("m1", "x", "maths"), Sample("k1", "y", "maths", scope="in")]
+    scoped = assign_scope(samples, ["biology"])
+    assert Counter(s.scope for s in scoped) == {"in": 4, "out": 4}
+    assert samples[0].scope is None  # originals untouched
+    scoped = assign_scope(samples, ["biology"], out_scope=["history"])
+    assert [s.id for s in scoped if s.subject == "maths"] == ["k1"]  # pre-scoped kept, others dropped
+    assert Counter(s.scope for s in scoped) == {"in": 4, "out": 3}
+
+
+def test_assign_scope_errors():
+    samples = make_samples(3, 3)
+    with pytest.raises(DataError, match=r"unknown subject\(s\) \['physics'\]"):
+        assign_scope(samples, ["physics"])
+    with pytest.raises(DataError, match=r"unknown subject\(s\) \['chem'\]"):
+        assign_scope(samples, ["biology"], out_scope=["chem"])
+    with pytest.raises(DataError, match="empty split"):
+        assign_scope(samples, ["biology", "history"])
+    with pytest.raises(DataError, match="empty split"):
+        assign_scope(samples, [], out_scope=["history"])
+
+
+# --- split -----------------------------------------------------------------------------------
+
+
+def ids(xs):
+    return [s.id for s in xs]
+
+
+def test_split_stratified_exact_counts_and_deterministic():
+    samples = assign_scope(make_samples(30, 50), ["biology"])
+    train, test = split(samples, n_train=10, n_test=12, seed=7)
+    assert Counter(s.scope for s in train) == {"in": 10, "out": 10}
+    assert Counter(s.scope for s in test) == {"in": 12, "out": 12}
+    assert not set(ids(train)) & set(ids(test))
+    again = split(list(reversed(samples)), n_train=10, n_test=12, seed=7)  # input order irrelevant
+    assert (ids(train), ids(test)) == (ids(again[0]), ids(again[1]))
+    other = split(samples, n_train=10, n_test=12, seed=8)
+    assert ids(train) != ids(other[0])
+
+
+def test_split_fraction_and_subject_strata():
+    samples = assign_scope(make_samples(10, 20), ["biology"])
+    train, test = split(samples, test_fraction=0.3)
+    assert Counter(s.scope for s in test) == {"in": 3, "out": 6}
+    assert len(train) + len(test) == 30
+    train, test = split(samples, n_test=4, stratify_by="subject")
+    assert Counter(s.subject for s in train) == {"biology": 6, "history": 16}
+
+
+def test_split_errors():
+    samples = assign_scope(make_samples(5, 50), ["biology"])
+    with pytest.raises(DataError, match=r"stratum scope='in' has 5 sample\(s\), too few"):
+        split(samples, n_train=4, n_test=4)
+    with pytest.raises(DataError, match="call assign_scope first"):
+        split(make_samples(5, 5))
+    with pytest.raises(DataError, match="no samples"):
+        split([])
+    with pytest.raises(DataError, match="need at least 2"):
+        split(assign_scope(make_samples(1, 5), ["biology"]))
+
+
+def test_split_independent_of_hash_seed(tmp_path):
+    code = (
+        "from crvlm_core.data import Sample, assign_scope, split\n"
+        "s = [Sample(f'x{i}', 'p', 'ab'[i % 2]) for i in range(40)]\n"
+        "tr, te = split(assign_scope(s, ['a']), n_train=5, n_test=5, seed=3)\n"
+        "print(','.join(x.id for x in tr + te))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    outs = set()
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(root)}
+        outs.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                check=True).stdout)
+    assert len(outs) == 1
+
+
+# --- fingerprint -----------------------------------------------------------------------------
+
+
+def test_fingerprint_tracks_prompt_and_image_bytes(tmp_path):
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(tmp_path / "a.png")
+    path = write_jsonl(tmp_path / "d.jsonl", [rec(1, image="a.png"), rec(2)])
+    fp = fingerprint(read_jsonl(path))
+    assert len(fp) == 16 and fp == fingerprint(read_jsonl(path))
+    write_jsonl(path, [rec(1, image="a.png"), {**rec(2), "prompt": "changed?"}])
+    fp2 = fingerprint(read_jsonl(path))
+    assert fp2 != fp
+    Image.new("RGB", (16, 16), (0, 255, 0)).save(tmp_path / "a.png")
+    assert fingerprint(read_jsonl(path)) != fp2
+    samples = read_jsonl(path)
+    assert fingerprint([dataclasses.replace(s, scope="in") for s in samples]) != fingerprint(samples)
+
+
+# --- bundled datasets ------------------------------------------------------------------------
+
+MINIMUMS = {
+    "mmlu": {s: 140 for s in ("biology", "physics", "chemistry", "mathematics", "geography", "astronomy")},
+    "harmful": {"harmful": 600},
+    "overrefusal": {"benign_edgy": 150},
+    "political": {"political": 60, "neutral": 60},
+    "refusal_labels": {"refused": 1, "not_refused": 1},
+    "harmful_benign_pairs": {"harmful": 150, "harmless": 150},
+    "mm_subjects": {"biology": 8, "astronomy": 8, "geography": 8, "chemistry": 5},
+}
+
+
+def test_bundled_names():
+    assert set(MINIMUMS) <= set(list_datasets())
+
+
+@pytest.mark.parametrize("name", sorted(MINIMUMS))
+def test_bundled_dataset_counts(name):
+    samples = load_dataset(name)
+    counts = Counter(s.subject for s in samples)
+    for subject, minimum in MINIMUMS[name].items():
+        assert counts[subject] >= minimum, (name, subject, counts[subject])
+
+
+def test_bundled_fields():
+    mmlu = load_dataset("mmlu", subjects=["biology"])
+    assert {s.extra["mmlu_subject"] for s in mmlu} == {"high_school_biology", "college_biology"}
+    assert all(len(s.extra["choices"]) == 4 and s.extra["answer"] in "ABCD" for s in mmlu)
+    assert mmlu[0].id == "mmlu-biology-0001" and all(s.prompt != "question" for s in mmlu)
+    harmful = load_dataset("harmful")
+    assert Counter(s.extra["source"] for s in harmful) == {"advbench": 520, "harmbench": 200}
+    labels = load_dataset("refusal_labels")
+    assert len(labels) == 169 and all(isinstance(s.extra["refused"], bool) and s.extra["response"] for s in labels)
+    pairs = Counter(s.extra["pair_id"] for s in load_dataset("harmful_benign_pairs"))
+    assert len(pairs) == 150 and set(pairs.values()) == {2}
+    assert all(s.extra["country"] for s in load_dataset("political"))
+
+
+def test_mm_subjects_images_open_and_small():
+    samples = load_dataset("mm_subjects")
+    assert len(samples) >= 40 and len({s.subject for s in samples}) >= 4
+    for s in samples:
+        img = s.load_image()
+        assert img.mode == "RGB" and max(img.size) <= 256
+        assert s.extra["licence"] and s.extra["image_source"]
+
+
+def test_bundled_size_small():
+    root = Path(__file__).resolve().parents[1] / "crvlm_core" / "datasets"
+    assert sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) < 5 * 1024 * 1024
