@@ -26,6 +26,7 @@ __all__ = [
     "list_datasets",
     "load_dataset",
     "read_jsonl",
+    "scope_dataset",
     "split",
 ]
 
@@ -264,6 +265,38 @@ def assign_scope(
                 f"(in_scope={sorted(ins)}, out_scope={None if outs is None else sorted(outs)})"
             )
     return result
+
+
+def scope_dataset(
+    in_scope: Iterable[str] = ("biology",),
+    dataset: str | Path = "mmlu",
+    out_scope: Iterable[str] | None = None,
+    limit_per_subject: int | None = None,
+    seed: int = 0,
+) -> list[Sample]:
+    """Load a dataset and tag it in/out of scope in one call.
+
+    Equivalent to ``assign_scope(load_dataset(dataset, subjects, limit_per_subject, seed), in_scope,
+    out_scope)`` where ``subjects`` is ``in_scope + out_scope`` when ``out_scope`` is given.
+
+    Args:
+        in_scope: Subjects the model should answer.
+        dataset: A bundled dataset name or a JSONL path.
+        out_scope: Subjects to refuse; ``None`` means every other subject of the dataset.
+        limit_per_subject: Optional seeded cap per subject.
+        seed: Seed for the cap.
+
+    Returns:
+        Scoped samples.
+
+    Raises:
+        DataError: As :func:`load_dataset` and :func:`assign_scope`.
+    """
+    ins = list(in_scope)
+    outs = None if out_scope is None else list(out_scope)
+    subjects = None if outs is None else ins + [s for s in outs if s not in ins]
+    samples = load_dataset(dataset, subjects=subjects, limit_per_subject=limit_per_subject, seed=seed)
+    return assign_scope(samples, ins, outs)
 
 
 def _stratum(sample: Sample, key: str) -> str:

@@ -21,6 +21,7 @@ from crvlm_core.data import (
     list_datasets,
     load_dataset,
     read_jsonl,
+    scope_dataset,
     split,
 )
 
@@ -272,3 +273,10 @@ def test_mm_subjects_images_open_and_small():
 def test_bundled_size_small():
     root = Path(__file__).resolve().parents[1] / "crvlm_core" / "datasets"
     assert sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) < 5 * 1024 * 1024
+
+
+def test_scope_dataset_paper_sized_split():
+    samples = scope_dataset(["biology"], "mmlu", out_scope=["physics", "chemistry"])
+    assert {s.subject for s in samples if s.scope == "out"} == {"physics", "chemistry"}
+    train, test = split(samples, n_train=200, n_test=200)
+    assert Counter(s.scope for s in train) == Counter(s.scope for s in test) == {"in": 200, "out": 200}
