@@ -298,7 +298,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     with path.open("w", encoding="utf-8", newline="\n") as fh:
         for r in rows:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    print(f"wrote {path.relative_to(ROOT)}: {len(rows)} items", file=sys.stderr)
+    print(f"wrote {path}: {len(rows)} items", file=sys.stderr)
 
 
 def norm(text: str) -> str:
