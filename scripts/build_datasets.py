@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import re
@@ -238,7 +239,8 @@ MM_ITEMS = [
     ("openclipart", "geography/rios_de_espana_01.svg", "geography", "What features are drawn on this map of Spain, and which is the longest?"),
     ("openclipart", "geography/peters_map_ross_merrigan_01.svg", "geography", "Which continents are shown on this map, and which ocean lies between them and Europe?"),
     ("openclipart", "science/chemistry_flask_matthew__01.svg", "chemistry", "What piece of laboratory glassware is shown in this image, and what is it used for?"),
-    ("openclipart", "science/chemistry_flask_matthew__02.svg", "chemistry", "What is the container in this image, and why are such flasks made of borosilicate glass?"),
+    # (science/chemistry_flask_matthew__02.svg renders identically to _01: not used)
+    ("openclipart", "science/medicine/barattolo_di_pillole_arc_01.svg", "chemistry", "What is in the container shown in this image, and how are the active ingredients of medicines made?"),
     ("openclipart", "science/chemical_science_experience_01.svg", "chemistry", "What kind of experiment is shown in this image, and what safety equipment should be worn?"),
     ("openclipart", "science/esperimento_chimico_arch_01.svg", "chemistry", "What laboratory setup is shown in this image, and what process could it be used for?"),
     ("openclipart", "science/provetta_plasma_sangue_a_01.svg", "chemistry", "What laboratory item is shown in this image, and how is it used to hold samples?"),
@@ -417,6 +419,7 @@ def build_mm_subjects(wheels, out: Path) -> list[dict]:
     img_dir.mkdir(parents=True)
     rows = []
     counters: dict[str, int] = {}
+    digests: dict[str, str] = {}
     for source, name, subject, prompt in MM_ITEMS:
         stem = Path(name).stem.lower().replace("-", "_")
         photo = source in ("skimage", "sklearn") and stem not in ("horse", "microaneurysms")
@@ -435,6 +438,9 @@ def build_mm_subjects(wheels, out: Path) -> list[dict]:
                  str(OPENCLIPART / name)], check=True, capture_output=True).stdout
             _save_image(Image.open(io.BytesIO(png)), dest)
             origin = f"Debian openclipart-svg: /usr/share/openclipart/svg/{name}"
+        digest = hashlib.sha256(dest.read_bytes()).hexdigest()
+        assert digest not in digests, f"{name} renders identically to {digests.get(digest)}"
+        digests[digest] = name
         counters[subject] = counters.get(subject, 0) + 1
         rows.append({"id": f"mm-{subject}-{counters[subject]:03d}", "prompt": prompt, "subject": subject,
                      "image": f"images/{dest.name}", "image_source": origin,

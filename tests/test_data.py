@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -268,6 +269,8 @@ def test_mm_subjects_images_open_and_small():
         img = s.load_image()
         assert img.mode == "RGB" and max(img.size) <= 256
         assert s.extra["licence"] and s.extra["image_source"]
+    digests = Counter(hashlib.sha256(s.image.read_bytes()).hexdigest() for s in samples)
+    assert max(digests.values()) == 1, "two items share identical image bytes"
 
 
 def test_bundled_size_small():
