@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import json
 import math
+import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,7 +107,7 @@ def _check_weights(name: str, w: Tensor | None, n: int) -> Tensor | None:
     """Validate per-sample weights ``[n]``: finite, >= 0, positive sum. Returns float64 or ``None``."""
     if w is None:
         return None
-    w = torch.as_tensor(w).detach().to(torch.float64).flatten()
+    w = torch.as_tensor(w).detach().cpu().to(torch.float64).flatten()
     if w.numel() != n:
         raise ValueError(f"{name} must have {n} entries (one per sample), got {w.numel()}")
     if not torch.isfinite(w).all():
@@ -125,6 +126,25 @@ def _wmean(x: Tensor, w: Tensor | None) -> Tensor:
         return x.mean(0)
     w = w.to(x.device)
     return torch.tensordot(w, x, dims=1) / w.sum()
+
+
+def _thin_svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD ``x = P diag(s) Qh`` of ``x`` ``[n, d]``; wide ``x`` goes through ``xᵀ`` (faster on CPU)."""
+    if x.shape[0] < x.shape[1]:
+        u, s, vh = torch.linalg.svd(x.T, full_matrices=False)
+        return vh.T, s, u.T
+    return torch.linalg.svd(x, full_matrices=False)
+
+
+def _top_eigvec(c: Tensor) -> tuple[float, Tensor]:
+    """Top eigenvalue and unit eigenvector of ``cᵀc`` for ``c`` ``[n, d]``, via the smaller Gram matrix."""
+    n, d = c.shape
+    if n < d:
+        evals, evecs = torch.linalg.eigh(c @ c.T)  # [n, n]
+        u = c.T @ evecs[:, -1]
+        return float(evals[-1]), u / u.norm().clamp_min(_TINY)
+    evals, evecs = torch.linalg.eigh(c.T @ c)  # [d, d]
+    return float(evals[-1]), evecs[:, -1]
 
 
 # ------------------------------------------------------------------------------------------ estimators
@@ -150,17 +170,17 @@ def mean_diff(pos: Tensor, neg: Tensor) -> Tensor:
 def teacher_forced_mean_diff(with_prefix: Tensor, without_prefix: Tensor) -> Tensor:
     """CR-VLM's teacher-forced refusal vector: a difference in means over the same inputs.
 
-    CR-VLM (Yang et al., "Steering to Say No", arXiv 2602.07013) amplifies the refusal signal by
-    *teacher forcing*: each input ``x`` is fed once as is and once followed by a refusal prefix ``r``
-    (e.g. "I'm sorry, but I cannot"), and the residual stream is read at layer ``l`` — ``h_l(x ⊕ r)``
-    at the prefix's last token, ``h_l(x)`` at the prompt's last token. The refusal vector is the
-    difference of the two means over the fitting set ``D``::
+    CR-VLM (Yang et al., "Steering to Say No", arXiv 2602.07013; eqs. 1–2 there, in the notation
+    used here) amplifies the refusal
+    signal by *teacher forcing*: each input ``x`` is fed once followed by a refusal prefix ``r``
+    (e.g. "I'm sorry, but I can't") and once as is, and the residual stream ``h_l`` is read at every
+    layer ``l`` (in this project's extractor: at the prefix's last token, resp. the prompt's last
+    token). The refusal vector is the difference of the two means over the fitting set ``D``::
 
-        v_l = 1/|D| Σ_x h_l(x ⊕ r)  −  1/|D| Σ_x h_l(x)
+        v_l = 1/|D| Σ_{x∈D} h_l(x ⊕ r)  −  1/|D| Σ_{x∈D} h_l(x)
 
-    which is :func:`mean_diff` with ``pos = with_prefix`` and ``neg = without_prefix``. Which token the
-    activations were read at is the extractor's business and is recorded in
-    :attr:`SteeringVector.positions`.
+    i.e. :func:`mean_diff` with ``pos = with_prefix`` and ``neg = without_prefix``. Where the
+    activations were read is recorded in :attr:`SteeringVector.positions`, not here.
 
     Args:
         with_prefix: Activations with the refusal prefix teacher-forced, ``[n, n_layers, d]``.
@@ -267,11 +287,10 @@ def pca_direction(pos: Tensor, neg: Tensor) -> Tensor:
         diff = pos[:, layer].to(torch.float64) - neg[:, layer].to(torch.float64)  # [n, d]
         mean = diff.mean(0)
         centred = diff - mean
-        _, s, vh = torch.linalg.svd(centred, full_matrices=False)
-        if s[0] <= _TINY:
+        s2, u = _top_eigvec(centred)
+        if s2 <= 1e-24 * float((diff * diff).sum()):  # no variance beyond rounding: PC undefined
             out[layer] = mean
             continue
-        u = vh[0]
         if u @ mean < 0:
             u = -u
         out[layer] = u * mean.norm()
@@ -305,12 +324,13 @@ def ridge_direction(
 
     — the coefficients of ``sklearn.linear_model.Ridge(alpha=λ).fit(X, y, sample_weight=weights)``
     (λ is *not* divided by ``n``, and scaling all weights by ``c`` is the same as dividing λ by ``c``).
-    It is computed from the thin SVD ``W^½ Xc = P S Qᵀ`` as ``w = Q diag(s / (s² + λ)) Pᵀ W^½ yc``,
-    which costs ``O(n d min(n, d))`` per layer and never forms the ``d × d`` matrix (fast when
-    ``n < d``). With ``λ = 0`` the system is singular whenever ``n ≤ d`` (centring removes a rank) or
-    features are collinear; the result is then the minimum-norm least-squares solution (pseudo-inverse,
-    singular values below ``max(n, d) · eps · s_max`` dropped), which equals OLS when the problem is
-    well posed.
+    With ``X̃ = W^½ Xc`` and ``ỹ = W^½ yc`` this is ``(X̃ᵀX̃ + λI)⁻¹ X̃ᵀỹ``. When ``n ≤ d`` the
+    equivalent dual form ``w = X̃ᵀ (X̃X̃ᵀ + λ I_n)⁻¹ ỹ`` is solved (push-through identity; an ``n × n``
+    system, fast for few samples in a wide residual stream), otherwise the ``d × d`` primal system.
+    With ``λ = 0`` the system is singular whenever ``n ≤ d`` (centring removes a rank) or features are
+    collinear, so ``λ = 0`` always uses the pseudo-inverse (thin SVD, singular values below
+    ``max(n, d) · eps · s_max`` dropped): the minimum-norm least-squares solution, which is OLS when
+    the problem is well posed.
 
     Args:
         acts: ``[n, n_layers, d]``.
@@ -353,13 +373,17 @@ def ridge_direction(
         x = acts[:, layer].to(torch.float64)
         xc = x - _wmean(x, w)
         x_t = xc if sqrt_w is None else sqrt_w[:, None] * xc
-        p, s, qh = torch.linalg.svd(x_t, full_matrices=False)
-        if lam > 0:
-            gain = s / (s * s + lam)
-        else:
+        if lam > 0 and n <= d:  # dual form: n × n system
+            a = x_t @ x_t.T + lam * torch.eye(n, dtype=torch.float64, device=x.device)
+            out[layer] = x_t.T @ torch.linalg.solve(a, y_t)
+        elif lam > 0:  # primal form: d × d system
+            a = x_t.T @ x_t + lam * torch.eye(d, dtype=torch.float64, device=x.device)
+            out[layer] = torch.linalg.solve(a, x_t.T @ y_t)
+        else:  # λ = 0: minimum-norm least squares through the pseudo-inverse
+            p, s, qh = _thin_svd(x_t)
             tol = max(n, d) * torch.finfo(torch.float64).eps * s.max()
             gain = torch.where(s > tol, 1.0 / s.clamp_min(_TINY), torch.zeros_like(s))
-        out[layer] = qh.T @ (gain * (p.T @ y_t))
+            out[layer] = qh.T @ (gain * (p.T @ y_t))
     if rescale:
         out = rescale_to(out, _split_reference(acts, y, w)).to(torch.float64)
     return out.to(torch.float32)
@@ -389,12 +413,11 @@ def rmd(
 
     As λ → ∞, ``λ v → μ_pos − μ_neg``: the direction tends to the difference in means. With λ = 0 it is
     the LDA direction ``Σ⁻¹ (μ_pos − μ_neg)``; when Σ is singular (``N − 2 < d`` or collinear
-    features) the pseudo-inverse is used (minimum-norm solution). Computed from the thin SVD of the
-    weighted, class-centred data ``U = [√(w_i / Σw) (x_i − μ_c)]`` (``Σ = UᵀU = Q diag(s²) Qᵀ``)::
-
-        v = Q diag(1 / (s² + λ)) Qᵀ δ  +  (δ − Q Qᵀ δ) / λ          (second term dropped when λ = 0)
-
-    so nothing of size ``d × d`` is formed and ``N < d`` is cheap.
+    features) the pseudo-inverse is used (minimum-norm solution). With the weighted, class-centred data
+    ``U = [√(w_i / Σw) (x_i − μ_c)]_i`` (``N × d``, ``Σ = UᵀU``), ``N ≥ d`` solves the ``d × d`` system
+    directly and ``N < d`` uses Woodbury, ``v = (δ − Uᵀ (UUᵀ + λ I_N)⁻¹ U δ) / λ``, so no ``d × d``
+    matrix is formed. (For λ tiny relative to the largest eigenvalue of Σ the Woodbury form loses
+    precision; use λ = 0 for the plain LDA direction.)
 
     Args:
         pos: ``[n_pos, n_layers, d]``.
@@ -436,24 +459,26 @@ def rmd(
         if wp is not None:
             cp, cn = wp.sqrt()[:, None] * cp, wn.sqrt()[:, None] * cn
         u = torch.cat([cp, cn]) / math.sqrt(total)  # [N, d], Σ = uᵀu
-        _, s, qh = torch.linalg.svd(u, full_matrices=False)
-        coef = qh @ delta  # [k]
-        if lam > 0:
-            v = qh.T @ (coef / (s * s + lam))
-            if qh.shape[0] < d:  # Q does not span R^d: add the part of δ orthogonal to the data
-                v = v + (delta - qh.T @ coef) / lam
-        else:
+        if lam > 0 and u.shape[0] < d:  # Woodbury: (uᵀu + λI)⁻¹ = (I − uᵀ(uuᵀ + λI)⁻¹u) / λ
+            a = u @ u.T + lam * torch.eye(u.shape[0], dtype=torch.float64, device=u.device)
+            v = (delta - u.T @ torch.linalg.solve(a, u @ delta)) / lam
+        elif lam > 0:
+            v = torch.linalg.solve(u.T @ u + lam * torch.eye(d, dtype=torch.float64, device=u.device), delta)
+        else:  # λ = 0: pseudo-inverse of Σ (minimum-norm solution when Σ is singular)
+            _, s, qh = _thin_svd(u)
             s2 = s * s
             tol = max(u.shape) * torch.finfo(torch.float64).eps * s2.max()
             inv = torch.where(s2 > tol, 1.0 / s2.clamp_min(_TINY), torch.zeros_like(s2))
-            v = qh.T @ (inv * coef)
+            v = qh.T @ (inv * (qh @ delta))
         out[layer] = v
     if rescale:
         return rescale_to(out, ref)
     return out.to(torch.float32)
 
 
-def wrmd(pos: Tensor, neg: Tensor, pos_conf: Tensor, neg_conf: Tensor, lam: float, rescale: bool = True) -> Tensor:
+def wrmd(
+    pos: Tensor, neg: Tensor, pos_conf: Tensor, neg_conf: Tensor, lam: float, rescale: bool = True
+) -> Tensor:
     """Weighted ridge-regularised mean difference: :func:`rmd` with confidence-magnitude weights.
 
     Each sample is weighted by ``|confidence|`` of the judge's verdict (e.g. confidences in [−1, 1]),
@@ -530,7 +555,7 @@ class SteeringVector:
         if not isinstance(d, Tensor):
             raise ValueError(f"directions must be a torch.Tensor, got {type(d).__name__}")
         if d.ndim != 2 or d.shape[0] == 0 or d.shape[1] == 0:
-            raise ValueError(f"directions must be a non-empty [n_layers, d] tensor, got shape {tuple(d.shape)}")
+            raise ValueError(f"directions must be a non-empty [n_layers, d] tensor, got {tuple(d.shape)}")
         if not d.is_floating_point():
             raise ValueError(f"directions must be a floating-point tensor, got {d.dtype}")
         if not torch.isfinite(d).all():
@@ -542,18 +567,21 @@ class SteeringVector:
         if self.operation not in OPERATIONS:
             raise ValueError(f"operation must be one of {OPERATIONS}, got {self.operation!r}")
 
-        layers = list(self.layers) if not isinstance(self.layers, (str, bytes)) else None
-        if layers is None or any(isinstance(l, bool) or not isinstance(l, int) for l in layers):
-            raise ValueError(f"layers must be a list of ints, got {self.layers!r}")
+        try:
+            if isinstance(self.layers, (str, bytes)) or any(isinstance(l, bool) for l in self.layers):
+                raise TypeError
+            layers = [operator.index(l) for l in self.layers]  # accepts numpy / 0-d torch ints
+        except TypeError:
+            raise ValueError(f"layers must be a list of ints, got {self.layers!r}") from None
         if not layers:
             raise ValueError("layers must be non-empty")
         n_layers = d.shape[0]
         bad = [l for l in layers if not 0 <= l < n_layers]
         if bad:
-            raise ValueError(f"layers {bad} out of range: the vector has {n_layers} layers (0..{n_layers - 1})")
+            raise ValueError(f"layers {bad} out of range: the vector has {n_layers} layers (0..{n_layers-1})")
         if len(set(layers)) != len(layers):
             raise ValueError(f"layers contains duplicates: {layers}")
-        object.__setattr__(self, "layers", sorted(int(l) for l in layers))
+        object.__setattr__(self, "layers", sorted(layers))
 
         alpha = float(self.alpha)
         if not math.isfinite(alpha):
@@ -602,7 +630,9 @@ class SteeringVector:
         return self._copy(alpha=alpha)
 
     def _copy(self, **changes) -> "SteeringVector":
-        base = dict(directions=self.directions.clone(), layers=list(self.layers), extra=copy.deepcopy(self.extra))
+        base = dict(
+            directions=self.directions.clone(), layers=list(self.layers), extra=copy.deepcopy(self.extra)
+        )
         base.update(changes)
         return dataclasses.replace(self, **base)
 
@@ -659,7 +689,9 @@ class SteeringVector:
         meta = json.loads(paths[VECTOR_JSON].read_text(encoding="utf-8"))
         version = meta.get("format_version")
         if version != FORMAT_VERSION:
-            raise ValueError(f"{paths[VECTOR_JSON]}: unsupported format_version {version!r} (expected {FORMAT_VERSION})")
+            raise ValueError(
+                f"{paths[VECTOR_JSON]}: unsupported format_version {version!r} (expected {FORMAT_VERSION})"
+            )
         tensors = load_file(paths[VECTOR_SAFETENSORS])
         if "directions" not in tensors:
             raise ValueError(f"{paths[VECTOR_SAFETENSORS]}: no 'directions' tensor")

@@ -80,7 +80,8 @@ def test_ridge_matches_numpy_closed_form(n, d, weighted):
     y = g.normal(size=n)
     w = g.uniform(0.2, 2.0, size=n) if weighted else None
     lam = 0.7
-    out = ridge_direction(torch.tensor(acts), torch.tensor(y), lam, None if w is None else torch.tensor(w), rescale=False)
+    weights = None if w is None else torch.tensor(w)
+    out = ridge_direction(torch.tensor(acts), torch.tensor(y), lam, weights, rescale=False)
     assert out.shape == (3, d) and out.dtype == torch.float32
     for layer in range(3):
         np.testing.assert_allclose(out[layer].numpy(), _np_ridge(acts[:, layer], y, lam, w), rtol=1e-5, atol=1e-6)
@@ -184,7 +185,8 @@ def test_rmd_all_equal_weights_equal_unweighted_exactly():
     base = rmd(pos, neg, 0.1)
     assert torch.equal(rmd(pos, neg, 0.1, torch.full((6,), 0.3), torch.full((4,), 0.3)), base)
     assert torch.equal(wrmd(pos, neg, torch.full((6,), 0.7), torch.full((4,), -0.7), 0.1), base)
-    assert torch.equal(rmd(pos, neg, 0.1, rescale=False), rmd(pos, neg, 0.1, torch.ones(6), torch.ones(4), rescale=False))
+    raw = rmd(pos, neg, 0.1, rescale=False)
+    assert torch.equal(raw, rmd(pos, neg, 0.1, torch.ones(6), torch.ones(4), rescale=False))
 
 
 def test_wrmd_downweights_low_confidence_outlier():
@@ -283,6 +285,11 @@ def _vector(**kw) -> SteeringVector:
 def test_vector_fields_and_validation():
     v = _vector()
     assert v.layers == [1, 2] and v.n_layers == 4 and v.hidden_size == 3
+    assert _vector(layers=[np.int64(3), torch.tensor(0)]).layers == [0, 3]
+    with pytest.raises(ValueError, match="list of ints"):
+        _vector(layers=[1.5])
+    with pytest.raises(ValueError, match="list of ints"):
+        _vector(layers=[True])
     assert _vector(directions=torch.zeros(4, 3, dtype=torch.float64)).directions.dtype == torch.float32
     with pytest.raises(ValueError, match="out of range"):
         _vector(layers=[4])
