@@ -120,7 +120,12 @@ def _check_weights(name: str, w: Tensor | None, n: int) -> Tensor | None:
 
 
 def _wmean(x: Tensor, w: Tensor | None) -> Tensor:
-    """(Weighted) mean over dim 0 of ``x`` ``[n, ...]`` in float64."""
+    """(Weighted) mean over dim 0 of ``x`` ``[n, ...]`` in float64.
+
+    3-D inputs are reduced one layer at a time so a float64 copy of the whole tensor is never made.
+    """
+    if x.ndim == 3:
+        return torch.stack([_wmean(x[:, layer], w) for layer in range(x.shape[1])])
     x = x.to(torch.float64)
     if w is None:
         return x.mean(0)
