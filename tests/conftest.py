@@ -1,0 +1,22 @@
+"""Shared fixtures: real models are loaded once per test session (load_model caches per process)."""
+
+import warnings
+
+import pytest
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from crvlm_core.models import load_model
+
+    return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def qwen():
+    from crvlm_core.models import load_model
+
+    return load_model("qwen2.5-0.5b", device="cpu")

@@ -1,0 +1,124 @@
+"""load_model: the real embedded models, local folders, hub ids offline, uniform layer access, batched inputs."""
+
+import nnsight
+import pytest
+import torch
+
+from crvlm_core import models
+from crvlm_core.models import ModelLoadError, load_model
+
+BIO = "What is the function of mitochondria in a cell?"
+
+
+def _last_token_states(handle, prompts):
+    enc = handle.build_inputs(prompts)
+    with torch.no_grad(), handle.model.trace(enc):
+        acts = nnsight.save([handle.layers[i].output[:, -1, :] for i in range(handle.n_layers)])
+    return torch.stack([a.detach().cpu() for a in acts], dim=1)  # [batch, layers, d]
+
+
+def test_smollm2_loads_forward_and_generates(smollm2):
+    assert smollm2.family == "causal" and smollm2.n_layers == 30 and smollm2.hidden_size == 576
+    assert 130e6 < smollm2.n_params < 140e6
+    enc = smollm2.build_inputs([BIO, "Name a planet."])
+    assert enc["input_ids"].shape[0] == 2
+    assert (enc["attention_mask"][:, -1] == 1).all(), "left padding: the last position is real for every row"
+    with torch.no_grad():
+        logits = smollm2.hf_model(**enc).logits
+    assert logits.shape[:2] == enc["input_ids"].shape and torch.isfinite(logits).all()
+    answers = smollm2.generate([BIO, "Name a planet."], max_new_tokens=12)
+    assert len(answers) == 2 and all(len(a) > 5 for a in answers)
+    assert "energy" in answers[0].lower() or "atp" in answers[0].lower() or "power" in answers[0].lower()
+
+
+def test_layer_outputs_have_residual_shape(smollm2):
+    enc = smollm2.build_inputs([BIO, "Hi"])
+    seq = enc["input_ids"].shape[1]
+    with torch.no_grad(), smollm2.model.trace(enc):
+        first = smollm2.layers[0].output.save()
+        last = smollm2.layers[-1].output.save()
+    assert tuple(first.shape) == (2, seq, 576) and tuple(last.shape) == (2, seq, 576)
+
+
+def test_left_padded_batch_equals_single_prompts(smollm2):
+    prompts = [BIO, "Hi", "Explain in detail how photosynthesis converts light into chemical energy in plants."]
+    batched = _last_token_states(smollm2, prompts)
+    for i, p in enumerate(prompts):
+        single = _last_token_states(smollm2, [p])[0]
+        assert torch.allclose(batched[i], single, atol=1e-4), (i, (batched[i] - single).abs().max())
+
+
+def test_default_model_is_the_safety_tuned_qwen(qwen):
+    assert models.DEFAULT_MODEL == "qwen2.5-0.5b"
+    assert qwen.n_layers == 24 and qwen.hidden_size == 896
+    answers = qwen.generate(["What happened at Tiananmen Square in 1989?", BIO], max_new_tokens=12)
+    assert all(isinstance(a, str) and a for a in answers)
+    enc = qwen.build_inputs(["Hi"], assistant_prefix="Sorry, I cannot")
+    text = qwen.tokenizer.decode(enc["input_ids"][0])
+    assert text.endswith("<|im_start|>assistant\nSorry, I cannot")
+
+
+def test_assistant_prefix_and_system_prompt_formatting(smollm2):
+    text = smollm2.format_prompt("Q?", system="Only answer biology.", assistant_prefix="Sorry, I cannot")
+    assert "Only answer biology." in text and text.endswith("assistant\nSorry, I cannot")
+    assert "helpful AI assistant named SmolLM" not in text  # the given system prompt replaces the default one
+
+
+def test_local_causal_folder_loads_and_detects_family(tmp_path, smollm2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(smollm2.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    smollm2.tokenizer.save_pretrained(tmp_path)
+    handle = load_model(str(tmp_path))
+    assert handle.family == "causal" and handle.n_layers == 3 and handle.hidden_size == 32
+    assert handle.layers_path == "model.layers"
+    assert len(handle.generate(["Hello"], max_new_tokens=3)) == 1
+
+
+def test_bad_specs_give_clear_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="unknown model spec"):
+        load_model("no-such-spec")
+    with pytest.raises(ModelLoadError, match="without config.json"):
+        load_model(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="unknown tiny spec"):
+        load_model("tiny-gpt9")
+    with pytest.raises(ModelLoadError, match="non-empty"):
+        load_model("")
+
+
+def test_missing_hub_model_offline_is_one_clear_error():
+    with pytest.raises(ModelLoadError, match="hub cannot be reached|not in the local Hugging Face cache"):
+        load_model("crvlm-test-org/definitely-not-a-model")
+
+
+def test_bad_inputs_to_the_handle(smollm2):
+    with pytest.raises(ValueError, match="out of range"):
+        smollm2.check_layer(30)
+    with pytest.raises(IndexError, match="out of range"):
+        smollm2.layers[99]
+    assert smollm2.check_layer(-1) == 29
+    with pytest.raises(ValueError, match="text-only"):
+        from PIL import Image
+
+        smollm2.build_inputs(["Q"], images=[Image.new("RGB", (8, 8))])
+    with pytest.raises(ValueError, match="empty batch"):
+        smollm2.build_inputs([])
+    with pytest.raises(ValueError, match="2 prompts but 1 images"):
+        smollm2.build_inputs(["a", "b"], images=[None])
+
+
+def test_qwen_gguf_checksum_mismatch_refuses_to_load(tmp_path, monkeypatch):
+    monkeypatch.setenv("CRVLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "QWEN_SHA256", "0" * 64)
+    with pytest.raises(ModelLoadError, match="refusing to load"):
+        models.qwen_gguf_path()
+    assert not list((tmp_path / "gguf").glob("*.gguf*")), "a rejected file must not be left behind"
+
+
+def test_qwen_gguf_assembles_to_the_published_hash():
+    path = models.qwen_gguf_path()
+    assert path.stat().st_size > 400e6
+    assert path.with_suffix(".sha256").read_text().strip() == models.QWEN_SHA256
