@@ -1,0 +1,156 @@
+"""The workbook: notebooks are stored clean and parameterised; the papermill runner executes them in order,
+writes summary.json with each notebook's metrics, and stops at the first failure."""
+
+import json
+import math
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+from crvlm_core import workbook
+from crvlm_core.paths import repo_root
+
+NOTEBOOKS = sorted((repo_root() / "workbook").glob("*.ipynb"))
+KERNELSPEC = {"name": "crvlm", "display_name": "crvlm (.venv)", "language": "python"}
+
+
+def _problems(path):
+    """What is wrong with a stored workbook notebook (empty list: nothing)."""
+    nb = json.loads(path.read_text())
+    problems = []
+    for i, cell in enumerate(nb.get("cells", [])):
+        if cell.get("cell_type") == "code" and (cell.get("outputs") or cell.get("execution_count") is not None):
+            problems.append(f"cell {i} stores outputs or an execution count")
+    tagged = [c for c in nb.get("cells", []) if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(tagged) != 1:
+        problems.append(f"{len(tagged)} cells tagged 'parameters' (need exactly one)")
+    meta = nb.get("metadata", {})
+    if not meta.get("kernelspec", {}).get("name"):
+        problems.append("no metadata.kernelspec")
+    if not meta.get("language_info", {}).get("name"):
+        problems.append("no metadata.language_info")
+    return problems
+
+
+def test_workbook_has_notebooks():
+    assert [p.stem for p in workbook.notebooks()][:1] == ["00_setup_and_data"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_stored_clean(path):
+    assert _problems(path) == []
+
+
+def test_clean_check_catches_outputs(tmp_path):
+    nb = new_notebook(cells=[new_code_cell("x = 1", metadata={"tags": ["parameters"]})],
+                      metadata={"kernelspec": KERNELSPEC, "language_info": {"name": "python"}})
+    clean = tmp_path / "clean.ipynb"
+    nbformat.write(nb, clean)
+    assert _problems(clean) == []
+    nb.cells[0].execution_count = 1
+    nb.cells[0].outputs = [nbformat.v4.new_output("stream", name="stdout", text="1\n")]
+    dirty = tmp_path / "dirty.ipynb"
+    nbformat.write(nb, dirty)
+    assert len(_problems(dirty)) == 1
+    del nb.metadata["language_info"]
+    nb.cells[0].metadata = {}
+    nbformat.write(nb, dirty)
+    assert len(_problems(dirty)) == 3
+
+
+def _write_nb(path, *sources):
+    cells = [new_code_cell(sources[0], metadata={"tags": ["parameters"]})] + [new_code_cell(s) for s in sources[1:]]
+    nbformat.write(new_notebook(cells=cells, metadata={"kernelspec": KERNELSPEC, "language_info": {"name": "python"}}),
+                   path)
+
+
+def test_failing_notebook_stops_the_run(tmp_path, capsys):
+    wb = tmp_path / "wb"
+    wb.mkdir()
+    params = 'RUN = "x"\nSMOKE = False\nOUT_ROOT = None\nLIMIT = 0'
+    _write_nb(wb / "00_fine.ipynb", params,
+              "import json, pathlib\nd = pathlib.Path(OUT_ROOT) / RUN / '00_fine'\nd.mkdir(parents=True)\n"
+              "(d / 'metrics.json').write_text(json.dumps({'limit': LIMIT, 'smoke': SMOKE, 'table': {'a': 1}}))\n"
+              "print('hello from 00')")
+    _write_nb(wb / "01_broken.ipynb", params, "x = 1", "a = 1\nraise ValueError(f'bad limit {LIMIT}')")
+    _write_nb(wb / "02_never.ipynb", params, "raise AssertionError('must not run')")
+    (wb / "notes.ipynb").write_text("{}")  # not NN_name: ignored
+    (tmp_path / "p.yaml").write_text("LIMIT: 3\nnotebooks:\n  01_broken: {LIMIT: 5}\n")
+
+    summary = workbook.run(params_file=tmp_path / "p.yaml", smoke=True, run_name="t", workbook_dir=wb,
+                           out_root=tmp_path / "out")
+    out = capsys.readouterr()
+    nbs = summary["notebooks"]
+    assert list(nbs) == ["00_fine", "01_broken", "02_never"]
+    assert summary["ok"] is False
+    assert nbs["00_fine"]["status"] == "ok"
+    assert nbs["00_fine"]["metrics"] == {"limit": 3, "smoke": True}  # scalars only; per-file params reached it
+    assert nbs["01_broken"]["status"] == "failed"
+    assert nbs["01_broken"]["error"]["ename"] == "ValueError"
+    assert nbs["01_broken"]["error"]["evalue"] == "bad limit 5"  # the per-notebook section overrides
+    assert nbs["02_never"]["status"] == "skipped"
+    assert not (tmp_path / "out" / "t" / "notebooks" / "02_never.ipynb").exists()
+    assert json.loads((tmp_path / "out" / "t" / "summary.json").read_text()) == summary
+    assert "hello from 00" in out.out  # the notebook's own output is streamed
+    assert "[workbook] 00_fine ... ok" in out.out
+    assert "raise ValueError" in out.err and "ValueError: bad limit 5" in out.err
+    assert "Traceback" not in out.err
+
+    # --only runs a subset; the others are skipped; explicit params win over the file.
+    summary = workbook.run(params={"LIMIT": 7}, params_file=tmp_path / "p.yaml", only=["00"], run_name="t2",
+                           workbook_dir=wb, out_root=tmp_path / "out")
+    assert summary["ok"] is True
+    assert [e["status"] for e in summary["notebooks"].values()] == ["ok", "skipped", "skipped"]
+    assert summary["notebooks"]["00_fine"]["metrics"]["limit"] == 7
+    with pytest.raises(workbook.WorkbookError, match="matches no notebook"):
+        workbook.run(only=["09"], workbook_dir=wb, out_root=tmp_path / "out")
+
+
+def test_cli_exit_codes(tmp_path, monkeypatch):
+    wb = tmp_path / "wb"
+    wb.mkdir()
+    _write_nb(wb / "00_boom.ipynb", 'RUN = "x"', "1 / 0")
+    calls = {}
+    real_run = workbook.run
+
+    def fake_run(**kw):
+        calls.update(kw)
+        return real_run(**kw, workbook_dir=wb, out_root=tmp_path / "out")
+
+    monkeypatch.setattr(workbook, "run", fake_run)
+    with pytest.raises(SystemExit) as exc:
+        workbook.main(["run", "--smoke", "--only", "00", "--run", "cli", "-p", "N=3"])
+    assert exc.value.code == 1
+    assert calls["params"] == {"N": 3} and calls["only"] == ["00"] and calls["smoke"] is True
+    with pytest.raises(SystemExit) as exc:
+        workbook.main(["run", "--params", str(tmp_path / "missing.yaml")])
+    assert exc.value.code == 2
+
+
+def test_setup_notebook_smoke(tmp_path):
+    """00_setup_and_data end to end through papermill with SmolLM2 (cached locally; ~40 s on 2 cores)."""
+    summary = workbook.run(params={"MODEL": "smollm2-135m"}, smoke=True, only=["00"], run_name="smoke",
+                           out_root=tmp_path)
+    entry = summary["notebooks"]["00_setup_and_data"]
+    assert summary["ok"] is True, entry.get("error")
+    assert entry["status"] == "ok"
+    assert json.loads((tmp_path / "smoke" / "summary.json").read_text())["ok"] is True
+    metrics = json.loads((tmp_path / "smoke" / "00_setup_and_data" / "metrics.json").read_text())
+    for key in ("model", "load_seconds", "n_params", "n_layers", "hidden_size", "answer_biology", "answer_harmful",
+                "dataset_counts"):
+        assert key in metrics, key
+    assert metrics["model"] == "smollm2-135m"
+    for key in ("load_seconds", "n_params", "n_layers", "hidden_size"):
+        assert isinstance(metrics[key], (int, float)) and math.isfinite(metrics[key]) and metrics[key] > 0, key
+    assert (metrics["n_layers"], metrics["hidden_size"]) == (30, 576)
+    assert metrics["answer_biology"] and metrics["answer_harmful"]
+    counts = metrics["dataset_counts"]
+    assert counts["mm_subjects"]["biology"] > 0 and all(
+        isinstance(n, int) and n > 0 for c in counts.values() for n in c.values())
+    assert entry["metrics"]["n_layers"] == 30
+    out_dir = tmp_path / "smoke" / "00_setup_and_data"
+    for fig in ("dataset_counts.png", "dataset_counts.svg", "mm_subjects_examples.png"):
+        assert (out_dir / fig).stat().st_size > 0, fig
+    executed = nbformat.read(tmp_path / "smoke" / "notebooks" / "00_setup_and_data.ipynb", as_version=4)
+    assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
