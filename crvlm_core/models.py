@@ -35,6 +35,7 @@ __all__ = [
     "list_specs",
     "qwen_gguf_path",
     "smollm2_gguf_path",
+    "embedded_model_folder",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,10 @@ SPECS: dict[str, str] = {
 }
 
 
+#: LLaVA composite specs → the embedded language model they wrap.
+COMPOSITES = {"llava-qwen2.5-0.5b": "qwen2.5-0.5b", "llava-smollm2": "smollm2-135m"}
+
+
 @dataclass(frozen=True)
 class Family:
     """How one model family differs: the class to load it with and where its decoder layers live."""
@@ -68,6 +73,7 @@ class Family:
     auto_class: str  # transformers class name used for hub ids / local folders
     layers_paths: tuple[str, ...]  # candidate dotted paths from the HF model to the decoder ModuleList
     is_vlm: bool
+    needs_image: bool = False  # the architecture cannot run without an image (InstructBLIP's Q-Former)
 
 
 #: model_type (from config.json) → family. Unknown decoder-only types fall back to ``causal``.
@@ -76,7 +82,7 @@ FAMILIES: dict[str, Family] = {
     "llava": Family("llava", "LlavaForConditionalGeneration", ("model.language_model.layers",), True),
     "llava_next": Family("llava_next", "LlavaNextForConditionalGeneration", ("model.language_model.layers",), True),
     "idefics3": Family("idefics3", "Idefics3ForConditionalGeneration", ("model.text_model.layers",), True),
-    "instructblip": Family("instructblip", "InstructBlipForConditionalGeneration", ("language_model.model.layers", "language_model.model.decoder.layers"), True),
+    "instructblip": Family("instructblip", "InstructBlipForConditionalGeneration", ("language_model.model.layers", "language_model.model.decoder.layers"), True, needs_image=True),
     "qwen2_vl": Family("qwen2_vl", "Qwen2VLForConditionalGeneration", ("model.language_model.layers",), True),
     "qwen2_5_vl": Family("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", ("model.language_model.layers",), True),
 }
@@ -253,6 +259,8 @@ class ModelHandle:
                 images = None
         if images is not None and not self.is_vlm:
             raise ValueError(f"{self.spec} is a text-only model: it cannot take images")
+        if images is None and FAMILIES.get(self.family, FAMILIES["causal"]).needs_image:
+            raise ValueError(f"{self.spec} ({self.family}) cannot run without an image: give one image per prompt")
         if images is not None and any(im is None for im in images):
             raise ValueError("build_inputs: a batch must have an image for every prompt or for none; "
                              "group samples by image presence before batching")
@@ -389,7 +397,8 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _embedded_folder(spec: str) -> Path:
+def embedded_model_folder(spec: str) -> Path:
+    """The safetensors folder of an embedded GGUF spec (``qwen2.5-0.5b`` / ``smollm2-135m``), converted on first use."""
     if spec == "qwen2.5-0.5b":
         return _converted_folder("qwen2.5-coder-0.5b-instruct", qwen_gguf_path(), QWEN_SHA256)
     gguf = smollm2_gguf_path()
@@ -486,10 +495,10 @@ def _load_parts(spec: str, dtype: torch.dtype, trust_remote_code: bool, seed: in
     from . import architectures
 
     if spec in ("qwen2.5-0.5b", "smollm2-135m"):
-        model, tok = _load_causal_folder(_embedded_folder(spec), dtype)
+        model, tok = _load_causal_folder(embedded_model_folder(spec), dtype)
         return model, tok, None, "causal", "model.layers"
-    if spec in ("llava-qwen2.5-0.5b", "llava-smollm2"):
-        base = load_model(spec.removeprefix("llava-"), device="cpu", dtype=torch.float32)
+    if spec in COMPOSITES:
+        base = load_model(COMPOSITES[spec], device="cpu", dtype=torch.float32)
         parts = architectures.build_llava_around(base.hf_model, base.tokenizer, seed=seed)
         return parts.model, parts.processor.tokenizer, parts.processor, parts.family, parts.layers_path
     if spec.startswith("tiny-"):

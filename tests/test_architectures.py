@@ -193,24 +193,18 @@ def test_llava_around_toy_lm(tied, spare_rows):
         assert torch.isfinite(m(**inputs).logits).all()
 
 
-# --- LLaVA around the real SmolLM2 (slow: ~20 s to load from GGUF) -----------------------------------
+# --- LLaVA around the real SmolLM2 (loaded once per session from the per-machine cache) -----------------------------------
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from crvlm_core.architectures import smollm2_gguf_path
-
-    path = smollm2_gguf_path()
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    lm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
-    return lm, tok
+def smollm2_parts(smollm2):
+    """The real SmolLM2 (shared session fixture from conftest: loaded once, from the per-machine cache)."""
+    return smollm2.hf_model, smollm2.tokenizer
 
 
 @pytest.fixture(scope="module")
-def smollm2_llava(smollm2):
-    lm, tok = smollm2
+def smollm2_llava(smollm2_parts):
+    lm, tok = smollm2_parts
     return build_llava_around(lm, tok, seed=0)
 
 
@@ -225,9 +219,8 @@ def _cell(size: int = 64) -> Image.Image:
     return img
 
 
-@pytest.mark.slow
-def test_llava_around_smollm2_text_only_logits_equal(smollm2, smollm2_llava):
-    lm, tok = smollm2
+def test_llava_around_smollm2_text_only_logits_equal(smollm2_parts, smollm2_llava):
+    lm, tok = smollm2_parts
     parts = smollm2_llava
     assert parts.layers_path == "model.language_model.layers" and len(parts.layers) == 30
     assert parts.model.lm_head.weight.data_ptr() == parts.model.get_input_embeddings().weight.data_ptr()
@@ -235,7 +228,6 @@ def test_llava_around_smollm2_text_only_logits_equal(smollm2, smollm2_llava):
     _assert_text_logits_equal(parts, lm, tok, _prompt(parts, QUESTION, image=False))
 
 
-@pytest.mark.slow
 def test_llava_around_smollm2_with_image(smollm2_llava):
     parts = smollm2_llava
     text = _prompt(parts, QUESTION)

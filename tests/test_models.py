@@ -122,3 +122,80 @@ def test_qwen_gguf_assembles_to_the_published_hash():
     path = models.qwen_gguf_path()
     assert path.stat().st_size > 400e6
     assert path.with_suffix(".sha256").read_text().strip() == models.QWEN_SHA256
+
+
+# --- vision-language specs through the same handle ---------------------------------------------------------
+
+TINY = ["tiny-llava", "tiny-idefics3", "tiny-instructblip", "tiny-qwen2-vl"]
+
+
+def _image(seed=0):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(40, 40, 3, generator=g) * 255).to(torch.uint8).numpy())
+
+
+@pytest.mark.parametrize("spec", TINY)
+def test_tiny_vlm_specs_forward_generate_and_layer_shapes(spec):
+    h = load_model(spec)
+    assert h.is_vlm and h.n_layers >= 2
+    enc = h.build_inputs(["What is shown?", "Describe the colours in this picture, please."], images=[_image(0), _image(1)])
+    seq = enc["input_ids"].shape[1]
+    with torch.no_grad(), h.model.trace(enc):
+        out = h.layers[h.n_layers - 1].output.save()
+    assert tuple(out.shape) == (2, seq, h.hidden_size)
+    assert len(h.generate(["What is shown?"], images=[_image()], max_new_tokens=3)) == 1
+    if h.family == "instructblip":
+        with pytest.raises(ValueError, match="cannot run without an image"):
+            h.build_inputs(["No image here."])
+    else:
+        assert len(h.generate(["No image here."], max_new_tokens=3)) == 1  # text-only prompts work on a VLM too
+    with pytest.raises(ValueError, match="image for every prompt or for none"):
+        h.build_inputs(["a", "b"], images=[_image(), None])
+
+
+def test_llava_smollm2_without_image_equals_smollm2(smollm2):
+    h = load_model("llava-smollm2")
+    assert h.family == "llava" and h.n_layers == smollm2.n_layers and h.hidden_size == smollm2.hidden_size
+    prompt = "What is the function of mitochondria in a cell?"
+    ref = smollm2.build_inputs([prompt])
+    enc = h.build_inputs([prompt])
+    assert torch.equal(enc["input_ids"], ref["input_ids"]), "same chat text and tokens without an image"
+    with torch.no_grad():
+        a = h.hf_model(**enc).logits[..., : ref_vocab(smollm2)]
+        b = smollm2.hf_model(**ref).logits
+    assert (a - b).abs().max() < 1e-4
+    with_image = h.build_inputs([prompt], images=[_image()])
+    assert (with_image["input_ids"] == h.hf_model.config.image_token_id).sum() == 16
+
+
+def ref_vocab(handle):
+    return handle.hf_model.get_output_embeddings().weight.shape[0]
+
+
+@pytest.mark.slow
+def test_llava_qwen_without_image_equals_qwen(qwen):
+    h = load_model("llava-qwen2.5-0.5b")
+    prompt = "What is the function of mitochondria in a cell?"
+    enc, ref = h.build_inputs([prompt]), qwen.build_inputs([prompt])
+    assert torch.equal(enc["input_ids"], ref["input_ids"])
+    with torch.no_grad():
+        diff = (h.hf_model(**enc).logits[..., : ref_vocab(qwen)] - qwen.hf_model(**ref).logits).abs().max()
+    assert diff < 1e-4
+    assert h.generate([prompt], images=[_image()], max_new_tokens=8)[0]
+
+
+def test_local_vlm_folder_is_detected_as_llava(tmp_path):
+    from crvlm_core.architectures import build_tiny_vlm
+
+    parts = build_tiny_vlm("llava", seed=0)
+    parts.model.save_pretrained(tmp_path)
+    parts.processor.save_pretrained(tmp_path)
+    h = load_model(str(tmp_path))
+    assert h.family == "llava" and h.layers_path == "model.language_model.layers" and h.is_vlm
+    enc = h.build_inputs(["What is shown?"], images=[_image()])
+    with torch.no_grad():
+        ref = parts.model(**enc).logits
+        got = h.hf_model(**enc).logits
+    assert torch.allclose(ref, got, atol=1e-5), "the saved-and-reloaded model computes the same function"
