@@ -1,0 +1,208 @@
+"""Batched residual-stream capture through nnsight: every decoder layer's output, read at one token position per
+sample (or averaged over a set of positions), streamed to CPU and cached on disk keyed by a fingerprint.
+
+Positions: ``last`` — the last prompt token, or with ``assistant_prefix`` the prefix's last token (teacher forcing);
+``prefix-mean`` — the mean over the prefix's tokens; ``image-mean`` — the mean over image-token positions.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import nnsight
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from .data import Sample, fingerprint as data_fingerprint
+from .io import atomic_save_safetensors, atomic_write_json, sha256_hex
+from .models import ModelHandle
+from .paths import outputs_dir
+
+__all__ = ["POSITIONS", "Activations", "extract", "extraction_fingerprint", "position_weights"]
+
+POSITIONS = ("last", "prefix-mean", "image-mean")
+CACHE_VERSION = 1
+
+
+@dataclass
+class Activations:
+    """Activations of ``n`` samples at ``len(layers)`` layers.
+
+    Attributes:
+        acts: ``Float[Tensor, "n n_layers d"]`` on CPU, float32.
+        ids: sample ids, in the order of the rows.
+        layers: the model layers of the second axis.
+        fingerprint: hash of (model, data, settings) that keys the cache.
+        meta: the settings it was read with.
+    """
+
+    acts: torch.Tensor
+    ids: list[str]
+    layers: list[int]
+    fingerprint: str
+    meta: dict = field(default_factory=dict)
+    from_cache: bool = False
+
+    def at(self, layer: int) -> torch.Tensor:
+        """``[n, d]`` activations of one model layer."""
+        if layer not in self.layers:
+            raise ValueError(f"layer {layer} was not extracted (have {self.layers[0]}..{self.layers[-1]})")
+        return self.acts[:, self.layers.index(layer)]
+
+    def select(self, ids: Sequence[str]) -> torch.Tensor:
+        """Rows for the given sample ids, in that order."""
+        index = {i: k for k, i in enumerate(self.ids)}
+        missing = [i for i in ids if i not in index]
+        if missing:
+            raise KeyError(f"{len(missing)} ids not in these activations, e.g. {missing[:3]}")
+        return self.acts[[index[i] for i in ids]]
+
+
+def extraction_fingerprint(handle: ModelHandle, samples: Sequence[Sample], position: str, layers: Sequence[int],
+                           system: str | None, assistant_prefix: str | None) -> str:
+    """Stable hash of everything an extraction depends on."""
+    return sha256_hex(json.dumps({
+        "v": CACHE_VERSION, "model": handle.spec, "dtype": str(handle.dtype), "data": data_fingerprint(samples),
+        "position": position, "layers": list(layers), "system": system, "prefix": assistant_prefix,
+    }, sort_keys=True))[:20]
+
+
+def position_weights(handle: ModelHandle, enc: dict, prompts: Sequence[str], position: str,
+                     assistant_prefix: str | None, system: str | None, images) -> torch.Tensor:
+    """``[batch, seq]`` weights (rows sum to 1) that pick or average the positions to read."""
+    ids = enc["input_ids"]
+    b, seq = ids.shape
+    w = torch.zeros(b, seq)
+    if position == "last":
+        w[:, -1] = 1.0
+    elif position == "prefix-mean":
+        if not assistant_prefix:
+            raise ValueError("position 'prefix-mean' needs an assistant_prefix")
+        plain = handle.build_inputs(prompts, images, system)["attention_mask"].sum(1)
+        full = enc["attention_mask"].sum(1)
+        n_prefix = (full - plain).clamp(min=1)
+        for r in range(b):
+            w[r, seq - int(n_prefix[r]):] = 1.0 / float(n_prefix[r])
+    elif position == "image-mean":
+        token_id = _image_token_id(handle)
+        mask = (ids.cpu() == token_id).float()
+        if (mask.sum(1) == 0).any():
+            raise ValueError("position 'image-mean' needs an image in every sample of the batch")
+        w = mask / mask.sum(1, keepdim=True)
+    else:
+        raise ValueError(f"unknown position {position!r}; choose from {POSITIONS}")
+    return w
+
+
+def _image_token_id(handle: ModelHandle) -> int:
+    cfg = handle.hf_model.config
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(cfg, name, None)
+        if value is not None:
+            return int(value)
+    token = getattr(handle.processor, "image_token", None)
+    if token is None:
+        raise ValueError(f"{handle.spec} has no image token")
+    return handle.tokenizer.convert_tokens_to_ids(token)
+
+
+def _capture(handle: ModelHandle, enc: dict, weights: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
+    """One traced forward: ``[batch, len(layers), d]`` weighted reads of the decoder-layer outputs."""
+    w = weights.to(device=handle.device, dtype=handle.dtype)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with handle.model.trace(enc):
+            reads = nnsight.save([torch.einsum("bsd,bs->bd", handle.layers[i].output, w).detach().cpu()
+                                  for i in layers])
+    return torch.stack([r.float() for r in reads], dim=1)
+
+
+def extract(handle: ModelHandle, samples: Sequence[Sample], *, position: str = "last", layers: Sequence[int] | None = None,
+            system: str | None = None, assistant_prefix: str | None = None, batch_size: int = 8,
+            use_images: bool = True, cache: bool | str | Path = True, progress: bool = True,
+            desc: str | None = None) -> Activations:
+    """Capture decoder-layer outputs of every sample at every requested layer.
+
+    Args:
+        handle: a loaded model.
+        samples: the prompts (and images) to read.
+        position: ``last``, ``prefix-mean`` or ``image-mean`` (see the module docstring).
+        layers: model layers to keep (default: all).
+        system: system prompt for every sample (prompt-based vectors).
+        assistant_prefix: teacher-forced start of the assistant turn, e.g. ``"Sorry, I cannot"``.
+        batch_size: prompts per forward pass (left-padded).
+        use_images: feed each sample's image to a VLM (False reads the text alone).
+        cache: True → ``outputs/cache/activations``; a path → that folder; False → no cache.
+        progress: show a progress bar over batches.
+
+    Returns:
+        :class:`Activations` in the order of ``samples``.
+    """
+    samples = list(samples)
+    if not samples:
+        raise ValueError("extract: no samples (empty split?)")
+    if position not in POSITIONS:
+        raise ValueError(f"unknown position {position!r}; choose from {POSITIONS}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be ≥ 1")
+    layers = list(range(handle.n_layers)) if layers is None else sorted({handle.check_layer(int(l)) for l in layers})
+    if not layers:
+        raise ValueError("extract: no layers requested")
+    use_images = use_images and handle.is_vlm
+    fp = extraction_fingerprint(handle, samples if use_images else [_without_image(s) for s in samples],
+                                position, layers, system, assistant_prefix)
+    meta = {"model": handle.spec, "position": position, "layers": layers, "system": system,
+            "assistant_prefix": assistant_prefix, "n": len(samples), "hidden_size": handle.hidden_size,
+            "use_images": use_images, "fingerprint": fp}
+    folder = None
+    if cache:
+        folder = Path(cache) if not isinstance(cache, bool) else outputs_dir() / "cache" / "activations"
+        hit = _load_cached(folder, fp)
+        if hit is not None:
+            return hit
+
+    # Group by image presence (a VLM batch has images for all rows or none); keep the original order.
+    groups: dict[bool, list[int]] = {}
+    for k, s in enumerate(samples):
+        groups.setdefault(bool(use_images and s.image is not None), []).append(k)
+    out = torch.empty(len(samples), len(layers), handle.hidden_size)
+    batches = [(has_img, idx[i:i + batch_size]) for has_img, idx in groups.items() for i in range(0, len(idx), batch_size)]
+    for has_img, idx in tqdm(batches, desc=desc or f"extract {position}", disable=not progress, unit="batch"):
+        prompts = [samples[k].prompt for k in idx]
+        images = [samples[k].load_image() for k in idx] if has_img else None
+        enc = handle.build_inputs(prompts, images, system, assistant_prefix)
+        w = position_weights(handle, enc, prompts, position, assistant_prefix, system, images)
+        out[idx] = _capture(handle, enc, w, layers)
+    if not torch.isfinite(out).all():
+        raise FloatingPointError("extract: non-finite activations (NaN/inf) — check the model and dtype")
+    result = Activations(out, [s.id for s in samples], layers, fp, meta)
+    if folder is not None:
+        atomic_save_safetensors(folder / f"{fp}.safetensors", {"acts": out})
+        atomic_write_json(folder / f"{fp}.json", {**meta, "ids": result.ids})
+    return result
+
+
+def _without_image(s: Sample) -> Sample:
+    from dataclasses import replace
+
+    return replace(s, image=None)
+
+
+def _load_cached(folder: Path, fp: str) -> Activations | None:
+    tensors, sidecar = folder / f"{fp}.safetensors", folder / f"{fp}.json"
+    if not (tensors.exists() and sidecar.exists()):
+        return None
+    try:
+        meta = json.loads(sidecar.read_text())
+        acts = load_file(str(tensors))["acts"]
+    except Exception:  # a damaged cache entry is recomputed, never trusted
+        return None
+    if acts.shape[0] != len(meta.get("ids", [])):
+        return None
+    ids = meta.pop("ids")
+    return Activations(acts, ids, list(meta["layers"]), fp, meta, from_cache=True)
