@@ -185,6 +185,10 @@ def run(params: dict | None = None, params_file: str | Path | None = None, smoke
     params = dict(params or {})
     _check_names(common, str(params_file))
     _check_names(params, "params")
+    reserved = sorted({"RUN", "SMOKE", "OUT_ROOT"} & (set(common) | set(params) | {k for v in per_nb.values() for k in v}))
+    if reserved:
+        raise WorkbookError(f"{reserved} are set by the runner: use run_name / smoke / out_root "
+                            f"(--run / --smoke / $CRVLM_OUTPUTS) instead")
     nbs = notebooks(workbook_dir)
     if not nbs:
         raise WorkbookError(f"no NN_name.ipynb notebooks in {workbook_dir or repo_root() / 'workbook'}")

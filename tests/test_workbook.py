@@ -103,6 +103,8 @@ def test_failing_notebook_stops_the_run(tmp_path, capsys):
     assert summary["ok"] is True
     assert [e["status"] for e in summary["notebooks"].values()] == ["ok", "skipped", "skipped"]
     assert summary["notebooks"]["00_fine"]["metrics"]["limit"] == 7
+    with pytest.raises(workbook.WorkbookError, match="set by the runner"):
+        workbook.run(params={"RUN": "other"}, workbook_dir=wb, out_root=tmp_path / "out")
     with pytest.raises(workbook.WorkbookError, match="matches no notebook"):
         workbook.run(only=["09"], workbook_dir=wb, out_root=tmp_path / "out")
 
