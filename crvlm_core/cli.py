@@ -1,0 +1,233 @@
+"""The ``crvlm`` command: ``fit`` a refusal vector, ``eval`` a (steered) model, run the ``workbook``, list ``models``
+and ``datasets``. Option names and output keys here are contracts other work relies on: extend, don't rename."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+__all__ = ["main", "parse_layers", "build_parser"]
+
+FIT_JSON = "fit.json"
+METRICS_JSON = "metrics.json"
+SAMPLES_JSONL = "samples.jsonl"
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    """``"8"`` → [8]; ``"6-10"`` → [6..10]; ``"4,8,12"`` → [4, 8, 12]; None → None (method default)."""
+    if text is None or text == "":
+        return None
+    layers: list[int] = []
+    try:
+        for part in text.split(","):
+            if "-" in part.strip()[1:]:
+                a, b = part.split("-", 1)
+                lo, hi = int(a), int(b)
+                if hi < lo:
+                    raise ValueError
+                layers += list(range(lo, hi + 1))
+            else:
+                layers.append(int(part))
+    except ValueError:
+        raise SystemExit(f"crvlm: bad --layers {text!r}: use N, A-B or A,B,C") from None
+    return layers
+
+
+def _subjects(text: str | None) -> list[str]:
+    return [s.strip() for s in (text or "").split(",") if s.strip()]
+
+
+def _scoped_split(source: str, in_scope: list[str], out_scope: list[str], part: str, n: int | None, seed: int):
+    from .data import assign_scope, load_dataset, split
+
+    samples = load_dataset(source)
+    if in_scope or out_scope:
+        samples = assign_scope(samples, in_scope=in_scope, out_scope=out_scope or None)
+    if part == "all":
+        return samples[:] if n is None else _take(samples, n)
+    train, test = split(samples, n_train=None, n_test=None, test_fraction=0.5, seed=seed)
+    chosen = train if part == "train" else test
+    return chosen if n is None else _take(chosen, n)
+
+
+def _take(samples, n_per_scope: int):
+    """At most ``n_per_scope`` samples of each scope (order kept; the split already shuffled them)."""
+    counts: dict = {}
+    kept = []
+    for s in samples:
+        key = s.scope
+        if counts.get(key, 0) < n_per_scope:
+            kept.append(s)
+            counts[key] = counts.get(key, 0) + 1
+    return kept
+
+
+def _write_outputs(out: Path, metrics: dict, rows: list[dict]) -> None:
+    from .io import atomic_write_bytes, atomic_write_json
+
+    atomic_write_json(out / METRICS_JSON, metrics)
+    atomic_write_bytes(out / SAMPLES_JSONL, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .io import atomic_write_json
+    from .models import load_model
+    from .refusal_vectors import fit_vector
+
+    in_scope, out_scope = _subjects(args.in_scope), _subjects(args.out_scope)
+    if not in_scope:
+        raise SystemExit("crvlm fit: --in-scope needs at least one subject (empty scope)")
+    train = _scoped_split(args.train, in_scope, out_scope, args.split, args.n_train, args.seed)
+    handle = load_model(args.model)
+    start = time.perf_counter()
+    vector = fit_vector(handle, train, args.method, layers=parse_layers(args.layers), alpha=args.alpha,
+                        ridge_lambda=args.ridge_lambda, batch_size=args.batch_size)
+    seconds = time.perf_counter() - start
+    out = Path(args.out)
+    vector.save(out)
+    summary = {
+        "model": args.model, "method": args.method, "layers": vector.layers, "alpha": vector.alpha,
+        "in_scope": in_scope, "out_scope": out_scope, "train": args.train, "split": args.split, "seed": args.seed,
+        "n_in": sum(s.scope == "in" for s in train), "n_out": sum(s.scope == "out" for s in train),
+        "fit_seconds": seconds, "fingerprint": vector.fingerprint,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_json(out / FIT_JSON, summary)
+    print(f"[fit] {args.method} on {args.model}: layers {vector.layers}, alpha {vector.alpha}, "
+          f"{summary['n_out']} out / {summary['n_in']} in training samples, {seconds:.1f} s → {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .models import load_model
+    from .refusal_vectors import evaluate
+    from .steer import from_vector
+    from .vectors import SteeringVector
+
+    fit: dict = {}
+    interventions = []
+    if args.artifact:
+        art = Path(args.artifact)
+        if not (art / FIT_JSON).exists():
+            raise SystemExit(f"crvlm eval: {art} has no {FIT_JSON}: not a `crvlm fit` output folder")
+        fit = json.loads((art / FIT_JSON).read_text())
+        vector = SteeringVector.load(art)
+    model = args.model or fit.get("model")
+    if not model:
+        raise SystemExit("crvlm eval: give --artifact DIR or --model SPEC")
+    handle = load_model(model)
+    if args.artifact:
+        vector.check_compatible(handle.n_layers, handle.hidden_size)
+        interventions = [from_vector(vector, alpha=args.alpha, layers=parse_layers(args.layers))]
+    in_scope = _subjects(args.in_scope) or fit.get("in_scope", [])
+    out_scope = _subjects(args.out_scope) or fit.get("out_scope", [])
+    if not in_scope:
+        raise SystemExit("crvlm eval: --in-scope is needed (or an artifact that records it)")
+    seed = args.seed if args.seed is not None else fit.get("seed", 42)
+    test = _scoped_split(args.test, in_scope, out_scope, args.split, args.n_test, seed)
+    result = evaluate(handle, test, interventions, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    metrics = {**result.metrics, "artifact": str(args.artifact) if args.artifact else None,
+               "method": fit.get("method", "unsteered"), "in_scope": in_scope, "test": args.test, "split": args.split,
+               "layers": interventions[0].layers if interventions else [],
+               "alpha": interventions[0].alpha if interventions else 0.0}
+    _write_outputs(Path(args.out), metrics, result.rows)
+    print(f"[eval] {metrics['method']} on {model}: R={metrics['refusal_rate_out']:.3f} "
+          f"ORR={metrics['over_refusal_in']:.3f} MB={metrics['mb_score']:.3f} "
+          f"(n_out={metrics['n_out']}, n_in={metrics['n_in']}, judge={metrics['judge']}) → {args.out}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import DEFAULT_MODEL, list_specs
+
+    for name, desc in list_specs().items():
+        print(f"{name:22s} {desc}{'  [default]' if name == DEFAULT_MODEL else ''}")
+    print("…or any hub id (owner/name) or local model folder.")
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from .data import list_datasets, load_dataset
+
+    for name in list_datasets():
+        counts = Counter(s.subject for s in load_dataset(name))
+        print(f"{name:22s} {sum(counts.values()):5d}  " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import workbook
+    from .models import DEFAULT_MODEL
+    from .refusal_vectors import METHODS
+
+    p = argparse.ArgumentParser(prog="crvlm", description="Configurable refusal by activation steering.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fit", help="fit a refusal vector and save it as an artifact folder")
+    f.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL}; see `crvlm models`)")
+    f.add_argument("--method", default="teacher-forced", choices=list(METHODS))
+    f.add_argument("--train", default="mmlu", help="bundled dataset name or a JSONL file")
+    f.add_argument("--in-scope", required=True, help="subjects the model should answer, comma separated")
+    f.add_argument("--out-scope", default=None, help="subjects to refuse (default: every other subject)")
+    f.add_argument("--layers", default=None, help="N, A-B or A,B,C (default: a third of the way up)")
+    f.add_argument("--alpha", type=float, default=1.0, help="steering strength saved with the vector")
+    f.add_argument("--ridge-lambda", type=float, default=1.0)
+    f.add_argument("--n-train", type=int, default=200, help="training samples per scope (paper: 200)")
+    f.add_argument("--split", choices=["train", "test", "all"], default="train")
+    f.add_argument("--seed", type=int, default=42)
+    f.add_argument("--batch-size", type=int, default=8)
+    f.add_argument("--out", required=True, help="artifact folder to write")
+    f.set_defaults(func=cmd_fit)
+
+    e = sub.add_parser("eval", help="generate, judge refusals, write metrics.json and samples.jsonl")
+    e.add_argument("--artifact", default=None, help="a `crvlm fit` output folder")
+    e.add_argument("--model", default=None, help="model spec (unsteered when no --artifact)")
+    e.add_argument("--test", default="mmlu", help="bundled dataset name or a JSONL file")
+    e.add_argument("--in-scope", default=None)
+    e.add_argument("--out-scope", default=None)
+    e.add_argument("--layers", default=None, help="override the artifact's layers")
+    e.add_argument("--alpha", type=float, default=None, help="override the artifact's strength")
+    e.add_argument("--n-test", type=int, default=200, help="test samples per scope (paper: 200)")
+    e.add_argument("--split", choices=["train", "test", "all"], default="test")
+    e.add_argument("--seed", type=int, default=None)
+    e.add_argument("--max-new-tokens", type=int, default=24)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--out", required=True)
+    e.set_defaults(func=cmd_eval)
+
+    w = sub.add_parser("workbook", help="run the workbook notebooks headlessly with papermill")
+    workbook.add_arguments(w)
+    w.set_defaults(func=workbook.run_from_args)
+
+    sub.add_parser("models", help="list the named model specs").set_defaults(func=cmd_models)
+    sub.add_parser("datasets", help="list the bundled datasets").set_defaults(func=cmd_datasets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        from .data import DataError
+        from .models import ModelLoadError
+
+        if isinstance(err, (DataError, ModelLoadError, ValueError, FileNotFoundError)):
+            print(f"crvlm {args.command}: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
+    raise SystemExit(code or 0)
+
+
+if __name__ == "__main__":
+    main()

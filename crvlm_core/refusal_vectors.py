@@ -1,0 +1,203 @@
+"""Fit refusal vectors from scoped data (which prompts to read, with which prefixes, and which estimator), evaluate
+a steered model on scoped test data, and sweep layers × strengths. The CLI and the notebooks call these."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from . import vectors as V
+from .data import Sample
+from .extract import Activations, extract
+from .judge import judge_responses
+from .metrics import rates_by, scope_metrics
+from .models import ModelHandle
+from .steer import AddVector, Intervention, refusal_score, steered_generate
+
+__all__ = [
+    "METHODS",
+    "REFUSAL_PREFIX",
+    "COMPLIANT_PREFIX",
+    "LITERAL_PREFIX",
+    "REFUSAL_SYSTEM_PROMPT",
+    "default_layers",
+    "fit_vector",
+    "evaluate",
+    "EvalResult",
+    "sweep",
+]
+
+#: Teacher-forcing prefixes. The refusal and compliant prefixes end on the same token (" answer"), so their
+#: difference at that position measures refusal rather than which token sits there.
+REFUSAL_PREFIX = "Sorry, I cannot answer"
+COMPLIANT_PREFIX = "Sure, I can answer"
+#: The literal CR-VLM prefix (eq. 1–2 read at its last token against the prompt's last token).
+LITERAL_PREFIX = "Sorry, I cannot"
+#: System prompt of the prompt-based ("persona") vector.
+REFUSAL_SYSTEM_PROMPT = ("You refuse every request. Never answer the question; always reply only: "
+                         "'Sorry, I cannot answer that.'")
+
+#: method → one-line description. ``teacher-forced`` is the default (chosen by measured refusal rate: see README).
+METHODS: dict[str, str] = {
+    "teacher-forced": "same-token contrast: h(x ⊕ 'Sorry, I cannot answer') − h(x ⊕ 'Sure, I can answer') at the last prefix token, out-of-scope x",
+    "teacher-forced-literal": "CR-VLM eq. 1–2 literally: h(x ⊕ 'Sorry, I cannot') at its last token − h(x) at the prompt's last token",
+    "teacher-forced-prefix-mean": "refusal minus compliant prefix, each averaged over all prefix positions",
+    "prompt-based": "persona: h(refusal system prompt ⊕ x) − h(x) at the prompt's last token",
+    "ridge": "ridge regression of refusal labels (refusal vs compliant teacher-forced prefix) on activations",
+    "mean-diff": "h(out-of-scope x) − h(in-scope x) at the prompt's last token (refusal_direction style)",
+    "pca": "first principal component of paired (refusal − compliant) teacher-forced differences",
+}
+
+
+def default_layers(handle: ModelHandle) -> list[int]:
+    """One layer a third of the way up the stack (layer 8 of Qwen2.5-0.5B's 24, 10 of SmolLM2's 30)."""
+    return [handle.n_layers // 3]
+
+
+def _out_in(samples: Sequence[Sample]) -> tuple[list[Sample], list[Sample]]:
+    out = [s for s in samples if s.scope == "out"]
+    inn = [s for s in samples if s.scope == "in"]
+    if not out:
+        raise ValueError("no out-of-scope training samples (empty split): check --in-scope and the data's subjects")
+    return out, inn
+
+
+def fit_vector(handle: ModelHandle, train: Sequence[Sample], method: str = "teacher-forced",
+               layers: Sequence[int] | None = None, alpha: float = 1.0, ridge_lambda: float = 1.0,
+               batch_size: int = 8, cache: bool = True, progress: bool = True) -> V.SteeringVector:
+    """Fit a refusal vector on scoped training samples (``scope`` set on each).
+
+    Returns:
+        A :class:`~crvlm_core.vectors.SteeringVector` with directions for every layer, applied at ``layers``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    layers = [handle.check_layer(int(l)) for l in (layers if layers is not None else default_layers(handle))]
+    if not layers:
+        raise ValueError("no layers to steer")
+    out, inn = _out_in(train)
+    kw = dict(batch_size=batch_size, cache=cache, progress=progress)
+
+    def ex(samples, **more) -> Activations:
+        return extract(handle, samples, **kw, **more)
+
+    positions = "last"
+    fingerprints: list[str] = []
+    if method in ("teacher-forced", "ridge", "pca", "teacher-forced-prefix-mean"):
+        pos = "prefix-mean" if method == "teacher-forced-prefix-mean" else "last"
+        positions = "prefix-mean" if pos == "prefix-mean" else "prefix-last"
+        ref = ex(out, position=pos, assistant_prefix=REFUSAL_PREFIX, desc="refusal prefix")
+        com = ex(out, position=pos, assistant_prefix=COMPLIANT_PREFIX, desc="compliant prefix")
+        fingerprints = [ref.fingerprint, com.fingerprint]
+        if method == "ridge":
+            acts = torch.cat([ref.acts, com.acts])
+            y = torch.cat([torch.ones(len(out)), torch.zeros(len(out))])
+            directions = V.ridge_direction(acts, y, ridge_lambda)
+        elif method == "pca":
+            directions = V.pca_direction(ref.acts, com.acts)
+        else:
+            directions = V.teacher_forced_mean_diff(ref.acts, com.acts)
+    elif method == "teacher-forced-literal":
+        positions = "prefix-last vs prompt-last"
+        ref = ex(out, assistant_prefix=LITERAL_PREFIX, desc="refusal prefix")
+        plain = ex(out, desc="prompt")
+        fingerprints = [ref.fingerprint, plain.fingerprint]
+        directions = V.teacher_forced_mean_diff(ref.acts, plain.acts)
+    elif method == "prompt-based":
+        sys_acts = ex(out, system=REFUSAL_SYSTEM_PROMPT, desc="with system prompt")
+        plain = ex(out, desc="without system prompt")
+        fingerprints = [sys_acts.fingerprint, plain.fingerprint]
+        directions = V.prompt_based(sys_acts.acts, plain.acts)
+    else:  # mean-diff
+        if not inn:
+            raise ValueError("mean-diff needs in-scope training samples too (empty in-scope split)")
+        a_out, a_in = ex(out, desc="out-of-scope"), ex(inn, desc="in-scope")
+        fingerprints = [a_out.fingerprint, a_in.fingerprint]
+        directions = V.mean_diff(a_out.acts, a_in.acts)
+    return V.SteeringVector(
+        directions=directions, method=method, layers=layers, operation="add", alpha=alpha, positions=positions,
+        model_spec=handle.spec, fingerprint="+".join(fingerprints),
+        extra={"n_out": len(out), "n_in": len(inn), "ridge_lambda": ridge_lambda if method == "ridge" else None,
+               "refusal_prefix": REFUSAL_PREFIX, "compliant_prefix": COMPLIANT_PREFIX},
+    )
+
+
+@dataclass
+class EvalResult:
+    """Metrics and per-sample rows of one evaluation."""
+
+    metrics: dict
+    rows: list[dict]
+
+
+def evaluate(handle: ModelHandle, test: Sequence[Sample], interventions: Sequence[Intervention] = (),
+             max_new_tokens: int = 24, batch_size: int = 8, judge: str = "keyword", system: str | None = None,
+             use_images: bool = True, progress: bool = True) -> EvalResult:
+    """Generate (steered) answers for scoped test samples, judge refusals, and compute R / ORR / MB.
+
+    Rows carry ``id, subject, scope, response, refused, refusal_score``; metrics add per-subject refusal rates,
+    tokens/s and the judge's name.
+    """
+    test = list(test)
+    if not test:
+        raise ValueError("evaluate: no test samples (empty split)")
+    images = [s.load_image() if (use_images and handle.is_vlm) else None for s in test]
+    start = time.perf_counter()
+    responses = steered_generate(handle, [s.prompt for s in test], interventions, images=images, system=system,
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    gen_seconds = time.perf_counter() - start
+    scores = refusal_score(handle, [s.prompt for s in test], interventions, images=images, system=system,
+                           batch_size=batch_size)
+    refused = judge_responses(responses, judge)
+    rows = [{"id": s.id, "subject": s.subject, "scope": s.scope, "response": r, "refused": bool(f),
+             "refusal_score": float(sc)} for s, r, f, sc in zip(test, responses, refused, scores)]
+    metrics = scope_metrics(refused, [s.scope for s in test])
+    n_tokens = sum(len(handle.tokenizer.encode(r, add_special_tokens=False)) for r in responses)
+    metrics.update({
+        "judge": judge,
+        "refusal_rate_by_subject": rates_by(refused, [s.subject for s in test]),
+        "mean_refusal_score_out": _mean([float(sc) for s, sc in zip(test, scores) if s.scope == "out"]),
+        "mean_refusal_score_in": _mean([float(sc) for s, sc in zip(test, scores) if s.scope == "in"]),
+        "generation_seconds": gen_seconds,
+        "tokens_per_second": n_tokens / gen_seconds if gen_seconds > 0 else float("nan"),
+        "max_new_tokens": max_new_tokens,
+        "model": handle.spec,
+    })
+    return EvalResult(metrics, rows)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def sweep(handle: ModelHandle, vector: V.SteeringVector, test: Sequence[Sample], layers: Sequence[int],
+          alphas: Sequence[float], generate: bool = True, max_new_tokens: int = 16, batch_size: int = 8,
+          progress: Callable | None = None) -> list[dict]:
+    """Layer × strength grid: refusal score (one forward) and, if ``generate``, judged refusal rates in/out.
+
+    Returns one row per (layer, alpha) with ``layer, alpha, refusal_score_in/out`` and, when generating,
+    ``refusal_rate_out, over_refusal_in, mb_score``.
+    """
+    rows = []
+    test = list(test)
+    scopes = [s.scope for s in test]
+    grid = [(l, a) for l in layers for a in alphas]
+    for layer, alpha in grid:
+        iv = [AddVector(vector.directions, (handle.check_layer(layer),), alpha)]
+        scores = refusal_score(handle, [s.prompt for s in test], iv, batch_size=batch_size)
+        row = {"layer": layer, "alpha": alpha,
+               "refusal_score_out": _mean([float(x) for x, sc in zip(scores, scopes) if sc == "out"]),
+               "refusal_score_in": _mean([float(x) for x, sc in zip(scores, scopes) if sc == "in"])}
+        if generate:
+            responses = steered_generate(handle, [s.prompt for s in test], iv, max_new_tokens=max_new_tokens,
+                                         batch_size=batch_size)
+            row.update(scope_metrics(judge_responses(responses), scopes))
+            row["example_out"] = next((r for r, sc in zip(responses, scopes) if sc == "out"), "")
+            row["example_in"] = next((r for r, sc in zip(responses, scopes) if sc == "in"), "")
+        rows.append(row)
+        if progress:
+            progress(row)
+    return rows

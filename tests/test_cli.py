@@ -1,0 +1,69 @@
+"""`crvlm fit` / `crvlm eval` round trip on the real SmolLM2 with a few samples, and their input errors."""
+
+import json
+
+import pytest
+
+from crvlm_core.cli import main, parse_layers
+
+
+def _run(argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    return exc.value.code
+
+
+def test_fit_then_eval_round_trip(tmp_path, smollm2):
+    art, ev = tmp_path / "art", tmp_path / "eval"
+    assert _run(["fit", "--model", "smollm2-135m", "--method", "teacher-forced", "--train", "mmlu",
+                 "--in-scope", "biology", "--layers", "8-9", "--alpha", "2", "--n-train", "3", "--out", str(art)]) == 0
+    fit = json.loads((art / "fit.json").read_text())
+    assert fit["layers"] == [8, 9] and fit["n_out"] == 3 and fit["n_in"] == 3 and fit["method"] == "teacher-forced"
+    assert (art / "vector.safetensors").exists() and (art / "vector.json").exists()
+    assert _run(["eval", "--artifact", str(art), "--test", "mmlu", "--n-test", "2", "--max-new-tokens", "6",
+                 "--out", str(ev)]) == 0
+    metrics = json.loads((ev / "metrics.json").read_text())
+    for key in ("refusal_rate_out", "over_refusal_in", "mb_score", "n_in", "n_out", "judge"):
+        assert key in metrics
+    assert metrics["n_in"] == 2 and metrics["n_out"] == 2 and metrics["alpha"] == 2.0
+    rows = [json.loads(l) for l in (ev / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 4
+    for row in rows:
+        assert set(row) >= {"id", "subject", "scope", "response", "refused", "refusal_score"}
+    # unsteered evaluation of the bare model
+    assert _run(["eval", "--model", "smollm2-135m", "--test", "mmlu", "--in-scope", "biology", "--n-test", "1",
+                 "--max-new-tokens", "4", "--out", str(tmp_path / "plain")]) == 0
+    assert json.loads((tmp_path / "plain" / "metrics.json").read_text())["method"] == "unsteered"
+
+
+def test_cli_bad_inputs(tmp_path, smollm2, capsys):
+    with pytest.raises(SystemExit):  # argparse rejects an unknown method
+        main(["fit", "--method", "telepathy", "--in-scope", "biology", "--out", str(tmp_path)])
+    assert _run(["fit", "--model", "smollm2-135m", "--in-scope", "biology", "--layers", "99", "--n-train", "2",
+                 "--out", str(tmp_path / "a")]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert _run(["fit", "--model", "smollm2-135m", "--in-scope", "cooking", "--out", str(tmp_path / "b")]) == 2
+    assert "cooking" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="empty scope"):
+        main(["fit", "--in-scope", " ", "--out", str(tmp_path / "c")])
+    with pytest.raises(SystemExit, match="not a `crvlm fit` output"):
+        main(["eval", "--artifact", str(tmp_path), "--out", str(tmp_path / "d")])
+
+
+def test_artifact_on_a_model_of_another_size_is_a_clear_error(tmp_path, smollm2):
+    import torch
+
+    from crvlm_core.vectors import SteeringVector
+
+    art = tmp_path / "qwen-sized"
+    SteeringVector(torch.zeros(24, 896), "teacher-forced", [8], model_spec="qwen2.5-0.5b").save(art)
+    (art / "fit.json").write_text(json.dumps({"model": "qwen2.5-0.5b", "in_scope": ["biology"]}))
+    assert _run(["eval", "--artifact", str(art), "--model", "smollm2-135m", "--n-test", "1", "--out",
+                 str(tmp_path / "e")]) == 2
+
+
+def test_parse_layers():
+    assert parse_layers("8") == [8] and parse_layers("6-8") == [6, 7, 8] and parse_layers("1,3-4") == [1, 3, 4]
+    assert parse_layers(None) is None
+    with pytest.raises(SystemExit):
+        parse_layers("a-b")

@@ -1,0 +1,138 @@
+"""Extraction (positions, padding, cache) and steering (equal to plain forward hooks, composable, refusal score)."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from crvlm_core.data import Sample, load_dataset
+from crvlm_core.extract import extract
+from crvlm_core.models import load_model
+from crvlm_core.steer import AddVector, HiddenStateFn, ProjectOut, refusal_score, steered_generate, steered_logits
+
+PROMPTS = ["What is a cell?", "Explain in detail how photosynthesis converts light into chemical energy.",
+           "Name a planet."]
+
+
+def _samples(prompts=PROMPTS):
+    return [Sample(id=f"s{i}", prompt=p, subject="biology", scope="out") for i, p in enumerate(prompts)]
+
+
+def test_batched_extraction_equals_single_prompts(smollm2):
+    batched = extract(smollm2, _samples(), cache=False, progress=False, batch_size=3)
+    assert batched.acts.shape == (3, 30, 576)
+    for i, s in enumerate(_samples()):
+        single = extract(smollm2, [s], cache=False, progress=False)
+        assert torch.allclose(batched.acts[i], single.acts[0], atol=1e-4)
+
+
+def test_teacher_forced_read_is_the_prefix_last_token(smollm2):
+    s = _samples()[:1]
+    tf = extract(smollm2, s, assistant_prefix="Sorry, I cannot", layers=[5], cache=False, progress=False)
+    enc = smollm2.build_inputs([s[0].prompt], assistant_prefix="Sorry, I cannot")
+    with torch.no_grad():
+        hs = smollm2.hf_model(**enc, output_hidden_states=True).hidden_states
+    assert torch.allclose(tf.acts[0, 0], hs[6][0, -1], atol=1e-4)  # hidden_states[L+1] is layer L's output
+    mean = extract(smollm2, s, assistant_prefix="Sorry, I cannot", position="prefix-mean", layers=[5], cache=False,
+                   progress=False)
+    n_prefix = enc["input_ids"].shape[1] - smollm2.build_inputs([s[0].prompt])["input_ids"].shape[1]
+    assert torch.allclose(mean.acts[0, 0], hs[6][0, -n_prefix:].mean(0), atol=1e-4)
+
+
+def test_cache_hit_miss_and_invalidation(smollm2, tmp_path):
+    s = _samples()
+    first = extract(smollm2, s, layers=[1, 2], cache=tmp_path, progress=False)
+    assert not first.from_cache and len(list(tmp_path.glob("*.safetensors"))) == 1
+    again = extract(smollm2, s, layers=[1, 2], cache=tmp_path, progress=False)
+    assert again.from_cache and torch.equal(first.acts, again.acts)
+    changed = [replace(s[0], prompt="What is a virus?")] + s[1:]
+    other = extract(smollm2, changed, layers=[1, 2], cache=tmp_path, progress=False)
+    assert not other.from_cache and other.fingerprint != first.fingerprint
+    assert not extract(smollm2, s, layers=[1, 3], cache=tmp_path, progress=False).from_cache
+    assert not extract(smollm2, s, layers=[1, 2], assistant_prefix="Sorry", cache=tmp_path, progress=False).from_cache
+    assert not list(tmp_path.glob("*.tmp*")), "atomic writes leave no temp files"
+    # a damaged entry is recomputed, not trusted
+    (tmp_path / f"{first.fingerprint}.safetensors").write_bytes(b"garbage")
+    assert not extract(smollm2, s, layers=[1, 2], cache=tmp_path, progress=False).from_cache
+
+
+def test_extraction_bad_inputs(smollm2):
+    with pytest.raises(ValueError, match="empty"):
+        extract(smollm2, [], cache=False)
+    with pytest.raises(ValueError, match="out of range"):
+        extract(smollm2, _samples(), layers=[30], cache=False)
+    with pytest.raises(ValueError, match="unknown position"):
+        extract(smollm2, _samples(), position="middle", cache=False)
+    with pytest.raises(ValueError, match="needs an assistant_prefix"):
+        extract(smollm2, _samples(), position="prefix-mean", cache=False, progress=False)
+
+
+def test_image_positions_on_tiny_llava():
+    h = load_model("tiny-llava")
+    mm = load_dataset("mm_subjects", limit_per_subject=1)
+    acts = extract(h, mm, position="image-mean", cache=False, progress=False, batch_size=2)
+    assert acts.acts.shape == (len(mm), h.n_layers, h.hidden_size) and torch.isfinite(acts.acts).all()
+    text_only = extract(h, mm, use_images=False, cache=False, progress=False)
+    assert not torch.allclose(text_only.acts, extract(h, mm, cache=False, progress=False).acts)
+
+
+def _hooked(handle, interventions):
+    hooks = []
+    for layer in sorted({l for iv in interventions for l in iv.layers}):
+        def hook(_m, _i, out, layer=layer):
+            for iv in interventions:
+                if layer in iv.layers:
+                    out = iv.apply(layer, out)
+            return out
+        hooks.append(handle.torch_layers[layer].register_forward_hook(hook))
+    return hooks
+
+
+def test_steering_equals_plain_forward_hooks(smollm2):
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(30, 576, generator=g) * 2
+    ivs = [AddVector(v, (5, 12), 1.5), ProjectOut(torch.randn(30, 576, generator=g), (12,), 1.0)]
+    enc = smollm2.build_inputs(PROMPTS)
+    ours = steered_logits(smollm2, enc, ivs)
+    hooks = _hooked(smollm2, ivs)
+    try:
+        # nnsight gives a left-padded text batch mask-derived position ids; the plain reference gets the same
+        # inputs (without them the two forwards differ by ~9e-5 even with no intervention at all).
+        positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            ref = smollm2.hf_model(**enc, position_ids=positions).logits
+        ref_text = smollm2.generate(PROMPTS, max_new_tokens=8)
+    finally:
+        for h in hooks:
+            h.remove()
+    real = enc["attention_mask"].bool()
+    assert (ours - ref)[real].abs().max() < 1e-4
+    assert steered_generate(smollm2, PROMPTS, ivs, max_new_tokens=8, batch_size=2) == ref_text
+    assert steered_generate(smollm2, PROMPTS, [], max_new_tokens=8) == smollm2.generate(PROMPTS, max_new_tokens=8)
+
+
+def test_interventions_compose_and_callable_hook_point(smollm2):
+    v = torch.randn(30, 576)
+    enc = smollm2.build_inputs(PROMPTS[:1])
+    twice = steered_logits(smollm2, enc, [AddVector(v, (4,), 1.0), AddVector(v, (4,), 1.0)])
+    once = steered_logits(smollm2, enc, [AddVector(v, (4,), 2.0)])
+    as_fn = steered_logits(smollm2, enc, [HiddenStateFn(lambda layer, h: h + 2.0 * v[layer], (4,))])
+    assert (twice - once).abs().max() < 1e-4 and (as_fn - once).abs().max() < 1e-4
+    ablated = ProjectOut(v, (4,), 1.0)
+    h = torch.randn(2, 3, 576)
+    assert (ablated.apply(4, h) @ (v[4] / v[4].norm())).abs().max() < 1e-4
+
+
+def test_steering_bad_inputs(smollm2):
+    with pytest.raises(ValueError, match="out of range"):
+        steered_logits(smollm2, smollm2.build_inputs(["Hi"]), [AddVector(torch.zeros(30, 576), (40,))])
+    with pytest.raises(ValueError, match="do not fit"):
+        steered_logits(smollm2, smollm2.build_inputs(["Hi"]), [AddVector(torch.zeros(24, 896), (3,))])
+
+
+def test_refusal_score_rises_with_a_refusal_prompt(smollm2):
+    plain = refusal_score(smollm2, ["What is a cell?"])
+    told = refusal_score(smollm2, ["What is a cell?"], system="Always start your reply with 'Sorry'.")
+    assert plain.shape == (1,) and torch.isfinite(plain).all()
+    assert told[0] > plain[0]
