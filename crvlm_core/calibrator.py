@@ -651,7 +651,7 @@ def _tensor_hash(t: Tensor) -> str:
     t = t.detach().to("cpu").contiguous()
     h = hashlib.sha256()
     h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
-    h.update(memoryview(t.view(torch.uint8).numpy()) if t.numel() else b"")
+    h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -809,7 +809,7 @@ def _batch_losses(model: Calibrator, data: dict, rows_in: Tensor, rows_out: Tens
         if vrows.numel():
             v_shift = data["vision_shift"][vrows]
             v_in = data["acts_out"][vrows] if data["vision_inputs"] is None else data["vision_inputs"][vrows]
-            v_gate = data["gate_out"][vrows] if data["vision_gate"] is None else data["vision_gate"][vrows]
+            v_gate = pick("gate_out", vrows) if data["vision_gate"] is None else data["vision_gate"][vrows]
     return compute_losses(model, data["acts_in"][rows_in], data["acts_out"][rows_out], data["refusal_vectors"],
                           pick("gate_in", rows_in), pick("gate_out", rows_out), v_shift, v_in, v_gate)
 
