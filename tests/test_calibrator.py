@@ -395,3 +395,26 @@ def test_check_compatible():
         cal.check_compatible(12, D)
     with pytest.raises(ValueError, match=r"steers layers \[5\]"):
         Calibrator(_cfg()).check_compatible(5, D)
+
+
+def test_hook_through_steered_logits_and_generate_on_a_tiny_model():
+    """The intervention runs inside nnsight traces: per-row gate override 0 reproduces the plain model exactly."""
+    from crvlm_core.models import load_model
+    from crvlm_core.steer import steered_generate, steered_logits
+
+    handle = load_model("tiny-llava")
+    cal = Calibrator(CalibratorConfig(hidden_size=handle.hidden_size, layers=[1], width=16, seed=0),
+                     n_model_layers=handle.n_layers)
+    cal.check_compatible(handle.n_layers, handle.hidden_size)
+    prompts = ["hello there", "hi"]
+    enc = handle.build_inputs(prompts)
+    base = steered_logits(handle, enc)
+    assert not torch.allclose(steered_logits(handle, enc, [cal.as_intervention()]), base)
+    with cal.gate_override(torch.tensor([0.0, 0.0])):
+        assert torch.equal(steered_logits(handle, enc, [cal.as_intervention()]), base)
+    with torch.no_grad():
+        cal.blocks["1"].alpha.fill_(50.0)
+    plain = steered_generate(handle, prompts, max_new_tokens=4)
+    with cal.gate_override(torch.tensor([0.0, 1.0])):  # steer only the second prompt, prompt pass and every token
+        steered = steered_generate(handle, prompts, [cal.as_intervention()], max_new_tokens=4)
+    assert steered[0] == plain[0] and steered[1] != plain[1]
