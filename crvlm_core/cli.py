@@ -85,7 +85,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     handle = load_model(args.model)
     start = time.perf_counter()
     vector = fit_vector(handle, train, args.method, layers=parse_layers(args.layers), alpha=args.alpha,
-                        ridge_lambda=args.ridge_lambda, batch_size=args.batch_size)
+                        ridge_lambda=args.ridge_lambda, refusal_prefix=args.refusal_prefix,
+                        compliant_prefix=args.compliant_prefix, batch_size=args.batch_size)
     seconds = time.perf_counter() - start
     out = Path(args.out)
     vector.save(out)
@@ -178,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--layers", default=None, help="N, A-B or A,B,C (default: a third of the way up)")
     f.add_argument("--alpha", type=float, default=1.0, help="steering strength saved with the vector")
     f.add_argument("--ridge-lambda", type=float, default=1.0)
+    f.add_argument("--refusal-prefix", default=None, help='teacher-forcing refusal prefix (default "Sorry")')
+    f.add_argument("--compliant-prefix", default=None, help='same-length compliant prefix (default "Sure")')
     f.add_argument("--n-train", type=int, default=200, help="training samples per scope (paper: 200)")
     f.add_argument("--split", choices=["train", "test", "all"], default="train")
     f.add_argument("--seed", type=int, default=42)

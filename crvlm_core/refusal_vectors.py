@@ -30,21 +30,25 @@ __all__ = [
     "sweep",
 ]
 
-#: Teacher-forcing prefixes. The refusal and compliant prefixes end on the same token (" answer"), so their
-#: difference at that position measures refusal rather than which token sits there.
-REFUSAL_PREFIX = "Sorry, I cannot answer"
-COMPLIANT_PREFIX = "Sure, I can answer"
-#: The literal CR-VLM prefix (eq. 1–2 read at its last token against the prompt's last token).
-LITERAL_PREFIX = "Sorry, I cannot"
+#: Teacher-forcing prefixes (measured on Qwen2.5-0.5B, see README): the one-token pair "Sorry" / "Sure", read at
+#: the first assistant token, is the same-token contrast that flips the model into refusing; the longer pair
+#: "Sorry, I cannot answer" / "Sure, I can answer" (aligned, same last token) mostly encodes "cannot" vs "can" and
+#: barely refuses at the same strength. The long pair is what the prefix-mean variant averages over.
+REFUSAL_PREFIX = "Sorry"
+COMPLIANT_PREFIX = "Sure"
+LONG_REFUSAL_PREFIX = "Sorry, I cannot answer"
+LONG_COMPLIANT_PREFIX = "Sure, I can answer"
+#: The literal CR-VLM form (eq. 1–2): the refusal prefix's last token against the prompt's last token.
+LITERAL_PREFIX = REFUSAL_PREFIX
 #: System prompt of the prompt-based ("persona") vector.
 REFUSAL_SYSTEM_PROMPT = ("You refuse every request. Never answer the question; always reply only: "
                          "'Sorry, I cannot answer that.'")
 
 #: method → one-line description. ``teacher-forced`` is the default (chosen by measured refusal rate: see README).
 METHODS: dict[str, str] = {
-    "teacher-forced": "same-token contrast: h(x ⊕ 'Sorry, I cannot answer') − h(x ⊕ 'Sure, I can answer') at the last prefix token, out-of-scope x",
-    "teacher-forced-literal": "CR-VLM eq. 1–2 literally: h(x ⊕ 'Sorry, I cannot') at its last token − h(x) at the prompt's last token",
-    "teacher-forced-prefix-mean": "refusal minus compliant prefix, each averaged over all prefix positions",
+    "teacher-forced": "same-token contrast: h(x ⊕ 'Sorry') − h(x ⊕ 'Sure') at the prefix token, out-of-scope x",
+    "teacher-forced-literal": "CR-VLM eq. 1–2 literally: h(x ⊕ 'Sorry') at its last token − h(x) at the prompt's last token",
+    "teacher-forced-prefix-mean": "'Sorry, I cannot answer' minus 'Sure, I can answer', each averaged over its prefix positions",
     "prompt-based": "persona: h(refusal system prompt ⊕ x) − h(x) at the prompt's last token",
     "ridge": "ridge regression of refusal labels (refusal vs compliant teacher-forced prefix) on activations",
     "mean-diff": "h(out-of-scope x) − h(in-scope x) at the prompt's last token (refusal_direction style)",
@@ -67,8 +71,13 @@ def _out_in(samples: Sequence[Sample]) -> tuple[list[Sample], list[Sample]]:
 
 def fit_vector(handle: ModelHandle, train: Sequence[Sample], method: str = "teacher-forced",
                layers: Sequence[int] | None = None, alpha: float = 1.0, ridge_lambda: float = 1.0,
+               refusal_prefix: str | None = None, compliant_prefix: str | None = None,
                batch_size: int = 8, cache: bool = True, progress: bool = True) -> V.SteeringVector:
     """Fit a refusal vector on scoped training samples (``scope`` set on each).
+
+    Args:
+        refusal_prefix / compliant_prefix: teacher-forcing prefixes (defaults: "Sorry" / "Sure"; for
+            ``teacher-forced-prefix-mean`` the long pair). The two should tokenize to the same length.
 
     Returns:
         A :class:`~crvlm_core.vectors.SteeringVector` with directions for every layer, applied at ``layers``.
@@ -86,11 +95,14 @@ def fit_vector(handle: ModelHandle, train: Sequence[Sample], method: str = "teac
 
     positions = "last"
     fingerprints: list[str] = []
+    long = method == "teacher-forced-prefix-mean"
+    refusal_prefix = refusal_prefix or (LONG_REFUSAL_PREFIX if long else REFUSAL_PREFIX)
+    compliant_prefix = compliant_prefix or (LONG_COMPLIANT_PREFIX if long else COMPLIANT_PREFIX)
     if method in ("teacher-forced", "ridge", "pca", "teacher-forced-prefix-mean"):
-        pos = "prefix-mean" if method == "teacher-forced-prefix-mean" else "last"
-        positions = "prefix-mean" if pos == "prefix-mean" else "prefix-last"
-        ref = ex(out, position=pos, assistant_prefix=REFUSAL_PREFIX, desc="refusal prefix")
-        com = ex(out, position=pos, assistant_prefix=COMPLIANT_PREFIX, desc="compliant prefix")
+        pos = "prefix-mean" if long else "last"
+        positions = "prefix-mean" if long else "prefix-last"
+        ref = ex(out, position=pos, assistant_prefix=refusal_prefix, desc="refusal prefix")
+        com = ex(out, position=pos, assistant_prefix=compliant_prefix, desc="compliant prefix")
         fingerprints = [ref.fingerprint, com.fingerprint]
         if method == "ridge":
             acts = torch.cat([ref.acts, com.acts])
@@ -102,7 +114,7 @@ def fit_vector(handle: ModelHandle, train: Sequence[Sample], method: str = "teac
             directions = V.teacher_forced_mean_diff(ref.acts, com.acts)
     elif method == "teacher-forced-literal":
         positions = "prefix-last vs prompt-last"
-        ref = ex(out, assistant_prefix=LITERAL_PREFIX, desc="refusal prefix")
+        ref = ex(out, assistant_prefix=refusal_prefix, desc="refusal prefix")
         plain = ex(out, desc="prompt")
         fingerprints = [ref.fingerprint, plain.fingerprint]
         directions = V.teacher_forced_mean_diff(ref.acts, plain.acts)
@@ -121,7 +133,7 @@ def fit_vector(handle: ModelHandle, train: Sequence[Sample], method: str = "teac
         directions=directions, method=method, layers=layers, operation="add", alpha=alpha, positions=positions,
         model_spec=handle.spec, fingerprint="+".join(fingerprints),
         extra={"n_out": len(out), "n_in": len(inn), "ridge_lambda": ridge_lambda if method == "ridge" else None,
-               "refusal_prefix": REFUSAL_PREFIX, "compliant_prefix": COMPLIANT_PREFIX},
+               "refusal_prefix": refusal_prefix, "compliant_prefix": compliant_prefix},
     )
 
 
