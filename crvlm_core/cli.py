@@ -76,38 +76,72 @@ def _write_outputs(out: Path, metrics: dict, rows: list[dict]) -> None:
 def cmd_fit(args: argparse.Namespace) -> int:
     from .io import atomic_write_json
     from .models import load_model
-    from .refusal_vectors import fit_vector
 
     in_scope, out_scope = _subjects(args.in_scope), _subjects(args.out_scope)
     if not in_scope:
         raise SystemExit("crvlm fit: --in-scope needs at least one subject (empty scope)")
     train = _scoped_split(args.train, in_scope, out_scope, args.split, args.n_train, args.seed)
     handle = load_model(args.model)
-    start = time.perf_counter()
-    vector = fit_vector(handle, train, args.method, layers=parse_layers(args.layers), alpha=args.alpha,
-                        ridge_lambda=args.ridge_lambda, refusal_prefix=args.refusal_prefix,
-                        compliant_prefix=args.compliant_prefix, batch_size=args.batch_size)
-    seconds = time.perf_counter() - start
     out = Path(args.out)
-    vector.save(out)
+    start = time.perf_counter()
+    layers = parse_layers(args.layers)
+    if args.method == "crvlm":
+        from .calibrated_steering import fit_crvlm
+
+        gate = {"auto": "auto", "none": None}.get(args.gate_layer, None)
+        if args.gate_layer not in ("auto", "none"):
+            gate = int(args.gate_layer)
+        steering = fit_crvlm(handle, train, layers=layers, gate_layer=gate, target_scale=args.target_scale,
+                             width=args.width, epochs=args.epochs, lr=args.lr, seed=args.seed, out_dir=out)
+        steering.save(out)
+        layers_done, alpha, fingerprint = list(steering.layers), args.target_scale, steering.info["vector_fingerprint"]
+        extra = {"gate_layer": steering.gate_layer, "epochs": args.epochs, "width": args.width,
+                 "final_losses": steering.info["final_losses"]}
+    else:
+        from .refusal_vectors import fit_vector
+
+        vector = fit_vector(handle, train, args.method, layers=layers, alpha=args.alpha,
+                            ridge_lambda=args.ridge_lambda, refusal_prefix=args.refusal_prefix,
+                            compliant_prefix=args.compliant_prefix, batch_size=args.batch_size)
+        vector.save(out)
+        layers_done, alpha, fingerprint, extra = vector.layers, vector.alpha, vector.fingerprint, {}
+    seconds = time.perf_counter() - start
     summary = {
-        "model": args.model, "method": args.method, "layers": vector.layers, "alpha": vector.alpha,
+        "model": args.model, "method": args.method, "layers": layers_done, "alpha": alpha,
         "in_scope": in_scope, "out_scope": out_scope, "train": args.train, "split": args.split, "seed": args.seed,
         "n_in": sum(s.scope == "in" for s in train), "n_out": sum(s.scope == "out" for s in train),
-        "fit_seconds": seconds, "fingerprint": vector.fingerprint,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "fit_seconds": seconds, "fingerprint": fingerprint,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra,
     }
     atomic_write_json(out / FIT_JSON, summary)
-    print(f"[fit] {args.method} on {args.model}: layers {vector.layers}, alpha {vector.alpha}, "
-          f"{summary['n_out']} out / {summary['n_in']} in training samples, {seconds:.1f} s → {out}")
+    print(f"[fit] {args.method} on {args.model}: layers {layers_done}, {summary['n_out']} out / {summary['n_in']} in "
+          f"training samples, {seconds:.1f} s → {out}")
     return 0
+
+
+def load_interventions(artifact: Path, handle, alpha: float | None = None, layers: list[int] | None = None) -> list:
+    """The interventions a `crvlm fit` folder describes (a vector, or a CR-VLM calibrator), checked against
+    the model."""
+    fit = json.loads((artifact / FIT_JSON).read_text())
+    if fit.get("method") == "crvlm":
+        from .calibrated_steering import load_calibrated
+
+        steering = load_calibrated(artifact)
+        if layers is not None or alpha is not None:
+            raise SystemExit("crvlm eval: --layers/--alpha do not apply to a CR-VLM calibrator")
+        steering.validate(handle)
+        return [steering]
+    from .steer import from_vector
+    from .vectors import SteeringVector
+
+    vector = SteeringVector.load(artifact)
+    vector.check_compatible(handle.n_layers, handle.hidden_size)
+    return [from_vector(vector, alpha=alpha, layers=layers)]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .models import load_model
     from .refusal_vectors import evaluate
-    from .steer import from_vector
-    from .vectors import SteeringVector
 
     fit: dict = {}
     interventions = []
@@ -116,14 +150,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not (art / FIT_JSON).exists():
             raise SystemExit(f"crvlm eval: {art} has no {FIT_JSON}: not a `crvlm fit` output folder")
         fit = json.loads((art / FIT_JSON).read_text())
-        vector = SteeringVector.load(art)
     model = args.model or fit.get("model")
     if not model:
         raise SystemExit("crvlm eval: give --artifact DIR or --model SPEC")
     handle = load_model(model)
     if args.artifact:
-        vector.check_compatible(handle.n_layers, handle.hidden_size)
-        interventions = [from_vector(vector, alpha=args.alpha, layers=parse_layers(args.layers))]
+        interventions = load_interventions(Path(args.artifact), handle, args.alpha, parse_layers(args.layers))
     in_scope = _subjects(args.in_scope) or fit.get("in_scope", [])
     out_scope = _subjects(args.out_scope) or fit.get("out_scope", [])
     if not in_scope:
@@ -133,8 +165,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(handle, test, interventions, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     metrics = {**result.metrics, "artifact": str(args.artifact) if args.artifact else None,
                "method": fit.get("method", "unsteered"), "in_scope": in_scope, "test": args.test, "split": args.split,
-               "layers": interventions[0].layers if interventions else [],
-               "alpha": interventions[0].alpha if interventions else 0.0}
+               "layers": list(interventions[0].layers) if interventions else [],
+               "alpha": getattr(interventions[0], "alpha", fit.get("alpha")) if interventions else 0.0}
     _write_outputs(Path(args.out), metrics, result.rows)
     print(f"[eval] {metrics['method']} on {model}: R={metrics['refusal_rate_out']:.3f} "
           f"ORR={metrics['over_refusal_in']:.3f} MB={metrics['mb_score']:.3f} "
@@ -172,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fit", help="fit a refusal vector and save it as an artifact folder")
     f.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL}; see `crvlm models`)")
-    f.add_argument("--method", default="teacher-forced", choices=list(METHODS))
+    f.add_argument("--method", default="teacher-forced", choices=list(METHODS) + ["crvlm"],
+                   help="a refusal-vector method, or crvlm (teacher-forced vector + calibrator)")
     f.add_argument("--train", default="mmlu", help="bundled dataset name or a JSONL file")
     f.add_argument("--in-scope", required=True, help="subjects the model should answer, comma separated")
     f.add_argument("--out-scope", default=None, help="subjects to refuse (default: every other subject)")
@@ -181,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--ridge-lambda", type=float, default=1.0)
     f.add_argument("--refusal-prefix", default=None, help='teacher-forcing refusal prefix (default "Sorry")')
     f.add_argument("--compliant-prefix", default=None, help='same-length compliant prefix (default "Sure")')
+    c = f.add_argument_group("CR-VLM calibrator (--method crvlm)")
+    c.add_argument("--gate-layer", default="auto", help="prefill gate layer: auto (90%% depth), none (the paper's "
+                   "gate on the steered layer's own state) or a layer number")
+    c.add_argument("--target-scale", type=float, default=1.0, help="λ of the out-of-scope target h + λ·s")
+    c.add_argument("--epochs", type=int, default=200)
+    c.add_argument("--width", type=int, default=1024)
+    c.add_argument("--lr", type=float, default=1e-4)
     f.add_argument("--n-train", type=int, default=200, help="training samples per scope (paper: 200)")
     f.add_argument("--split", choices=["train", "test", "all"], default="train")
     f.add_argument("--seed", type=int, default=42)

@@ -23,7 +23,7 @@ from .io import atomic_save_safetensors, atomic_write_json, sha256_hex
 from .models import ModelHandle
 from .paths import outputs_dir
 
-__all__ = ["POSITIONS", "Activations", "extract", "extraction_fingerprint", "position_weights"]
+__all__ = ["POSITIONS", "Activations", "extract", "extraction_fingerprint", "position_weights", "read_last_token"]
 
 POSITIONS = ("last", "prefix-mean", "image-mean")
 CACHE_VERSION = 1
@@ -120,6 +120,13 @@ def _capture(handle: ModelHandle, enc: dict, weights: torch.Tensor, layers: Sequ
             reads = nnsight.save([torch.einsum("bsd,bs->bd", handle.layers[i].output, w).detach().cpu()
                                   for i in layers])
     return torch.stack([r.float() for r in reads], dim=1)
+
+
+def read_last_token(handle: ModelHandle, enc: dict, layers: Sequence[int]) -> torch.Tensor:
+    """Unsteered ``[batch, len(layers), d]`` states at the last input token of prepared inputs (one forward)."""
+    w = torch.zeros(enc["input_ids"].shape)
+    w[:, -1] = 1.0
+    return _capture(handle, enc, w, layers)
 
 
 def extract(handle: ModelHandle, samples: Sequence[Sample], *, position: str = "last", layers: Sequence[int] | None = None,

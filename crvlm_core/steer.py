@@ -43,6 +43,12 @@ class Intervention:
         for layer in self.layers:
             handle.check_layer(layer)
 
+    def prepare(self, handle: ModelHandle, enc: dict) -> None:
+        """Called before each batch's forward/generation with its inputs (e.g. prefill gating reads the prompt)."""
+
+    def release(self) -> None:
+        """Called after each batch (undo what :meth:`prepare` set)."""
+
 
 @dataclass
 class AddVector(Intervention):
@@ -139,11 +145,28 @@ def _validated(handle: ModelHandle, interventions: Sequence[Intervention]) -> di
     return _by_layer(interventions)
 
 
+class _prepared:
+    """``with _prepared(handle, interventions, enc):`` — per-batch prepare/release of every intervention."""
+
+    def __init__(self, handle: ModelHandle, interventions: Iterable[Intervention], enc: dict):
+        self.handle, self.ivs, self.enc = handle, list(interventions), enc
+
+    def __enter__(self):
+        for iv in self.ivs:
+            iv.prepare(self.handle, self.enc)
+        return self
+
+    def __exit__(self, *exc):
+        for iv in self.ivs:
+            iv.release()
+        return False
+
+
 @torch.no_grad()
 def steered_logits(handle: ModelHandle, enc: dict, interventions: Sequence[Intervention] = ()) -> torch.Tensor:
     """One forward pass with the interventions on every position; returns ``[batch, seq, vocab]`` logits on CPU."""
     table = _validated(handle, interventions)
-    with warnings.catch_warnings():
+    with _prepared(handle, interventions, enc), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with handle.model.trace(enc):
             _apply_all(handle, table)
@@ -176,7 +199,8 @@ def steered_generate(handle: ModelHandle, prompts: Sequence[str], interventions:
     for idx in tqdm(fixed, desc="generate", disable=not progress, unit="batch"):
         imgs = [images[k] for k in idx] if images[idx[0]] is not None else None
         enc = handle.build_inputs([prompts[k] for k in idx], imgs, system)
-        ids = _generate_batch(handle, enc, table, max_new_tokens)
+        with _prepared(handle, interventions, enc):
+            ids = _generate_batch(handle, enc, table, max_new_tokens)
         for k, text in zip(idx, handle.decode_new(ids, enc["input_ids"].shape[1])):
             texts[k] = text
     return texts

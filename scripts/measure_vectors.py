@@ -28,8 +28,11 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=16, help="per scope")
     ap.add_argument("--max-new-tokens", type=int, default=10)
     ap.add_argument("--tag", default="", help="suffix of the output file name")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     h = load_model(args.model)
     n = h.n_layers
     layers = [int(x) for x in args.layers.split(",")] if args.layers else sorted({n // 6, n // 3, n // 2, 2 * n // 3})
