@@ -162,7 +162,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise SystemExit("crvlm eval: --in-scope is needed (or an artifact that records it)")
     seed = args.seed if args.seed is not None else fit.get("seed", 42)
     test = _scoped_split(args.test, in_scope, out_scope, args.split, args.n_test, seed)
-    result = evaluate(handle, test, interventions, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    result = evaluate(handle, test, interventions, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                      judge=args.judge)
     metrics = {**result.metrics, "artifact": str(args.artifact) if args.artifact else None,
                "method": fit.get("method", "unsteered"), "in_scope": in_scope, "test": args.test, "split": args.split,
                "layers": list(interventions[0].layers) if interventions else [],
@@ -240,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=["train", "test", "all"], default="test")
     e.add_argument("--seed", type=int, default=None)
     e.add_argument("--max-new-tokens", type=int, default=24)
+    e.add_argument("--judge", default="keyword", choices=["keyword", "learned", "llm"],
+                   help="refusal judge (keyword: the documented phrase rule; see README for each judge's agreement)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--out", required=True)
     e.set_defaults(func=cmd_eval)

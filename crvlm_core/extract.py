@@ -116,9 +116,12 @@ def _capture(handle: ModelHandle, enc: dict, weights: torch.Tensor, layers: Sequ
     w = weights.to(device=handle.device, dtype=handle.dtype)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with handle.model.trace(enc):
+        with handle.model.trace(enc) as tracer:
             reads = nnsight.save([torch.einsum("bsd,bs->bd", handle.layers[i].output, w).detach().cpu()
                                   for i in layers])
+            # Nothing after the last read layer is needed: stop there (skips the rest of the stack and the
+            # vocabulary projection, a quarter of a forward on Qwen2.5-0.5B).
+            tracer.stop()
     return torch.stack([r.float() for r in reads], dim=1)
 
 

@@ -163,7 +163,7 @@ def evaluate(handle: ModelHandle, test: Sequence[Sample], interventions: Sequenc
     gen_seconds = time.perf_counter() - start
     scores = refusal_score(handle, [s.prompt for s in test], interventions, images=images, system=system,
                            batch_size=batch_size)
-    refused = judge_responses(responses, judge)
+    refused = judge_responses(responses, judge, prompts=[s.prompt for s in test])
     rows = [{"id": s.id, "subject": s.subject, "scope": s.scope, "response": r, "refused": bool(f),
              "refusal_score": float(sc)} for s, r, f, sc in zip(test, responses, refused, scores)]
     metrics = scope_metrics(refused, [s.scope for s in test])
@@ -206,7 +206,7 @@ def sweep(handle: ModelHandle, vector: V.SteeringVector, test: Sequence[Sample],
         if generate:
             responses = steered_generate(handle, [s.prompt for s in test], iv, max_new_tokens=max_new_tokens,
                                          batch_size=batch_size)
-            row.update(scope_metrics(judge_responses(responses), scopes))
+            row.update(scope_metrics(judge_responses(responses, prompts=[s.prompt for s in test]), scopes))
             row["example_out"] = next((r for r, sc in zip(responses, scopes) if sc == "out"), "")
             row["example_in"] = next((r for r, sc in zip(responses, scopes) if sc == "in"), "")
         rows.append(row)
