@@ -14,7 +14,7 @@ import torch
 
 from .calibrator import Calibrator, CalibratorConfig, train_calibrator
 from .data import Sample
-from .extract import extract, read_last_token
+from .extract import extract, extract_token_states, read_last_token
 from .io import atomic_write_json
 from .models import ModelHandle
 from .refusal_vectors import default_layers, fit_vector
@@ -49,8 +49,8 @@ class CalibratedSteering(Intervention):
         self.layers = tuple(int(l) for l in self.layers)
 
     def validate(self, handle: ModelHandle) -> None:
+        self.calibrator.check_compatible(handle.n_layers, handle.hidden_size)  # the model mismatch first
         super().validate(handle)
-        self.calibrator.check_compatible(handle.n_layers, handle.hidden_size)
         if self.gate_layer is not None:
             handle.check_layer(self.gate_layer)
 
@@ -98,11 +98,11 @@ def load_calibrated(directory: str | Path) -> CalibratedSteering:
 
 def fit_crvlm(handle: ModelHandle, train: Sequence[Sample], layers: Sequence[int] | None = None,
               gate_layer: int | str | None = "auto", target_scale: float = 1.0, vector: SteeringVector | None = None,
-              width: int = 1024, epochs: int = 200, lr: float = 1e-4, batch_size: int = 8, seed: int = 42,
+              width: int = 1024, epochs: int = 40, lr: float = 3e-4, batch_size: int = 32, seed: int = 42,
               w_out: float = 1.0, w_in: float = 1.0, w_ortho: float = 1.0, w_vision: float = 1.0,
               val_fraction: float = 0.0, patience: int | None = None, shared: bool = False,
-              out_dir: str | Path | None = None, extract_batch_size: int = 8,
-              progress: bool = True) -> CalibratedSteering:
+              out_dir: str | Path | None = None, extract_batch_size: int = 8, train_positions: str = "tokens",
+              positions_per_prompt: int = 8, progress: bool = True) -> CalibratedSteering:
     """Fit CR-VLM on scoped training samples.
 
     Args:
@@ -112,7 +112,13 @@ def fit_crvlm(handle: ModelHandle, train: Sequence[Sample], layers: Sequence[int
         target_scale: λ of the out-of-scope target ``h + λ·s`` (eq. 3).
         vector: the teacher-forced refusal vector ``s`` (fitted here when not given).
         out_dir: where checkpoints and the per-epoch loss log go (training resumes from them).
-        Remaining arguments: :class:`~crvlm_core.calibrator.CalibratorConfig` fields (paper defaults).
+        train_positions: ``"tokens"`` — train on the last prompt token plus ``positions_per_prompt`` random other
+            prompt tokens of each sample (the calibrator is applied at every position at generation, so it is trained
+            on such positions; with a prefill gate, each token's gate input is its prompt's summary); ``"last"`` —
+            only the last prompt token (the paper's reading).
+        Remaining arguments: :class:`~crvlm_core.calibrator.CalibratorConfig` fields. Defaults differ from the
+            paper's (200 epochs, batch 8, lr 1e-4 on one state per prompt) because each prompt contributes
+            ``positions_per_prompt + 1`` states: 40 epochs of batch 32 at lr 3e-4 take a similar number of steps.
     """
     start = time.perf_counter()
     layers = sorted({handle.check_layer(int(l)) for l in (layers if layers is not None else default_layers(handle))})
@@ -127,22 +133,32 @@ def fit_crvlm(handle: ModelHandle, train: Sequence[Sample], layers: Sequence[int
     if vector is None:
         vector = fit_vector(handle, train, "teacher-forced", layers=layers, progress=progress)
     vector.check_compatible(handle.n_layers, handle.hidden_size)
+    if train_positions not in ("tokens", "last"):
+        raise ValueError(f"train_positions must be 'tokens' or 'last', got {train_positions!r}")
     read = sorted(set(layers) | ({gate_layer} if gate_layer is not None else set()))
     kw = dict(layers=read, batch_size=extract_batch_size, progress=progress)
     a_in, a_out = extract(handle, inn, desc="in-scope", **kw), extract(handle, out, desc="out-of-scope", **kw)
     idx = [read.index(l) for l in layers]
+    gate_in = a_in.acts[:, read.index(gate_layer)] if gate_layer is not None else None
+    gate_out = a_out.acts[:, read.index(gate_layer)] if gate_layer is not None else None
+    x_in, x_out = a_in.acts[:, idx], a_out.acts[:, idx]
+    if train_positions == "tokens":
+        tok = dict(per_sample=positions_per_prompt, seed=seed, batch_size=extract_batch_size, progress=progress)
+        x_in, own_in = extract_token_states(handle, inn, layers, **tok)
+        x_out, own_out = extract_token_states(handle, out, layers, **tok)
+        gate_in = gate_in[own_in] if gate_in is not None else None
+        gate_out = gate_out[own_out] if gate_out is not None else None
     cfg = CalibratorConfig(hidden_size=handle.hidden_size, layers=layers, width=width, shared=shared,
                            gate_dim=handle.hidden_size if gate_layer is not None else None, target_scale=target_scale,
                            w_out=w_out, w_in=w_in, w_ortho=w_ortho, w_vision=w_vision, lr=lr, batch_size=batch_size,
                            epochs=epochs, seed=seed, val_fraction=val_fraction, patience=patience)
-    gate_in = a_in.acts[:, read.index(gate_layer)] if gate_layer is not None else None
-    gate_out = a_out.acts[:, read.index(gate_layer)] if gate_layer is not None else None
     out_dir = Path(out_dir) if out_dir is not None else None
     calibrator, history = train_calibrator(
-        cfg, a_in.acts[:, idx], a_out.acts[:, idx], vector.directions[layers], gate_in, gate_out,
+        cfg, x_in, x_out, vector.directions[layers], gate_in, gate_out,
         checkpoint_dir=out_dir / "checkpoints" if out_dir else None, log_path=out_dir / "train_log.jsonl" if out_dir else None,
         progress=progress, model_spec=handle.spec, n_model_layers=handle.n_layers, vector_fingerprint=vector.fingerprint)
     info = {"model": handle.spec, "target_scale": target_scale, "n_in": len(inn), "n_out": len(out),
+            "train_positions": train_positions, "n_train_states": [len(x_in), len(x_out)],
             "vector_method": vector.method, "vector_fingerprint": vector.fingerprint,
             "fit_seconds": time.perf_counter() - start, "final_losses": history[-1] if history else {}}
     return CalibratedSteering(calibrator, tuple(layers), gate_layer, info, vector)

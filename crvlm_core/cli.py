@@ -92,10 +92,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
         if args.gate_layer not in ("auto", "none"):
             gate = int(args.gate_layer)
         steering = fit_crvlm(handle, train, layers=layers, gate_layer=gate, target_scale=args.target_scale,
-                             width=args.width, epochs=args.epochs, lr=args.lr, seed=args.seed, out_dir=out)
+                             width=args.width, epochs=args.epochs, lr=args.lr, seed=args.seed, out_dir=out,
+                             train_positions=args.train_positions)
         steering.save(out)
         layers_done, alpha, fingerprint = list(steering.layers), args.target_scale, steering.info["vector_fingerprint"]
         extra = {"gate_layer": steering.gate_layer, "epochs": args.epochs, "width": args.width,
+                 "train_positions": args.train_positions,
                  "final_losses": steering.info["final_losses"]}
     else:
         from .refusal_vectors import fit_vector
@@ -219,9 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--gate-layer", default="auto", help="prefill gate layer: auto (90%% depth), none (the paper's "
                    "gate on the steered layer's own state) or a layer number")
     c.add_argument("--target-scale", type=float, default=1.0, help="λ of the out-of-scope target h + λ·s")
-    c.add_argument("--epochs", type=int, default=200)
+    c.add_argument("--epochs", type=int, default=40)
     c.add_argument("--width", type=int, default=1024)
-    c.add_argument("--lr", type=float, default=1e-4)
+    c.add_argument("--lr", type=float, default=3e-4)
+    c.add_argument("--train-positions", choices=["tokens", "last"], default="tokens",
+                   help="train on sampled prompt-token states (default) or only the last prompt token (the paper)")
     f.add_argument("--n-train", type=int, default=200, help="training samples per scope (paper: 200)")
     f.add_argument("--split", choices=["train", "test", "all"], default="train")
     f.add_argument("--seed", type=int, default=42)

@@ -23,7 +23,8 @@ from .io import atomic_save_safetensors, atomic_write_json, sha256_hex
 from .models import ModelHandle
 from .paths import outputs_dir
 
-__all__ = ["POSITIONS", "Activations", "extract", "extraction_fingerprint", "position_weights", "read_last_token"]
+__all__ = ["POSITIONS", "Activations", "extract", "extract_token_states", "extraction_fingerprint", "position_weights",
+           "read_last_token"]
 
 POSITIONS = ("last", "prefix-mean", "image-mean")
 CACHE_VERSION = 1
@@ -130,6 +131,57 @@ def read_last_token(handle: ModelHandle, enc: dict, layers: Sequence[int]) -> to
     w = torch.zeros(enc["input_ids"].shape)
     w[:, -1] = 1.0
     return _capture(handle, enc, w, layers)
+
+
+def extract_token_states(handle: ModelHandle, samples: Sequence[Sample], layers: Sequence[int], per_sample: int = 8,
+                         seed: int = 0, batch_size: int = 8, use_images: bool = True, cache: bool | str | Path = True,
+                         progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """States at several token positions of each prompt: the last one plus ``per_sample`` others drawn (seeded) from
+    its real tokens — the positions a steering hook also sees at generation.
+
+    Returns:
+        ``(acts [N, len(layers), d], owner [N])`` with ``owner[k]`` the index of the sample row ``k`` came from.
+    """
+    samples = list(samples)
+    if not samples:
+        raise ValueError("extract_token_states: no samples (empty split?)")
+    layers = sorted({handle.check_layer(int(l)) for l in layers})
+    use_images = use_images and handle.is_vlm
+    fp = extraction_fingerprint(handle, samples if use_images else [_without_image(s) for s in samples],
+                                f"tokens:{per_sample}:{seed}", layers, None, None)
+    folder = Path(cache) if not isinstance(cache, bool) else outputs_dir() / "cache" / "activations"
+    tensors = folder / f"{fp}.safetensors"
+    if cache and tensors.exists():
+        try:
+            loaded = load_file(str(tensors))
+            return loaded["acts"], loaded["owner"]
+        except Exception:
+            pass
+    gen = torch.Generator().manual_seed(seed)
+    chunks, owners = [], []
+    starts = range(0, len(samples), batch_size)
+    for start in tqdm(starts, desc="extract token states", disable=not progress, unit="batch"):
+        idx = list(range(start, min(start + batch_size, len(samples))))
+        has_img = use_images and all(samples[k].image is not None for k in idx)
+        images = [samples[k].load_image() for k in idx] if has_img else None
+        enc = handle.build_inputs([samples[k].prompt for k in idx], images)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with handle.model.trace(enc) as tracer:
+                full = nnsight.save([handle.layers[i].output.detach().cpu() for i in layers])
+                tracer.stop()
+        full = torch.stack([f.float() for f in full], dim=2)  # [b, seq, L, d]
+        mask = enc["attention_mask"].bool().cpu()
+        for r, k in enumerate(idx):
+            real = mask[r].nonzero().squeeze(-1)
+            others = real[:-1][torch.randperm(len(real) - 1, generator=gen)[:per_sample]]
+            pos = torch.cat([others, real[-1:]])
+            chunks.append(full[r, pos])
+            owners.append(torch.full((len(pos),), k))
+    acts, owner = torch.cat(chunks), torch.cat(owners)
+    if cache:
+        atomic_save_safetensors(tensors, {"acts": acts, "owner": owner})
+    return acts, owner
 
 
 def extract(handle: ModelHandle, samples: Sequence[Sample], *, position: str = "last", layers: Sequence[int] | None = None,
