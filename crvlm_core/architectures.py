@@ -135,22 +135,17 @@ def _add_special(tok, tokens: list[str]) -> None:
     )
 
 
+def _text_sizes(tok) -> dict:
+    """The miniature language model's sizes and special ids, shared by every tiny family's text config."""
+    return dict(vocab_size=len(tok), hidden_size=_HIDDEN, intermediate_size=_FFN, num_hidden_layers=_LAYERS,
+                num_attention_heads=_HEADS, num_key_value_heads=_HEADS, max_position_embeddings=512,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
 def _llama_text_config(tok):
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=_HIDDEN,
-        intermediate_size=_FFN,
-        num_hidden_layers=_LAYERS,
-        num_attention_heads=_HEADS,
-        num_key_value_heads=_HEADS,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    return LlamaConfig(**_text_sizes(tok), tie_word_embeddings=True)
 
 
 def _finish(model: PreTrainedModel, tok, suppress: list[int]) -> PreTrainedModel:
@@ -314,21 +309,12 @@ def _build_qwen2_vl(tok) -> VLMParts:
     ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
     config = Qwen2VLConfig(
         text_config=dict(
-            vocab_size=len(tok),
-            hidden_size=_HIDDEN,
-            intermediate_size=_FFN,
-            num_hidden_layers=_LAYERS,
-            num_attention_heads=_HEADS,
-            num_key_value_heads=_HEADS,
-            max_position_embeddings=512,
+            **_text_sizes(tok),
             rope_parameters={
                 "rope_type": "default",
                 "rope_theta": 10000.0,
                 "mrope_section": [2, 3, 3],  # sums to head_dim / 2 = 8 (t, h, w)
             },
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
         ),
         vision_config=dict(
             depth=_LAYERS,

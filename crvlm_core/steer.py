@@ -51,8 +51,9 @@ class Intervention:
 
 
 @dataclass
-class AddVector(Intervention):
-    """``h ← h + α·v[layer]`` at each of ``layers``. ``vectors`` is ``[n_layers, d]`` (a row per model layer)."""
+class _VectorIntervention(Intervention):
+    """Shared parts of the per-layer vector interventions: ``vectors`` is ``[n_layers, d]`` (a row per model
+    layer), applied at ``layers`` with strength ``alpha``."""
 
     vectors: torch.Tensor
     layers: tuple[int, ...]
@@ -66,26 +67,20 @@ class AddVector(Intervention):
         super().validate(handle)
         _check_shape(self.vectors, handle)
 
+
+class AddVector(_VectorIntervention):
+    """``h ← h + α·v[layer]`` at each of ``layers``."""
+
     def apply(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         return hidden + self.alpha * self.vectors[layer].to(hidden.device, hidden.dtype)
 
 
-@dataclass
-class ProjectOut(Intervention):
+class ProjectOut(_VectorIntervention):
     """``h ← h − α·(h·v̂)v̂`` at each of ``layers`` (directional ablation; α=1 removes the component)."""
 
-    vectors: torch.Tensor
-    layers: tuple[int, ...]
-    alpha: float = 1.0
-
     def __post_init__(self):
-        self.layers = tuple(int(l) for l in self.layers)
-        v = self.vectors.detach().float()
-        self.vectors = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-    def validate(self, handle: ModelHandle) -> None:
-        super().validate(handle)
-        _check_shape(self.vectors, handle)
+        super().__post_init__()
+        self.vectors = self.vectors / self.vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
     def apply(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         u = self.vectors[layer].to(hidden.device, hidden.dtype)
