@@ -83,6 +83,15 @@ def _check_names(params: dict, where: str) -> None:
         raise WorkbookError(f"{where}: parameter names must be Python identifiers, got {bad}")
 
 
+def _same_interpreter(a: str, b: str) -> bool:
+    """Whether two interpreter paths belong to the same environment (venv pythons are symlinks into a shared
+    base install, so compare their ``bin`` folders, not the resolved executables)."""
+    try:
+        return Path(a).parent.resolve() == Path(b).parent.resolve()
+    except OSError:
+        return False
+
+
 def ensure_kernel(kernel: str = DEFAULT_KERNEL) -> str:
     """Make sure the Jupyter kernel ``kernel`` is registered; register ``crvlm`` for this interpreter if missing.
 
@@ -95,11 +104,16 @@ def ensure_kernel(kernel: str = DEFAULT_KERNEL) -> str:
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
     try:
-        return KernelSpecManager().get_kernel_spec(kernel).resource_dir
+        spec = KernelSpecManager().get_kernel_spec(kernel)
+        # The default kernel must run this interpreter: with two checkouts (or a CI clone) the per-user kernel
+        # may point at another venv, or at one that no longer exists.
+        if kernel != DEFAULT_KERNEL or _same_interpreter(spec.argv[0] if spec.argv else "", sys.executable):
+            return spec.resource_dir
+        _say(f"Jupyter kernel {kernel!r} points at {spec.argv[0]}: re-registering it for {sys.executable}")
     except NoSuchKernel:
-        pass
+        if kernel == DEFAULT_KERNEL:
+            _say(f"Jupyter kernel {kernel!r} is not registered: registering it for {sys.executable}")
     if kernel == DEFAULT_KERNEL:
-        _say(f"Jupyter kernel {kernel!r} is not registered: registering it for {sys.executable}")
         proc = subprocess.run([sys.executable, "-m", "ipykernel", "install", "--user", "--name", kernel,
                                "--display-name", "crvlm (.venv)"], capture_output=True, text=True)
         if proc.returncode == 0:

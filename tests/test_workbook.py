@@ -156,3 +156,23 @@ def test_setup_notebook_smoke(tmp_path):
         assert (out_dir / fig).stat().st_size > 0, fig
     executed = nbformat.read(tmp_path / "smoke" / "notebooks" / "00_setup_and_data.ipynb", as_version=4)
     assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+
+
+def test_default_kernel_is_repointed_at_this_interpreter(tmp_path, monkeypatch):
+    """A per-user `crvlm` kernel left by another checkout (or a deleted venv) is re-registered for this one."""
+    import json
+    import sys
+
+    from crvlm_core import workbook
+
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
+    stale = tmp_path / "kernels" / "crvlm"
+    stale.mkdir(parents=True)
+    (stale / "kernel.json").write_text(json.dumps({"argv": ["/nonexistent/.venv/bin/python", "-m", "ipykernel_launcher",
+                                                            "-f", "{connection_file}"],
+                                                   "display_name": "crvlm (.venv)", "language": "python"}))
+    workbook.ensure_kernel("crvlm")
+    argv = json.loads((stale / "kernel.json").read_text())["argv"]
+    assert workbook._same_interpreter(argv[0], sys.executable)
+
