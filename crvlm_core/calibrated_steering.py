@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -17,11 +17,12 @@ from .data import Sample
 from .extract import extract, extract_token_states, read_last_token
 from .io import atomic_write_json
 from .models import ModelHandle
-from .refusal_vectors import default_layers, fit_vector
+from .refusal_vectors import REFUSAL_PREFIX, default_layers, fit_vector
 from .steer import Intervention
 from .vectors import SteeringVector
 
-__all__ = ["CalibratedSteering", "fit_crvlm", "load_calibrated", "default_gate_layer", "CRVLM_JSON"]
+__all__ = ["CalibratedSteering", "fit_crvlm", "load_calibrated", "default_gate_layer", "vision_counterfactual_shifts",
+           "CRVLM_JSON"]
 
 CRVLM_JSON = "crvlm.json"
 VECTOR_DIR = "refusal_vector"
@@ -96,6 +97,47 @@ def load_calibrated(directory: str | Path) -> CalibratedSteering:
     return CalibratedSteering(Calibrator.load(directory), tuple(meta.pop("layers")), meta.pop("gate_layer"), meta, vector)
 
 
+def vision_counterfactual_shifts(handle: ModelHandle, out: Sequence[Sample], inn: Sequence[Sample],
+                                 layers: Sequence[int], refusal_prefix: str = REFUSAL_PREFIX, seed: int = 42,
+                                 batch_size: int = 8, cache: bool = True,
+                                 progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[str | None]]:
+    """Vision-only counterfactual shifts of the out-of-scope samples (CR-VLM eq. 10–11).
+
+    ``r_i = h(img_out_i ⊕ text_i ⊕ refusal_prefix) − h(img_in_π(i) ⊕ text_i)``, read at the last token (the prefix's
+    last token on the refusal side, the prompt's last token on the other) of each of ``layers``: only the image
+    changes between the two sides (plus the teacher-forced refusal prefix on the out-of-scope side). Each
+    out-of-scope image sample is paired with an in-scope image sample: a seeded permutation of the in-scope image
+    samples, cycled through when there are more out-of-scope image samples than in-scope ones.
+
+    Returns:
+        ``(shifts [n_out, len(layers), d], mask [n_out] bool, paired_ids)``: rows of samples without an image (or
+        every row, when no in-scope sample has an image or the model is text-only) are zero with ``mask`` False;
+        ``paired_ids[i]`` is the id of the in-scope sample whose image row ``i`` was swapped to (``None`` if none).
+    """
+    out, inn = list(out), list(inn)
+    layers = sorted({handle.check_layer(int(l)) for l in layers})
+    shifts = torch.zeros(len(out), len(layers), handle.hidden_size)
+    mask = torch.zeros(len(out), dtype=torch.bool)
+    paired: list[str | None] = [None] * len(out)
+    rows = [k for k, s in enumerate(out) if s.image is not None]
+    pool = [s for s in inn if s.image is not None]
+    if not handle.is_vlm or not rows or not pool:
+        return shifts, mask, paired
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed)).tolist()
+    partners = [pool[order[j % len(pool)]] for j in range(len(rows))]
+    refusal_side = [out[k] for k in rows]
+    # The same question with the in-scope image; the id names the pair so extraction caches stay distinct.
+    swapped = [replace(out[k], id=f"{out[k].id}@image:{p.id}", image=p.image) for k, p in zip(rows, partners)]
+    kw = dict(layers=layers, position="last", batch_size=batch_size, cache=cache, progress=progress)
+    h_ref = extract(handle, refusal_side, assistant_prefix=refusal_prefix, desc="vision cf: out image + prefix", **kw)
+    h_swap = extract(handle, swapped, desc="vision cf: in-scope image", **kw)
+    shifts[rows] = h_ref.acts - h_swap.acts
+    mask[rows] = True
+    for k, p in zip(rows, partners):
+        paired[k] = p.id
+    return shifts, mask, paired
+
+
 def fit_crvlm(handle: ModelHandle, train: Sequence[Sample], layers: Sequence[int] | None = None,
               gate_layer: int | str | None = "auto", target_scale: float = 1.0, vector: SteeringVector | None = None,
               width: int = 1024, epochs: int = 40, lr: float = 3e-4, batch_size: int = 32, seed: int = 42,
@@ -116,6 +158,11 @@ def fit_crvlm(handle: ModelHandle, train: Sequence[Sample], layers: Sequence[int
             prompt tokens of each sample (the calibrator is applied at every position at generation, so it is trained
             on such positions; with a prefill gate, each token's gate input is its prompt's summary); ``"last"`` —
             only the last prompt token (the paper's reading).
+        w_vision: weight of the vision loss (eq. 11–12). On a VLM whose out-of-scope training samples have images
+            (and some in-scope ones too), the vision-only counterfactual shift of each out-of-scope image sample
+            (:func:`vision_counterfactual_shifts`) is passed to the calibrator, every training state of a sample
+            carrying its sample's shift; ``info["vision_loss"]`` records whether the term was active and its final
+            value. Text-only models and text-only data train without it.
         Remaining arguments: :class:`~crvlm_core.calibrator.CalibratorConfig` fields. Defaults differ from the
             paper's (200 epochs, batch 8, lr 1e-4 on one state per prompt) because each prompt contributes
             ``positions_per_prompt + 1`` states: 40 epochs of batch 32 at lr 3e-4 take a similar number of steps.
@@ -148,17 +195,34 @@ def fit_crvlm(handle: ModelHandle, train: Sequence[Sample], layers: Sequence[int
         x_out, own_out = extract_token_states(handle, out, layers, **tok)
         gate_in = gate_in[own_in] if gate_in is not None else None
         gate_out = gate_out[own_out] if gate_out is not None else None
+    vision, vision_info = None, {"active": False}
+    if w_vision > 0 and handle.is_vlm and any(s.image is not None for s in out):
+        prefix = (vector.extra or {}).get("refusal_prefix") or REFUSAL_PREFIX
+        shifts, mask, paired = vision_counterfactual_shifts(handle, out, inn, layers, refusal_prefix=prefix,
+                                                            seed=seed, batch_size=extract_batch_size,
+                                                            progress=progress)
+        if mask.any():
+            if train_positions == "tokens":  # every token state of an image sample carries its sample's shift
+                shifts, mask = shifts[own_out], mask[own_out]
+            vision = {"shifts": shifts, "mask": mask}
+            vision_info = {"active": True, "refusal_prefix": prefix,
+                           "n_image_samples": sum(p is not None for p in paired), "n_image_rows": int(mask.sum())}
+        else:
+            vision_info["reason"] = "no in-scope training sample has an image to swap in"
     cfg = CalibratorConfig(hidden_size=handle.hidden_size, layers=layers, width=width, shared=shared,
                            gate_dim=handle.hidden_size if gate_layer is not None else None, target_scale=target_scale,
                            w_out=w_out, w_in=w_in, w_ortho=w_ortho, w_vision=w_vision, lr=lr, batch_size=batch_size,
                            epochs=epochs, seed=seed, val_fraction=val_fraction, patience=patience)
     out_dir = Path(out_dir) if out_dir is not None else None
     calibrator, history = train_calibrator(
-        cfg, x_in, x_out, vector.directions[layers], gate_in, gate_out,
+        cfg, x_in, x_out, vector.directions[layers], gate_in, gate_out, vision,
         checkpoint_dir=out_dir / "checkpoints" if out_dir else None, log_path=out_dir / "train_log.jsonl" if out_dir else None,
         progress=progress, model_spec=handle.spec, n_model_layers=handle.n_layers, vector_fingerprint=vector.fingerprint)
     info = {"model": handle.spec, "target_scale": target_scale, "n_in": len(inn), "n_out": len(out),
             "train_positions": train_positions, "n_train_states": [len(x_in), len(x_out)],
             "vector_method": vector.method, "vector_fingerprint": vector.fingerprint,
             "fit_seconds": time.perf_counter() - start, "final_losses": history[-1] if history else {}}
+    if vision_info["active"]:
+        vision_info["final"] = next((h["loss_vision"] for h in reversed(history) if "loss_vision" in h), None)
+    info["vision_loss"] = vision_info
     return CalibratedSteering(calibrator, tuple(layers), gate_layer, info, vector)

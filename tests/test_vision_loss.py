@@ -1,0 +1,104 @@
+"""The vision loss (CR-VLM eq. 10–12) in the real pipeline: counterfactual shifts that swap only the image, fed to
+the calibrator by fit_crvlm on a VLM with image data, absent on a text-only model."""
+
+import json
+
+import pytest
+import torch
+
+from crvlm_core.calibrated_steering import fit_crvlm, vision_counterfactual_shifts
+from crvlm_core.data import assign_scope, load_dataset, split
+from crvlm_core.models import load_model
+from crvlm_core.steer import steered_generate
+
+
+@pytest.fixture(scope="module")
+def tiny_llava():
+    return load_model("tiny-llava")
+
+
+@pytest.fixture(scope="module")
+def mm():
+    return split(assign_scope(load_dataset("mm_subjects"), in_scope=["biology"]), n_train=6, n_test=2, seed=0)
+
+
+def _log(out_dir):
+    return [json.loads(line) for line in (out_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("gate_layer", [None, "auto"])
+def test_vision_term_is_active_and_decreases_on_tiny_llava(tiny_llava, mm, tmp_path, gate_layer):
+    train, _ = mm
+    steering = fit_crvlm(tiny_llava, train, layers=[1], gate_layer=gate_layer, width=32, epochs=30, lr=1e-3,
+                         batch_size=8, out_dir=tmp_path, progress=False)
+    vis = steering.info["vision_loss"]
+    n_out = sum(s.scope == "out" for s in train)
+    assert vis["active"] and vis["n_image_samples"] == n_out
+    # train_positions="tokens": every token state of an image sample carries its sample's shift
+    assert vis["n_image_rows"] == steering.info["n_train_states"][1]
+    log = _log(tmp_path)
+    assert len(log) == 30 and all("loss_vision" in entry for entry in log)
+    assert log[-1]["loss_vision"] < log[0]["loss_vision"]
+    assert vis["final"] == pytest.approx(log[-1]["loss_vision"])
+
+
+def test_vision_term_with_last_positions(tiny_llava, mm, tmp_path):
+    train, _ = mm
+    steering = fit_crvlm(tiny_llava, train, layers=[0, 1], gate_layer=None, width=16, epochs=2, lr=1e-3,
+                         train_positions="last", out_dir=tmp_path, progress=False)
+    vis = steering.info["vision_loss"]
+    assert vis["active"] and vis["n_image_rows"] == steering.info["n_out"]
+    assert all("loss_vision" in entry for entry in _log(tmp_path))
+    # w_vision = 0 switches it off
+    off = fit_crvlm(tiny_llava, train, layers=[1], gate_layer=None, width=16, epochs=1, w_vision=0.0, progress=False)
+    assert off.info["vision_loss"] == {"active": False}
+    assert "loss_vision" not in off.info["final_losses"]
+
+
+def test_counterfactual_shifts_swap_only_the_image(tiny_llava, mm):
+    train, _ = mm
+    out = [s for s in train if s.scope == "out"]
+    inn = [s for s in train if s.scope == "in"]
+    assert len({s.image for s in inn}) >= 2
+    layers = [0, 1]
+    shifts, mask, paired = vision_counterfactual_shifts(tiny_llava, out, inn, layers, progress=False)
+    assert shifts.shape == (len(out), len(layers), tiny_llava.hidden_size)
+    assert torch.isfinite(shifts).all() and mask.all() and (shifts.norm(dim=-1) > 0).all()
+    assert set(paired) <= {s.id for s in inn}
+    # cycling: more out-of-scope samples than in-scope images still pairs every row
+    few, _, paired_few = vision_counterfactual_shifts(tiny_llava, out, inn[:2], layers, progress=False)
+    assert set(paired_few) == {inn[0].id, inn[1].id}
+    # another paired in-scope image changes the shift
+    a, _, pa = vision_counterfactual_shifts(tiny_llava, out, [inn[0]], layers, progress=False)
+    b, _, pb = vision_counterfactual_shifts(tiny_llava, out, [inn[1]], layers, progress=False)
+    assert inn[0].image != inn[1].image and set(pa) == {inn[0].id} and set(pb) == {inn[1].id}
+    assert not torch.allclose(a, b)
+    # seeded: the same call gives the same pairs and shifts
+    again, _, paired_again = vision_counterfactual_shifts(tiny_llava, out, inn, layers, progress=False)
+    assert paired_again == paired and torch.equal(again, shifts)
+    # samples without an image get no shift
+    from dataclasses import replace
+
+    mixed = [replace(out[0], image=None)] + out[1:]
+    m_shifts, m_mask, m_paired = vision_counterfactual_shifts(tiny_llava, mixed, inn, layers, progress=False)
+    assert not m_mask[0] and m_mask[1:].all() and m_paired[0] is None and (m_shifts[0] == 0).all()
+
+
+def test_text_only_model_has_no_vision_term(smollm2):
+    train, _ = split(assign_scope(load_dataset("mmlu"), in_scope=["biology"]), n_train=4, n_test=1, seed=42)
+    steering = fit_crvlm(smollm2, train, layers=[10], gate_layer=None, width=16, epochs=1, progress=False)
+    assert steering.info["vision_loss"] == {"active": False}
+    assert "loss_vision" not in steering.info["final_losses"]
+    shifts, mask, _ = vision_counterfactual_shifts(smollm2, [s for s in train if s.scope == "out"],
+                                                   [s for s in train if s.scope == "in"], [10], progress=False)
+    assert not mask.any() and (shifts == 0).all()
+
+
+def test_llava_smollm2_with_images_end_to_end():
+    h = load_model("llava-smollm2")
+    train, test = split(assign_scope(load_dataset("mm_subjects"), in_scope=["biology"]), n_train=3, n_test=1, seed=0)
+    steering = fit_crvlm(h, train, layers=[10], gate_layer="auto", width=16, epochs=2, lr=1e-3, progress=False)
+    assert steering.info["vision_loss"]["active"]
+    texts = steered_generate(h, [s.prompt for s in test], [steering], images=[s.load_image() for s in test],
+                             max_new_tokens=4)
+    assert len(texts) == len(test) and all(isinstance(t, str) and t.strip() for t in texts)
