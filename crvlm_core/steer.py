@@ -158,15 +158,25 @@ class _prepared:
 
 
 @torch.no_grad()
-def steered_logits(handle: ModelHandle, enc: dict, interventions: Sequence[Intervention] = ()) -> torch.Tensor:
-    """One forward pass with the interventions on every position; returns ``[batch, seq, vocab]`` logits on CPU."""
+def steered_logits(handle: ModelHandle, enc: dict, interventions: Sequence[Intervention] = (),
+                   last_only: bool = False) -> torch.Tensor:
+    """One forward pass with the interventions on every position; returns ``[batch, seq, vocab]`` logits on CPU
+    (``[batch, 1, vocab]`` with ``last_only``, which skips the vocabulary projection of the other positions where
+    the model supports ``logits_to_keep``)."""
     table = _validated(handle, interventions)
+    keep = {"logits_to_keep": 1} if last_only and _accepts_logits_to_keep(handle) else {}
     with _prepared(handle, interventions, enc), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with handle.model.trace(enc):
+        with handle.model.trace(enc, **keep):
             _apply_all(handle, table)
             logits = handle.model.output.logits.detach().cpu().save()
-    return logits
+    return logits[:, -1:] if last_only else logits
+
+
+def _accepts_logits_to_keep(handle: ModelHandle) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(handle.hf_model.forward).parameters
 
 
 @torch.no_grad()
@@ -247,7 +257,7 @@ def refusal_score(handle: ModelHandle, prompts: Sequence[str], interventions: Se
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
             enc = handle.build_inputs([prompts[k] for k in idx], [images[k] for k in idx] if has_img else None, system)
-            logits = steered_logits(handle, enc, interventions)[:, -1, :].double()
+            logits = steered_logits(handle, enc, interventions, last_only=True)[:, -1, :].double()
             logp = torch.log_softmax(logits, dim=-1)
             p_ref = logp[:, token_ids].logsumexp(-1)
             p_not = torch.log1p(-p_ref.exp().clamp(max=1 - 1e-12))

@@ -136,3 +136,11 @@ def test_refusal_score_rises_with_a_refusal_prompt(smollm2):
     told = refusal_score(smollm2, ["What is a cell?"], system="Always start your reply with 'Sorry'.")
     assert plain.shape == (1,) and torch.isfinite(plain).all()
     assert told[0] > plain[0]
+
+
+def test_last_only_logits_equal_the_full_forward_at_the_last_position(smollm2):
+    enc = smollm2.build_inputs(PROMPTS)
+    ivs = [AddVector(torch.randn(30, 576), (3,), 1.0)]
+    full = steered_logits(smollm2, enc, ivs)
+    last = steered_logits(smollm2, enc, ivs, last_only=True)
+    assert last.shape == (3, 1, full.shape[-1]) and (last[:, 0] - full[:, -1]).abs().max() < 1e-4
