@@ -160,8 +160,7 @@ def _finish(model: PreTrainedModel, tok, suppress: list[int]) -> PreTrainedModel
 
 
 def _build_llava(tok) -> VLMParts:
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
-    from transformers import LlavaProcessor
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     patch = 8
     _add_special(tok, ["<image>"])
@@ -176,15 +175,22 @@ def _build_llava(tok) -> VLMParts:
         tie_word_embeddings=True,
     )
     model = LlavaForConditionalGeneration(config)
-    processor = LlavaProcessor(
-        image_processor=_clip_image_processor(CLIPImageProcessorPil, _TINY_IMAGE),
+    processor = _llava_processor(tok, _TINY_IMAGE, patch, _CHATML)
+    return VLMParts(_finish(model, tok, [image_id]), processor, "llava", "model.language_model.layers", _TINY_IMAGE)
+
+
+def _llava_processor(tok, image_size: int, patch_size: int, template: str):
+    """A LlavaProcessor over a CLIP image processor (one CLS token dropped), with ``<image>`` before the text."""
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    return LlavaProcessor(
+        image_processor=_clip_image_processor(CLIPImageProcessorPil, image_size),
         tokenizer=tok,
-        patch_size=patch,
+        patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=wrap_chat_template(_CHATML, "<image>"),
+        chat_template=wrap_chat_template(template, "<image>"),
     )
-    return VLMParts(_finish(model, tok, [image_id]), processor, "llava", "model.language_model.layers", _TINY_IMAGE)
 
 
 def _clip_vision_config(cls, image_size: int, patch_size: int):
@@ -419,8 +425,7 @@ def build_llava_around(
         The composite and a ``LlavaProcessor`` whose chat template is the tokenizer's, wrapped so that
         image parts render as ``<image>`` before the question.
     """
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
-    from transformers import LlavaProcessor
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     if image_size % patch_size:
         raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
@@ -480,14 +485,7 @@ def build_llava_around(
             if getattr(out, "bias", None) is not None:
                 raise NotImplementedError("output layers with a bias are not supported")
 
-    processor = LlavaProcessor(
-        image_processor=_clip_image_processor(CLIPImageProcessorPil, image_size),
-        tokenizer=tok,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=wrap_chat_template(tok.chat_template, "<image>"),
-    )
+    processor = _llava_processor(tok, image_size, patch_size, tok.chat_template)
     model = _finish(model, tok, [image_id])
     gen = language_model.generation_config
     if gen is not None and gen.eos_token_id is not None:
