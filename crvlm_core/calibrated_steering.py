@@ -21,7 +21,8 @@ from .refusal_vectors import REFUSAL_PREFIX, default_layers, fit_vector
 from .steer import Intervention
 from .vectors import SteeringVector
 
-__all__ = ["CalibratedSteering", "fit_crvlm", "load_calibrated", "default_gate_layer", "vision_counterfactual_shifts",
+__all__ = ["CalibratedSteering", "fit_crvlm", "finetune_behavioural", "load_calibrated", "default_gate_layer",
+           "vision_counterfactual_shifts",
            "CRVLM_JSON"]
 
 CRVLM_JSON = "crvlm.json"
@@ -226,3 +227,85 @@ def fit_crvlm(handle: ModelHandle, train: Sequence[Sample], layers: Sequence[int
         vision_info["final"] = next((h["loss_vision"] for h in reversed(history) if "loss_vision" in h), None)
     info["vision_loss"] = vision_info
     return CalibratedSteering(calibrator, tuple(layers), gate_layer, info, vector)
+
+
+#: The refusal the behavioural loss teaches out of scope (teacher-forced after the prompt).
+BEHAVIOURAL_REFUSAL = "I'm sorry, but I can't assist with that."
+
+
+def finetune_behavioural(steering: CalibratedSteering, handle: ModelHandle, train: Sequence[Sample], epochs: int = 1,
+                         lr: float = 1e-4, batch_size: int = 4, w_ce: float = 1.0, w_kl: float = 1.0,
+                         refusal_text: str = BEHAVIOURAL_REFUSAL, seed: int = 42, progress: bool = True) -> list[dict]:
+    """Behavioural loss (an extension beyond the paper): after the activation losses, fine-tune the calibrator on
+    what the model *says*. Out of scope: cross-entropy of ``refusal_text`` teacher-forced after the prompt. In
+    scope: KL(unsteered ‖ calibrated) of the next-token distribution at the last prompt token. Gradients flow
+    through the frozen layers above the steered ones; the calibrator is the only trained part (a prefill gate stays
+    as trained: its ρ is read from the unsteered prompt pass).
+
+    Returns:
+        One dict per epoch with the mean ``ce_out`` and ``kl_in``.
+    """
+    inn = [s for s in train if s.scope == "in"]
+    out = [s for s in train if s.scope == "out"]
+    if not inn or not out:
+        raise ValueError("the behavioural loss needs in- and out-of-scope training samples")
+    steering.validate(handle)
+    cal = steering.calibrator
+    params = [p for p in cal.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    history: list[dict] = []
+
+    def hook(layer):
+        return lambda _m, _i, output: cal.apply_hidden(layer, output)
+
+    def forward_with_calibrator(enc: dict, gate_enc: dict) -> torch.Tensor:
+        steering.prepare(handle, gate_enc)
+        hooks = [handle.torch_layers[l].register_forward_hook(hook(l)) for l in steering.layers]
+        try:
+            return handle.hf_model(**enc).logits
+        finally:
+            for h in hooks:
+                h.remove()
+            steering.release()
+
+    from tqdm.auto import tqdm
+
+    for epoch in range(epochs):
+        order_out = torch.randperm(len(out), generator=gen).tolist()
+        order_in = torch.randperm(len(inn), generator=gen).tolist()
+        steps = (max(len(out), len(inn)) + batch_size - 1) // batch_size
+        sums = {"ce_out": 0.0, "kl_in": 0.0}
+        bar = tqdm(range(steps), desc=f"behavioural epoch {epoch + 1}", disable=not progress)
+        for step in bar:
+            b_out = [out[order_out[(step * batch_size + j) % len(out)]] for j in range(batch_size)]
+            b_in = [inn[order_in[(step * batch_size + j) % len(inn)]] for j in range(batch_size)]
+            # out of scope: teacher-forced refusal, CE on its tokens (logits at t predict token t + 1)
+            plain = handle.build_inputs([s.prompt for s in b_out])
+            forced = handle.build_inputs([s.prompt for s in b_out], assistant_prefix=refusal_text)
+            n_ref = int(forced["input_ids"].shape[1] - plain["input_ids"].shape[1])
+            logits = forward_with_calibrator(forced, plain)
+            targets = forced["input_ids"][:, -n_ref:]
+            ce = torch.nn.functional.cross_entropy(logits[:, -n_ref - 1:-1].reshape(-1, logits.shape[-1]).float(),
+                                                   targets.reshape(-1))
+            # in scope: keep the next-token distribution of the unsteered model
+            enc_in = handle.build_inputs([s.prompt for s in b_in])
+            with torch.no_grad():
+                ref = torch.log_softmax(handle.hf_model(**enc_in, logits_to_keep=1).logits[:, -1].float(), -1)
+            cur = torch.log_softmax(forward_with_calibrator(enc_in, enc_in)[:, -1].float(), -1)
+            kl = torch.nn.functional.kl_div(cur, ref, log_target=True, reduction="batchmean")
+            loss = w_ce * ce + w_kl * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sums["ce_out"] += float(ce)
+            sums["kl_in"] += float(kl)
+            bar.set_postfix(ce=f"{float(ce):.3f}", kl=f"{float(kl):.3f}")
+        history.append({"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()}})
+    for p in params:
+        p.requires_grad_(False)
+    cal.eval()
+    steering.info["behavioural"] = {"epochs": epochs, "lr": lr, "refusal_text": refusal_text, "history": history}
+    return history

@@ -86,7 +86,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     layers = parse_layers(args.layers)
     if args.method == "crvlm":
-        from .calibrated_steering import fit_crvlm
+        from .calibrated_steering import finetune_behavioural, fit_crvlm
 
         gate = {"auto": "auto", "none": None}.get(args.gate_layer, None)
         if args.gate_layer not in ("auto", "none"):
@@ -94,10 +94,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
         steering = fit_crvlm(handle, train, layers=layers, gate_layer=gate, target_scale=args.target_scale,
                              width=args.width, epochs=args.epochs, lr=args.lr, seed=args.seed, out_dir=out,
                              train_positions=args.train_positions)
+        if args.behavioural_epochs > 0:
+            finetune_behavioural(steering, handle, train, epochs=args.behavioural_epochs, seed=args.seed)
         steering.save(out)
         layers_done, alpha, fingerprint = list(steering.layers), args.target_scale, steering.info["vector_fingerprint"]
         extra = {"gate_layer": steering.gate_layer, "epochs": args.epochs, "width": args.width,
-                 "train_positions": args.train_positions,
+                 "train_positions": args.train_positions, "behavioural_epochs": args.behavioural_epochs,
                  "final_losses": steering.info["final_losses"]}
     else:
         from .refusal_vectors import fit_vector
@@ -226,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lr", type=float, default=3e-4)
     c.add_argument("--train-positions", choices=["tokens", "last"], default="tokens",
                    help="train on sampled prompt-token states (default) or only the last prompt token (the paper)")
+    c.add_argument("--behavioural-epochs", type=int, default=0,
+                   help="then fine-tune on the refusal's cross-entropy out of scope and KL in scope (0: off)")
     f.add_argument("--n-train", type=int, default=200, help="training samples per scope (paper: 200)")
     f.add_argument("--split", choices=["train", "test", "all"], default="train")
     f.add_argument("--seed", type=int, default=42)

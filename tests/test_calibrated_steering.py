@@ -91,3 +91,19 @@ def test_pipeline_runs_on_a_tiny_llava_with_images():
     images = [s.load_image() for s in test]
     out = steered_generate(h, [s.prompt for s in test], [steering], images=images, max_new_tokens=3)
     assert len(out) == len(test)
+
+
+def test_behavioural_finetune_trains_only_the_calibrator(smollm2, scoped):
+    from crvlm_core.calibrated_steering import finetune_behavioural
+
+    train, _ = scoped
+    few = [s for s in train if s.scope == "out"][:2] + [s for s in train if s.scope == "in"][:2]
+    steering = fit_crvlm(smollm2, few, layers=[10], gate_layer=None, width=16, epochs=1, progress=False)
+    model_before = {k: v.clone() for k, v in smollm2.hf_model.state_dict().items() if "layers.10." in k}
+    cal_before = {k: v.clone() for k, v in steering.calibrator.state_dict().items()}
+    history = finetune_behavioural(steering, smollm2, few, epochs=4, lr=1e-3, batch_size=2, progress=False)
+    assert len(history) == 4 and all(torch.isfinite(torch.tensor([h["ce_out"], h["kl_in"]])).all() for h in history)
+    assert history[-1]["ce_out"] < history[0]["ce_out"], "the refusal becomes more likely out of scope"
+    assert any(not torch.equal(v, steering.calibrator.state_dict()[k]) for k, v in cal_before.items())
+    assert all(torch.equal(v, smollm2.hf_model.state_dict()[k]) for k, v in model_before.items())
+    assert not any(p.requires_grad for p in smollm2.hf_model.parameters())
