@@ -300,9 +300,9 @@ def finetune_behavioural(steering: CalibratedSteering, handle: ModelHandle, trai
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sums["ce_out"] += float(ce)
-            sums["kl_in"] += float(kl)
-            bar.set_postfix(ce=f"{float(ce):.3f}", kl=f"{float(kl):.3f}")
+            sums["ce_out"] += ce.item()
+            sums["kl_in"] += kl.item()
+            bar.set_postfix(ce=f"{ce.item():.3f}", kl=f"{kl.item():.3f}")
         history.append({"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()}})
     for p in params:
         p.requires_grad_(False)
