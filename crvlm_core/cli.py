@@ -228,8 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lr", type=float, default=3e-4)
     c.add_argument("--train-positions", choices=["tokens", "last"], default="tokens",
                    help="train on sampled prompt-token states (default) or only the last prompt token (the paper)")
-    c.add_argument("--behavioural-epochs", type=int, default=0,
-                   help="then fine-tune on the refusal's cross-entropy out of scope and KL in scope (0: off)")
+    c.add_argument("--behavioural-epochs", type=int, default=1,
+                   help="then fine-tune on the refusal's cross-entropy out of scope and KL in scope (default 1 epoch; 0: off)")
     f.add_argument("--n-train", type=int, default=200, help="training samples per scope (paper: 200)")
     f.add_argument("--split", choices=["train", "test", "all"], default="train")
     f.add_argument("--seed", type=int, default=42)
