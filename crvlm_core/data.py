@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
+from .io import file_sha256
+
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image as PILImage
 
@@ -383,14 +385,6 @@ def split(
     return train, test
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fingerprint(samples: Iterable[Sample]) -> str:
     """A stable content hash of samples, to key caches.
 
@@ -410,7 +404,7 @@ def fingerprint(samples: Iterable[Sample]) -> str:
             "prompt": s.prompt,
             "subject": s.subject,
             "scope": s.scope,
-            "image": None if s.image is None else _file_sha256(Path(s.image)),
+            "image": None if s.image is None else file_sha256(Path(s.image)),
             "extra": s.extra,
         }
         h.update(json.dumps(rec, sort_keys=True, ensure_ascii=False, default=str).encode())

@@ -23,7 +23,7 @@ from .io import atomic_save_safetensors, atomic_write_json, sha256_hex
 from .models import ModelHandle
 from .paths import outputs_dir
 
-__all__ = ["POSITIONS", "Activations", "extract", "extract_token_states", "extraction_fingerprint", "position_weights",
+__all__ = ["POSITIONS", "Activations", "image_batches", "extract", "extract_token_states", "extraction_fingerprint", "position_weights",
            "read_last_token"]
 
 POSITIONS = ("last", "prefix-mean", "image-mean")
@@ -124,6 +124,13 @@ def _capture(handle: ModelHandle, enc: dict, weights: torch.Tensor, layers: Sequ
             # vocabulary projection, a quarter of a forward on Qwen2.5-0.5B).
             tracer.stop()
     return torch.stack([r.float() for r in reads], dim=1)
+
+
+def image_batches(has_image: Sequence[bool], batch_size: int) -> list[tuple[bool, list[int]]]:
+    """Row indices grouped by image presence (a VLM batch has images for all rows or none), then cut into batches
+    of at most ``batch_size``: ``[(has_image, [row, …]), …]``, image batches first."""
+    groups = {flag: [k for k, h in enumerate(has_image) if bool(h) == flag] for flag in (True, False)}
+    return [(flag, idx[i:i + batch_size]) for flag, idx in groups.items() for i in range(0, len(idx), batch_size)]
 
 
 def read_last_token(handle: ModelHandle, enc: dict, layers: Sequence[int]) -> torch.Tensor:
@@ -228,12 +235,8 @@ def extract(handle: ModelHandle, samples: Sequence[Sample], *, position: str = "
         if hit is not None:
             return hit
 
-    # Group by image presence (a VLM batch has images for all rows or none); keep the original order.
-    groups: dict[bool, list[int]] = {}
-    for k, s in enumerate(samples):
-        groups.setdefault(bool(use_images and s.image is not None), []).append(k)
     out = torch.empty(len(samples), len(layers), handle.hidden_size)
-    batches = [(has_img, idx[i:i + batch_size]) for has_img, idx in groups.items() for i in range(0, len(idx), batch_size)]
+    batches = image_batches([use_images and s.image is not None for s in samples], batch_size)
     for has_img, idx in tqdm(batches, desc=desc or f"extract {position}", disable=not progress, unit="batch"):
         prompts = [samples[k].prompt for k in idx]
         images = [samples[k].load_image() for k in idx] if has_img else None

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "file_sha256",
     "atomic_save_safetensors",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -123,3 +124,12 @@ def sha256_hex(*parts: bytes | str) -> str:
         h.update(len(part).to_bytes(8, "little"))
         h.update(part)
     return h.hexdigest()
+
+
+def file_sha256(path) -> str:
+    """SHA-256 hex digest of a file's bytes, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()

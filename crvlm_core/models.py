@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .io import file_sha256
 from .paths import cache_dir
 
 __all__ = [
@@ -389,14 +390,6 @@ def _converted_folder(name: str, gguf: Path, sha: str) -> Path:
     return folder
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def embedded_model_folder(spec: str) -> Path:
     """The safetensors folder of an embedded GGUF spec (``qwen2.5-0.5b`` / ``smollm2-135m``), converted on first use."""
     if spec == "qwen2.5-0.5b":
@@ -407,7 +400,7 @@ def embedded_model_folder(spec: str) -> Path:
     if sha_file.exists() and sha_file.read_text().split("\n")[0] == key:
         sha = sha_file.read_text().split("\n")[1]
     else:
-        sha = _file_sha256(gguf)
+        sha = file_sha256(gguf)
         sha_file.parent.mkdir(parents=True, exist_ok=True)
         sha_file.write_text(f"{key}\n{sha}\n")
     return _converted_folder("smollm2-135m-instruct", gguf, sha)

@@ -11,6 +11,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .extract import image_batches
 from .models import ModelHandle
 from .vectors import SteeringVector
 
@@ -193,16 +194,9 @@ def steered_generate(handle: ModelHandle, prompts: Sequence[str], interventions:
     table = _validated(handle, interventions)
     images = list(images) if images is not None else [None] * len(prompts)
     texts: list[str] = [""] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda k: images[k] is None)  # image batches first, then text
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    # a batch must not mix image and no-image rows
-    fixed: list[list[int]] = []
-    for b in batches:
-        with_img = [k for k in b if images[k] is not None]
-        without = [k for k in b if images[k] is None]
-        fixed += [g for g in (with_img, without) if g]
-    for idx in tqdm(fixed, desc="generate", disable=not progress, unit="batch"):
-        imgs = [images[k] for k in idx] if images[idx[0]] is not None else None
+    for has_img, idx in tqdm(image_batches([im is not None for im in images], batch_size), desc="generate",
+                             disable=not progress, unit="batch"):
+        imgs = [images[k] for k in idx] if has_img else None
         enc = handle.build_inputs([prompts[k] for k in idx], imgs, system)
         with _prepared(handle, interventions, enc):
             ids = _generate_batch(handle, enc, table, max_new_tokens)
@@ -251,15 +245,11 @@ def refusal_score(handle: ModelHandle, prompts: Sequence[str], interventions: Se
     token_ids = list(token_ids or refusal_token_ids(handle))
     images = list(images) if images is not None else [None] * len(prompts)
     scores = torch.empty(len(prompts))
-    groups = {True: [k for k in range(len(prompts)) if images[k] is not None],
-              False: [k for k in range(len(prompts)) if images[k] is None]}
-    for has_img, order in groups.items():
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            enc = handle.build_inputs([prompts[k] for k in idx], [images[k] for k in idx] if has_img else None, system)
-            logits = steered_logits(handle, enc, interventions, last_only=True)[:, -1, :].double()
-            logp = torch.log_softmax(logits, dim=-1)
-            p_ref = logp[:, token_ids].logsumexp(-1)
-            p_not = torch.log1p(-p_ref.exp().clamp(max=1 - 1e-12))
-            scores[idx] = (p_ref - p_not).float()
+    for has_img, idx in image_batches([im is not None for im in images], batch_size):
+        enc = handle.build_inputs([prompts[k] for k in idx], [images[k] for k in idx] if has_img else None, system)
+        logits = steered_logits(handle, enc, interventions, last_only=True)[:, -1, :].double()
+        logp = torch.log_softmax(logits, dim=-1)
+        p_ref = logp[:, token_ids].logsumexp(-1)
+        p_not = torch.log1p(-p_ref.exp().clamp(max=1 - 1e-12))
+        scores[idx] = (p_ref - p_not).float()
     return scores
