@@ -94,11 +94,21 @@ def test_text_only_model_has_no_vision_term(smollm2):
     assert not mask.any() and (shifts == 0).all()
 
 
-def test_llava_smollm2_with_images_end_to_end():
-    h = load_model("llava-smollm2")
+@pytest.mark.parametrize("spec", ["llava-smollm2", pytest.param("llava-qwen2.5-0.5b", marks=pytest.mark.slow)])
+def test_llava_around_a_real_lm_with_images_end_to_end(spec, tmp_path):
+    """The whole CR-VLM path (teacher-forced vector, vision counterfactual shifts, calibrator training with the vision
+    term, save / load, calibrated generation with images) on a LLaVA wrapping a real language model."""
+    from crvlm_core.calibrated_steering import load_calibrated
+
+    h = load_model(spec)
     train, test = split(assign_scope(load_dataset("mm_subjects"), in_scope=["biology"]), n_train=3, n_test=1, seed=0)
-    steering = fit_crvlm(h, train, layers=[10], gate_layer="auto", width=16, epochs=2, lr=1e-3, progress=False)
+    layer = h.n_layers // 3
+    steering = fit_crvlm(h, train, layers=[layer], gate_layer="auto", width=16, epochs=2, lr=1e-3, progress=False)
     assert steering.info["vision_loss"]["active"]
+    assert steering.info["vision_loss"]["n_image_samples"] == sum(s.scope == "out" for s in train)
+    steering.save(tmp_path / "artifact")
+    steering = load_calibrated(tmp_path / "artifact")
+    steering.validate(h)
     texts = steered_generate(h, [s.prompt for s in test], [steering], images=[s.load_image() for s in test],
                              max_new_tokens=4)
     assert len(texts) == len(test) and all(isinstance(t, str) and t.strip() for t in texts)
