@@ -14,11 +14,11 @@ import torch
 
 from .calibrator import Calibrator, CalibratorConfig, train_calibrator
 from .data import Sample
-from .extract import extract, extract_token_states, read_last_token
+from .extract import extract, extract_token_states
 from .io import atomic_write_json
 from .models import ModelHandle
 from .refusal_vectors import REFUSAL_PREFIX, default_layers, fit_vector
-from .steer import Intervention
+from .steer import PrefillGate
 from .vectors import SteeringVector
 
 __all__ = ["CalibratedSteering", "fit_crvlm", "finetune_behavioural", "load_calibrated", "default_gate_layer",
@@ -36,7 +36,7 @@ def default_gate_layer(handle: ModelHandle) -> int:
 
 
 @dataclass
-class CalibratedSteering(Intervention):
+class CalibratedSteering(PrefillGate):
     """The calibrator as an intervention. With ``gate_layer`` set, each batch first runs one unsteered prompt pass
     to read the last prompt token at that layer; the gate value ρ of each row is fixed from it for the prompt pass
     and every generated token (prefill gating)."""
@@ -46,22 +46,27 @@ class CalibratedSteering(Intervention):
     gate_layer: int | None = None
     info: dict = field(default_factory=dict)
     vector: SteeringVector | None = None  # the refusal vector the targets were built from (saved alongside)
+    fixed_gate: float | None = None  # ablation "gate off": ρ held at this value for every row (e.g. 1.0)
 
     def __post_init__(self):
         self.layers = tuple(int(l) for l in self.layers)
+        if self.fixed_gate is not None and not 0.0 <= float(self.fixed_gate) <= 1.0:
+            raise ValueError(f"fixed_gate must be in [0, 1], got {self.fixed_gate}")
+
+    def prepare(self, handle: ModelHandle, enc: dict) -> None:
+        if self.fixed_gate is None:
+            return super().prepare(handle, enc)
+        rows = torch.full((enc["input_ids"].shape[0],), float(self.fixed_gate))
+        self.calibrator.set_gate_override({l: rows for l in self.layers})
 
     def validate(self, handle: ModelHandle) -> None:
         self.calibrator.check_compatible(handle.n_layers, handle.hidden_size)  # the model mismatch first
         super().validate(handle)
-        if self.gate_layer is not None:
-            handle.check_layer(self.gate_layer)
 
-    def prepare(self, handle: ModelHandle, enc: dict) -> None:
-        if self.gate_layer is not None:
-            summary = read_last_token(handle, enc, [self.gate_layer])[:, 0]
-            self.calibrator.set_gate_override(self.calibrator.gate_values(summary))
+    def set_gate(self, summary: torch.Tensor) -> None:
+        self.calibrator.set_gate_override(self.calibrator.gate_values(summary))
 
-    def release(self) -> None:
+    def clear_gate(self) -> None:
         self.calibrator.clear_gate_override()
 
     def apply(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,10 @@ a steered model on scoped test data, and sweep layers × strengths. The CLI and 
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -12,10 +14,11 @@ import torch
 from . import vectors as V
 from .data import Sample
 from .extract import Activations, extract
+from .io import atomic_write_json, sha256_hex
 from .judge import judge_responses
 from .metrics import rates_by, scope_metrics
 from .models import ModelHandle
-from .steer import AddVector, Intervention, refusal_score, steered_generate
+from .steer import AddVector, Intervention, intervention_fingerprint, refusal_score, steered_generate
 
 __all__ = [
     "METHODS",
@@ -147,15 +150,30 @@ class EvalResult:
 
 def evaluate(handle: ModelHandle, test: Sequence[Sample], interventions: Sequence[Intervention] = (),
              max_new_tokens: int = 24, batch_size: int = 8, judge: str = "keyword", system: str | None = None,
-             use_images: bool = True, progress: bool = True) -> EvalResult:
+             use_images: bool = True, progress: bool = True, cache_dir: str | Path | None = None) -> EvalResult:
     """Generate (steered) answers for scoped test samples, judge refusals, and compute R / ORR / MB.
 
     Rows carry ``id, subject, scope, response, refused, refusal_score``; metrics add per-subject refusal rates,
     tokens/s and the judge's name.
+
+    ``cache_dir``: when given, the result is saved there under a key made of the model spec, the samples (ids,
+    prompts, images), the interventions' fingerprint (:func:`~crvlm_core.steer.intervention_fingerprint`) and every
+    setting, and an unchanged call returns the saved result without running the model (timings are the first
+    run's). A model whose weights differ from its spec's (e.g. a merged adapter) must carry a distinct ``spec``.
     """
     test = list(test)
     if not test:
         raise ValueError("evaluate: no test samples (empty split)")
+    cache_file = None
+    if cache_dir is not None:
+        key = sha256_hex(json.dumps({
+            "model": handle.spec, "samples": [[s.id, s.prompt, s.scope, s.subject, str(s.image)] for s in test],
+            "interventions": intervention_fingerprint(list(interventions)), "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size, "judge": judge, "system": system, "use_images": use_images}, sort_keys=True))
+        cache_file = Path(cache_dir) / f"eval-{key[:24]}.json"
+        if cache_file.exists():
+            saved = json.loads(cache_file.read_text())
+            return EvalResult(saved["metrics"], saved["rows"])
     images = [s.load_image() if (use_images and handle.is_vlm) else None for s in test]
     start = time.perf_counter()
     responses = steered_generate(handle, [s.prompt for s in test], interventions, images=images, system=system,
@@ -178,6 +196,8 @@ def evaluate(handle: ModelHandle, test: Sequence[Sample], interventions: Sequenc
         "max_new_tokens": max_new_tokens,
         "model": handle.spec,
     })
+    if cache_file is not None:
+        atomic_write_json(cache_file, {"metrics": metrics, "rows": rows})
     return EvalResult(metrics, rows)
 
 

@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .extract import image_batches
+from .extract import image_batches, read_last_token
 from .models import ModelHandle
 from .vectors import SteeringVector
 
@@ -20,12 +20,14 @@ __all__ = [
     "AddVector",
     "ProjectOut",
     "HiddenStateFn",
+    "PrefillGate",
     "from_vector",
     "steered_generate",
     "steered_logits",
     "refusal_token_ids",
     "refusal_score",
     "REFUSAL_STARTS",
+    "intervention_fingerprint",
 ]
 
 #: Words a refusal typically starts with; their first tokens form the refusal-token set of the refusal score.
@@ -49,6 +51,58 @@ class Intervention:
 
     def release(self) -> None:
         """Called after each batch (undo what :meth:`prepare` set)."""
+
+
+def intervention_fingerprint(interventions: Sequence[Intervention]) -> str:
+    """A digest of what the interventions do: class, layers, scalar settings, tensor values and module weights.
+
+    Caches of steered results are keyed by it, so any change to a vector, a strength or a calibrator's weights
+    gives another key. Bookkeeping attributes (dicts such as ``info``) are left out."""
+    from .io import sha256_hex
+
+    parts: list[bytes | str] = []
+    for iv in interventions:
+        parts.append(type(iv).__qualname__)
+        for name, value in sorted(vars(iv).items()):
+            if name.startswith("_"):
+                continue
+            if isinstance(value, torch.Tensor):
+                parts += [name, value.detach().float().contiguous().numpy().tobytes()]
+            elif isinstance(value, torch.nn.Module):
+                for key, t in sorted(value.state_dict().items()):
+                    parts += [f"{name}.{key}", t.detach().float().contiguous().numpy().tobytes()]
+            elif isinstance(value, (int, float, str, bool, tuple, type(None))):
+                parts.append(f"{name}={value!r}")
+            elif isinstance(value, SteeringVector):
+                parts.append(f"{name}={value.fingerprint}")
+    return sha256_hex(*parts) if parts else "unsteered"
+
+
+class PrefillGate(Intervention):
+    """Per-row prefill gating, shared by the gated interventions (the CR-VLM calibrator, CAST): with ``gate_layer``
+    set, :meth:`prepare` runs one unsteered prompt pass per batch, reads the last prompt token at that layer and
+    hands the ``[batch, d]`` summary to :meth:`set_gate`; the gate so fixed holds for the prompt pass and every
+    generated token of the batch, and :meth:`release` clears it. Subclasses implement ``set_gate``/``clear_gate``."""
+
+    gate_layer: int | None = None
+
+    def set_gate(self, summary: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def clear_gate(self) -> None:
+        raise NotImplementedError
+
+    def validate(self, handle: ModelHandle) -> None:
+        super().validate(handle)
+        if self.gate_layer is not None:
+            handle.check_layer(self.gate_layer)
+
+    def prepare(self, handle: ModelHandle, enc: dict) -> None:
+        if self.gate_layer is not None:
+            self.set_gate(read_last_token(handle, enc, [self.gate_layer])[:, 0])
+
+    def release(self) -> None:
+        self.clear_gate()
 
 
 @dataclass
