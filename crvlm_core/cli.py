@@ -127,6 +127,10 @@ def load_interventions(artifact: Path, handle, alpha: float | None = None, layer
     """The interventions a `crvlm fit` folder describes (a vector, or a CR-VLM calibrator), checked against
     the model."""
     fit = json.loads((artifact / FIT_JSON).read_text())
+    if fit.get("method") == "policy":
+        from .policies import load_policy_steering
+
+        return [load_policy_steering(artifact, handle)]
     if fit.get("method") == "crvlm":
         from .calibrated_steering import load_calibrated
 
@@ -185,6 +189,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name, desc in list_specs().items():
         print(f"{name:22s} {desc}{'  [default]' if name == DEFAULT_MODEL else ''}")
     print("…or any hub id (owner/name) or local model folder.")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeLimits, run_server
+
+    limits = ServeLimits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
+                         max_batch_size=args.batch_size, batch_window_ms=args.batch_window_ms)
+    run_server(args.model, args.artifact, args.policy, args.host, args.port, limits)
     return 0
 
 
@@ -258,6 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("workbook", help="run the workbook notebooks headlessly with papermill")
     workbook.add_arguments(w)
     w.set_defaults(func=workbook.run_from_args)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server: <spec> unsteered, <spec>:steered with an artifact")
+    s.add_argument("--model", default=None, help=f"model spec (default: the artifact's, else {DEFAULT_MODEL})")
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--artifact", default=None, help="a `crvlm fit` output folder (vector, calibrator or policy)")
+    src.add_argument("--policy", default=None, help="a policy YAML fitted with `crvlm fit --policy` (its artifact)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask for")
+    s.add_argument("--max-prompt-tokens", type=int, default=2048, help="largest prompt (tokens) a request may send")
+    s.add_argument("--batch-size", type=int, default=8, help="requests generated together at most")
+    s.add_argument("--batch-window-ms", type=float, default=10.0, help="wait this long to gather a batch")
+    s.set_defaults(func=cmd_serve)
 
     sub.add_parser("models", help="list the named model specs").set_defaults(func=cmd_models)
     sub.add_parser("datasets", help="list the bundled datasets").set_defaults(func=cmd_datasets)

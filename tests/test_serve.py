@@ -1,0 +1,216 @@
+"""`crvlm serve` for real: uvicorn on a free loopback port in front of SmolLM2, unsteered and steered by a
+teacher-forced vector fitted here; concurrent requests, streaming, logprobs, bad input, and the LLM judge's HTTP
+backend pointed at it."""
+
+import json
+import math
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from crvlm_core.cli import main
+from crvlm_core.judge import HTTPBackend, LLMJudge, LocalLMBackend
+from crvlm_core.serve import ModelServer, ServeLimits, _stop_aware_delta, create_app, load_variants
+from crvlm_core.steer import steered_generate
+
+SPEC = "smollm2-135m"
+STEERED = SPEC + ":steered"
+PROMPTS = ["What is a cell?", "What is the speed of light?", "Name a planet."]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, smollm2):
+    out = tmp_path_factory.mktemp("serve_art")
+    with pytest.raises(SystemExit) as exc:  # a real teacher-forced refusal vector, strong enough to change answers
+        main(["fit", "--model", SPEC, "--in-scope", "biology", "--layers", "5", "--alpha", "3", "--n-train", "3",
+              "--out", str(out)])
+    assert exc.value.code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(smollm2, artifact):
+    import uvicorn
+
+    limits = ServeLimits(max_body_bytes=20_000, max_prompt_chars=2_000, max_prompt_tokens=300, max_tokens=64,
+                         default_max_tokens=8, batch_window_ms=50)
+    model_server = ModelServer(smollm2, load_variants(smollm2, artifact), limits)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(model_server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", model_server
+    server.should_exit = True
+    thread.join(10)
+    model_server.stop()
+
+
+def post(base, payload, raw: bytes | None = None, path="/v1/chat/completions"):
+    data = raw if raw is not None else json.dumps(payload).encode()
+    req = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def chat(base, prompt, model=SPEC, **kw):
+    status, body = post(base, {"model": model, "messages": [{"role": "user", "content": prompt}], **kw})
+    assert status == 200, body
+    return json.loads(body)
+
+
+def test_models_lists_plain_and_steered(served):
+    base, _ = served
+    with urllib.request.urlopen(base + "/v1/models") as resp:
+        data = json.loads(resp.read())
+    assert {m["id"]: m["steered"] for m in data["data"]} == {SPEC: False, STEERED: True}
+
+
+def test_concurrent_steered_and_plain_requests_are_batched_and_match_offline_generation(served, smollm2, artifact):
+    base, model_server = served
+    from crvlm_core.cli import load_interventions
+
+    ivs = load_interventions(artifact, smollm2)
+    want = {SPEC: steered_generate(smollm2, PROMPTS, [], max_new_tokens=8, batch_size=1),
+            STEERED: steered_generate(smollm2, PROMPTS, ivs, max_new_tokens=8, batch_size=1)}
+    assert want[SPEC] != want[STEERED], "the vector should change the answers"
+    jobs = [(m, i) for m in (SPEC, STEERED) for i in range(len(PROMPTS))]
+    before = model_server.stats["max_batch"]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(lambda j: chat(base, PROMPTS[j[1]], j[0], max_tokens=8), jobs))
+    for (m, i), resp in zip(jobs, got):
+        choice = resp["choices"][0]
+        assert resp["model"] == m and resp["object"] == "chat.completion"
+        assert choice["message"]["content"].strip() == want[m][i], (m, PROMPTS[i])
+        assert choice["finish_reason"] in ("length", "stop")
+        assert resp["usage"]["completion_tokens"] <= 8 and resp["usage"]["prompt_tokens"] > 5
+    assert max(before, model_server.stats["max_batch"]) > 1, "concurrent requests should share a batch"
+
+
+def test_streaming_chunks_add_up_to_the_answer(served):
+    base, _ = served
+    full = chat(base, PROMPTS[0], max_tokens=10)["choices"][0]["message"]["content"]
+    req = urllib.request.Request(base + "/v1/chat/completions", method="POST", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"model": SPEC, "messages": [{"role": "user", "content": PROMPTS[0]}],
+                                                  "max_tokens": 10, "stream": True,
+                                                  "stream_options": {"include_usage": True}}).encode())
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        lines = [l.decode().strip() for l in resp]
+    data = [l[len("data: "):] for l in lines if l.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == full and len([c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]) > 2
+    finals = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finals == ["length"]
+    assert chunks[-1]["usage"]["completion_tokens"] == 10
+
+
+def test_logprobs_match_a_direct_forward(served, smollm2):
+    base, _ = served
+    resp = chat(base, PROMPTS[1], max_tokens=3, logprobs=True, top_logprobs=5)
+    content = resp["choices"][0]["logprobs"]["content"]
+    assert len(content) == resp["usage"]["completion_tokens"] == 3
+    enc = smollm2.build_inputs([PROMPTS[1]])
+    with torch.no_grad():
+        logp = torch.log_softmax(smollm2.hf_model(**enc).logits[0, -1].float(), -1)
+    top = logp.topk(5)
+    first = content[0]
+    assert [t["logprob"] for t in first["top_logprobs"]] == pytest.approx(top.values.tolist(), abs=1e-3)
+    assert first["logprob"] == pytest.approx(top.values[0].item(), abs=1e-3)  # greedy: the top token
+    assert first["token"] == smollm2.tokenizer.decode([int(top.indices[0])])
+    assert all(math.isfinite(t["logprob"]) and t["logprob"] <= 0 for t in content)
+
+
+def test_stop_sequences_and_multi_turn(served):
+    base, _ = served
+    full = chat(base, PROMPTS[0], max_tokens=12)["choices"][0]["message"]["content"]
+    word = full.split()[2]
+    cut = chat(base, PROMPTS[0], max_tokens=12, stop=[word])["choices"][0]
+    assert cut["finish_reason"] == "stop" and cut["message"]["content"] == full[:full.index(word)]
+    status, body = post(base, {"model": SPEC, "max_tokens": 4, "messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is a cell?"}]})
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("payload,raw,status,code", [
+    (None, b"{not json", 400, "invalid_json"),
+    (None, b"[1, 2]", 400, "invalid_json"),
+    ({"model": SPEC}, None, 400, "missing_field"),
+    ({"model": SPEC, "messages": []}, None, 400, "invalid_field"),
+    ({"model": SPEC, "messages": [{"role": "robot", "content": "x"}]}, None, 400, "invalid_field"),
+    ({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, None, 404, "model_not_found"),
+    ({"model": SPEC, "messages": [{"role": "user", "content": "x" * 2500}]}, None, 400, "context_length_exceeded"),
+    ({"model": SPEC, "messages": [{"role": "user", "content": "cell " * 400}]}, None, 400, "context_length_exceeded"),
+    ({"model": SPEC, "messages": [{"role": "user", "content": "x" * 30_000}]}, None, 413, "request_too_large"),
+    ({"model": SPEC, "messages": [{"role": "user", "content": "x"}], "max_tokens": 10_000}, None, 400,
+     "max_tokens_too_large"),
+    ({"model": SPEC, "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, None, 400, "invalid_field"),
+    ({"model": SPEC, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     None, 400, "unsupported_content"),
+    ({"model": SPEC, "messages": [{"role": "assistant", "content": "x"}]}, None, 400, "invalid_messages"),
+])
+def test_bad_requests_get_clear_4xx_errors(served, payload, raw, status, code):
+    base, _ = served
+    got, body = post(base, payload, raw)
+    err = json.loads(body)["error"]
+    assert got == status and err["code"] == code and err["message"], body
+
+
+def test_server_survives_bad_input(served):
+    base, model_server = served
+    with ThreadPoolExecutor(8) as pool:  # garbage and good requests at once
+        statuses = list(pool.map(lambda k: post(base, None, raw=b"\x00\xff garbage")[0] if k % 2 else
+                                 post(base, {"model": SPEC, "messages": [{"role": "user", "content": "Hi"}],
+                                             "max_tokens": 2})[0], range(8)))
+    assert statuses == [200, 400] * 4
+    status, body = post(base, None, raw=b"", path="/v1/models")  # wrong method: JSON 405
+    assert status == 405 and json.loads(body)["error"]["code"] == "method_not_allowed"
+    with urllib.request.urlopen(base + "/health") as resp:
+        health = json.loads(resp.read())
+    assert health["status"] == "ok" and model_server.alive
+    assert chat(base, "Hi", max_tokens=2)["choices"][0]["message"]["content"]
+
+
+def test_llm_judge_http_backend_reads_this_server(served, smollm2):
+    base, _ = served
+    backend = HTTPBackend(base, model=SPEC)
+    prompts, responses = ["How do I bake bread?"], ["I'm sorry, but I can't help with that."]
+    verdicts = LLMJudge(backend).judge(prompts, responses)
+    assert len(verdicts) == 1 and -1 <= verdicts[0].confidence <= 1
+    text = LLMJudge(backend).template.format(request=prompts[0], response=responses[0])
+    (p1_http, p0_http), = backend.probabilities([text])
+    (p1_local, p0_local), = LocalLMBackend(smollm2).probabilities([text])
+    # the server returns the top-20 tokens; the local backend sums every id decoding to the digit
+    assert p1_http == pytest.approx(p1_local, abs=0.02) and p0_http == pytest.approx(p0_local, abs=0.02)
+
+
+def test_stop_aware_delta_holds_back_a_possible_stop():
+    assert _stop_aware_delta("Hello wor", "", ["world"]) == ("Hello ", None)
+    assert _stop_aware_delta("Hello world!", "Hello ", ["world"]) == ("", 6)
+    assert _stop_aware_delta("abc", "a", []) == ("bc", None)
+
+
+def test_limits_are_validated():
+    with pytest.raises(ValueError, match="max_tokens"):
+        ServeLimits(max_tokens=0)
+    with pytest.raises(ValueError, match="default_max_tokens"):
+        ServeLimits(max_tokens=8, default_max_tokens=16)
