@@ -75,12 +75,28 @@ class CalibratedSteering(PrefillGate):
     @torch.no_grad()
     def gate(self, handle: ModelHandle, samples: Sequence[Sample], batch_size: int = 8) -> torch.Tensor:
         """Mean gate value ρ over the steered layers for each sample (read at the last prompt token)."""
-        read = [self.gate_layer] if self.gate_layer is not None else list(self.layers)
-        acts = extract(handle, samples, layers=sorted(set(read)), batch_size=batch_size, progress=False)
-        if self.gate_layer is not None:
-            return torch.stack(list(self.calibrator.gate_values(acts.at(self.gate_layer)).values())).mean(0)
-        rhos = [self.calibrator(acts.at(l), l)[1].squeeze(-1) for l in self.layers]
-        return torch.stack(rhos).mean(0)
+        return self.calibrated_states(handle, samples, batch_size=batch_size)[2].mean(1)
+
+    @torch.no_grad()
+    def calibrated_states(self, handle: ModelHandle, samples: Sequence[Sample], batch_size: int = 8,
+                          cache: bool | str | Path = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The last-prompt-token states of the steered layers before and after the calibrator, and the gate.
+
+        Each layer's state is read from the unsteered model and calibrated on its own (the calibrator's effect at
+        that layer, not the knock-on effect of steering the layers below). Returns ``(original [n, L, d],
+        calibrated [n, L, d], rho [n, L])`` with ``L = len(self.layers)``; ``fixed_gate`` is honoured.
+        """
+        read = sorted(set(self.layers) | ({self.gate_layer} if self.gate_layer is not None else set()))
+        acts = extract(handle, samples, layers=read, batch_size=batch_size, cache=cache, progress=False)
+        original = torch.stack([acts.at(l) for l in self.layers], dim=1).float()
+        if self.fixed_gate is not None:
+            rho = torch.full(original.shape[:2], float(self.fixed_gate))
+            with self.calibrator.gate_override({l: rho[:, j] for j, l in enumerate(self.layers)}):
+                calibrated = torch.stack([self.calibrator(original[:, j], l)[0] for j, l in enumerate(self.layers)], 1)
+            return original, calibrated, rho
+        gate_input = acts.at(self.gate_layer).float() if self.gate_layer is not None else None
+        outs = [self.calibrator(original[:, j], l, gate_input) for j, l in enumerate(self.layers)]
+        return original, torch.stack([o[0] for o in outs], 1), torch.stack([o[1] for o in outs], 1)
 
     def save(self, directory: str | Path) -> Path:
         """``calibrator.safetensors`` + ``calibrator.json`` + ``crvlm.json`` (+ the refusal vector if given)."""
