@@ -77,9 +77,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from .io import atomic_write_json
     from .models import load_model
 
+    if args.policy:
+        from .policies import cmd_fit_policy
+
+        return cmd_fit_policy(args)
     in_scope, out_scope = _subjects(args.in_scope), _subjects(args.out_scope)
     if not in_scope:
-        raise SystemExit("crvlm fit: --in-scope needs at least one subject (empty scope)")
+        raise SystemExit("crvlm fit: --in-scope needs at least one subject (empty scope), or give --policy FILE")
     train = _scoped_split(args.train, in_scope, out_scope, args.split, args.n_train, args.seed)
     handle = load_model(args.model)
     out = Path(args.out)
@@ -153,6 +157,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     fit: dict = {}
     interventions = []
+    from .policies import cmd_eval_policy, is_policy_artifact
+
+    if args.policy or is_policy_artifact(args.artifact):
+        return cmd_eval_policy(args)
     if args.artifact:
         art = Path(args.artifact)
         if not (art / FIT_JSON).exists():
@@ -225,7 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--method", default="teacher-forced", choices=list(METHODS) + ["crvlm"],
                    help="a refusal-vector method, or crvlm (teacher-forced vector + calibrator)")
     f.add_argument("--train", default="mmlu", help="bundled dataset name or a JSONL file")
-    f.add_argument("--in-scope", required=True, help="subjects the model should answer, comma separated")
+    f.add_argument("--in-scope", default=None, help="subjects the model should answer, comma separated")
+    f.add_argument("--policy", default=None, help="a policy YAML (several constraints): fit what it needs")
+    f.add_argument("--design", choices=["composed", "union"], default=None,
+                   help="policy design (default: the file's fit.design, else composed)")
     f.add_argument("--out-scope", default=None, help="subjects to refuse (default: every other subject)")
     f.add_argument("--layers", default=None, help="N, A-B or A,B,C (default: a third of the way up)")
     f.add_argument("--alpha", type=float, default=1.0, help="steering strength saved with the vector")
@@ -252,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="generate, judge refusals, write metrics.json and samples.jsonl")
     e.add_argument("--artifact", default=None, help="a `crvlm fit` output folder")
+    e.add_argument("--policy", default=None, help="a policy YAML: R / ORR / MB per constraint and jointly")
     e.add_argument("--model", default=None, help="model spec (unsteered when no --artifact)")
     e.add_argument("--test", default="mmlu", help="bundled dataset name or a JSONL file")
     e.add_argument("--in-scope", default=None)
