@@ -157,13 +157,20 @@ def _bundled() -> dict[str, Path]:
     return {p.stem: p for p in sorted(DATASETS_DIR.rglob("*.jsonl"))}
 
 
+#: Datasets assembled from bundled ones: name → ((bundled name, seeded cap per subject or None), ...).
+#: ``refusal-topics``: political 64 + neutral 64 + 64 harmful requests (Refusal Steering's three subjects).
+COMBINED: dict[str, tuple[tuple[str, int | None], ...]] = {
+    "refusal-topics": (("political", None), ("harmful", 64)),
+}
+
+
 def list_datasets() -> list[str]:
     """Names of the bundled datasets, accepted by :func:`load_dataset`.
 
     Returns:
         Sorted dataset names (file stems under ``crvlm_core/datasets/``).
     """
-    return sorted(_bundled())
+    return sorted([*_bundled(), *COMBINED])
 
 
 def load_dataset(
@@ -188,16 +195,24 @@ def load_dataset(
         DataError: Unknown dataset, unknown subject, bad limit, or any error of :func:`read_jsonl`.
     """
     bundled = _bundled()
+    if isinstance(name_or_path, str) and name_or_path in COMBINED:
+        samples = [s for part, cap in COMBINED[name_or_path]
+                   for s in load_dataset(part, limit_per_subject=cap, seed=seed)]
+        return _select(samples, name_or_path, subjects, limit_per_subject, seed)
     if isinstance(name_or_path, str) and name_or_path in bundled:
         path = bundled[name_or_path]
     else:
         path = Path(name_or_path)
         if not path.is_file():
             raise DataError(
-                f"unknown dataset {str(name_or_path)!r}: not a bundled name ({', '.join(sorted(bundled))}) "
+                f"unknown dataset {str(name_or_path)!r}: not a bundled name ({', '.join(list_datasets())}) "
                 "nor an existing JSONL file"
             )
-    samples = read_jsonl(path)
+    return _select(read_jsonl(path), path, subjects, limit_per_subject, seed)
+
+
+def _select(samples: list[Sample], path, subjects: list[str] | None, limit_per_subject: int | None,
+            seed: int) -> list[Sample]:
     if subjects is not None:
         available = sorted({s.subject for s in samples})
         unknown = sorted(set(subjects) - set(available))

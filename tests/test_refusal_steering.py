@@ -1,0 +1,266 @@
+"""Refusal Steering: the estimators through the per-layer relative-λ wrapper vs closed forms on synthetic Gaussians,
+weighted == unweighted for equal confidences, layer ranking with a planted layer, the principal-direction count,
+clear errors for bad inputs, and the refusal organism's adapter (tiny model by default, Qwen when slow)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from crvlm_core import refusal_steering as RS
+from crvlm_core.data import Sample, load_dataset
+from crvlm_core.refusal_steering import (ScoredPrompt, check_topics, choose_lambda, fit_directions, layer_scores,
+                                         principal_directions_needed, rank_layers, relative_lambda, select_confident,
+                                         topic_splits)
+
+
+def _gaussians(n=400, seed=0, var=(100.0, 1.0), delta=(1.0, 1.0), n_layers=1):
+    """Two Gaussian classes with covariance diag(var) and mean difference ``delta`` at every layer, whitened per
+    class so that the sample means and (÷n) covariances are exactly the population ones: closed forms hold exactly."""
+    g = torch.Generator().manual_seed(seed)
+    sd = torch.tensor(var, dtype=torch.float64).sqrt()
+    d = torch.tensor(delta, dtype=torch.float64)
+
+    def cls(sign):
+        z = torch.randn(n, n_layers, len(var), generator=g, dtype=torch.float64)
+        for layer in range(n_layers):
+            x = z[:, layer] - z[:, layer].mean(0)
+            chol = torch.linalg.cholesky(x.T @ x / n)
+            z[:, layer] = torch.linalg.solve_triangular(chol, x.T, upper=False).T
+        return z * sd + sign * d / 2
+
+    return cls(1), cls(-1)
+
+
+def _cos(a, b):
+    a, b = torch.as_tensor(a).double().flatten(), torch.as_tensor(b).double().flatten()
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+# ------------------------------------------------------------------------------------------ estimators
+
+
+@pytest.mark.parametrize("c", [0.0, 0.05, 1.0])
+def test_rmd_vs_closed_form_on_gaussians(c):
+    """Σ = diag(100, 1), δ = (1, 1): mean-diff points at 45°, the ridge direction along (1/(100 + λ), 1/(1 + λ))
+    with λ = c·tr(Σ)/d = 50.5·c."""
+    pos, neg = _gaussians()
+    lam = relative_lambda(pos, neg, c)[0]
+    assert lam == pytest.approx(c * 50.5, rel=1e-9)
+    md = fit_directions("mean-diff", pos, neg)[0]
+    assert math.degrees(math.atan2(md[1], md[0])) == pytest.approx(45, abs=1e-4)
+    v = fit_directions("rmd", pos, neg, lam_rel=c)[0]
+    expected = math.atan2(1 / (1 + lam), 1 / (100 + lam))
+    assert math.atan2(v[1], v[0]) == pytest.approx(expected, abs=1e-5)
+    if c == 0.0:  # LDA: 100:1 in favour of the low-variance axis, i.e. ~89.4° instead of 45°
+        assert math.degrees(math.atan2(v[1], v[0])) == pytest.approx(math.degrees(math.atan(100)), abs=1e-3)
+    assert float(v.norm()) == pytest.approx(float(md.norm()), rel=1e-5)  # rescaled to the mean-diff norm
+    # exact (sample) closed form: (Σ̂ + λI)⁻¹ δ̂ with the ML pooled covariance
+    xp, xn = pos[:, 0], neg[:, 0]
+    delta = xp.mean(0) - xn.mean(0)
+    cen = torch.cat([xp - xp.mean(0), xn - xn.mean(0)])
+    cov = cen.T @ cen / cen.shape[0]
+    ref = torch.linalg.solve(cov + lam * torch.eye(2, dtype=torch.float64), delta)
+    assert _cos(v, ref) > 1 - 1e-9
+
+
+def test_large_lambda_recovers_mean_diff_and_small_lambda_discounts_high_variance():
+    pos, neg = _gaussians(n=500, seed=1)
+    md = fit_directions("mean-diff", pos, neg)
+    assert _cos(fit_directions("rmd", pos, neg, lam_rel=1e6), md) > 1 - 1e-6
+    small = fit_directions("rmd", pos, neg, lam_rel=1e-4)[0]
+    assert abs(small[1]) > 20 * abs(small[0])  # the high-variance axis is discounted ~100×
+
+
+def test_per_layer_lambda_is_relative_to_each_layers_scale():
+    """The same c gives the same direction when one layer is the other scaled by 1000 (absolute λ would not)."""
+    pos, neg = _gaussians(n=300, seed=2, n_layers=1)
+    pos2, neg2 = torch.cat([pos, 1000 * pos], 1), torch.cat([neg, 1000 * neg], 1)
+    v = fit_directions("rmd", pos2, neg2, lam_rel=0.1)
+    assert _cos(v[0], v[1]) > 1 - 1e-9
+    lams = relative_lambda(pos2, neg2, 0.1)
+    assert lams[1] == pytest.approx(1e6 * lams[0], rel=1e-9)
+
+
+def test_wrmd_equal_weights_equals_rmd_and_unequal_differs():
+    pos, neg = _gaussians(n=40, seed=3, var=(4.0, 1.0, 2.0), delta=(1.0, 0.5, 0.0), n_layers=2)
+    rmd = fit_directions("rmd", pos, neg, lam_rel=0.3)
+    same = fit_directions("wrmd", pos, neg, [0.8] * 40, [-0.8] * 40, lam_rel=0.3)
+    assert torch.equal(same, rmd)
+    conf = np.linspace(0.1, 1.0, 40)
+    diff = fit_directions("wrmd", pos, neg, conf, -conf, lam_rel=0.3)
+    assert not torch.allclose(diff, rmd)
+
+
+# ----------------------------------------------------------------------------------------- layer ranking
+
+
+def test_layer_ranking_finds_planted_layer():
+    """Five layers of noise; layer 3 carries a class shift along one random axis of 32 dims."""
+    g = torch.Generator().manual_seed(5)
+    n, n_layers, d = 30, 5, 32
+    pos, neg = torch.randn(n, n_layers, d, generator=g), torch.randn(n, n_layers, d, generator=g)
+    axis = torch.randn(d, generator=g)
+    pos[:, 3] += 3.0 * axis / axis.norm()
+    for method in RS.METHODS:
+        s = layer_scores(method, pos, neg, [1.0] * n, [-1.0] * n, lam_rel=1.0)
+        assert rank_layers(s)[0] == 3, (method, s)
+        assert s["auc"][3] > 0.9 and max(s["auc"][l] for l in (0, 1, 2, 4)) < 0.8
+        assert s["corr"][3] > 0.6
+    assert rank_layers(s, k=2, min_layer=4) == [4]
+
+
+def test_choose_lambda_prefers_ridge_when_a_nuisance_axis_dominates():
+    """A huge-variance nuisance axis along the mean difference: the ridge direction (small c) separates held-out
+    data much better than near-mean-diff (large c)."""
+    pos, neg = _gaussians(n=60, seed=6, var=(400.0, 1.0, 1.0, 1.0), delta=(6.0, 1.0, 0.0, 0.0))
+    best, table = choose_lambda("rmd", pos, neg, [0], grid=(0.01, 100.0))
+    assert best == 0.01 and table[0.01] > table[100.0]
+
+
+def test_principal_directions_needed():
+    """Mean difference along the lowest-variance axis of 4: needs all 4 PCs; along the top one: 1."""
+    pos_l, neg_l = _gaussians(n=500, seed=7, var=(16.0, 9.0, 4.0, 1.0), delta=(0.0, 0.0, 0.0, 1.0))
+    pos_h, neg_h = _gaussians(n=500, seed=8, var=(16.0, 9.0, 4.0, 1.0), delta=(2.0, 0.0, 0.0, 0.0))
+    assert principal_directions_needed(pos_l, neg_l, 0.9) == [4]
+    assert principal_directions_needed(pos_h, neg_h, 0.9) == [1]
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+def _scored(confs):
+    return [ScoredPrompt(Sample(f"s{i}", "q", "political"), ["r"], [c]) for i, c in enumerate(confs)]
+
+
+def test_select_confident_and_its_errors():
+    refuse, comply = select_confident(_scored([0.9, 0.2, -0.7, -0.1]), tau=0.5)
+    assert [p.sample.id for p in refuse] == ["s0"] and [p.sample.id for p in comply] == ["s2"]
+    with pytest.raises(ValueError, match="no confident refusals"):
+        select_confident(_scored([-0.9, -0.8, 0.3]), tau=0.5)
+    with pytest.raises(ValueError, match="no confident compliant"):
+        select_confident(_scored([0.9, 0.8]), tau=0.5)
+    with pytest.raises(ValueError, match="tau"):
+        select_confident(_scored([0.9]), tau=1.5)
+
+
+def test_negative_lambda_and_unknown_method_are_clear_errors():
+    pos, neg = _gaussians(n=10, seed=9)
+    with pytest.raises(ValueError, match=">= 0"):
+        fit_directions("rmd", pos, neg, lam_rel=-1.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        fit_directions("rmd", pos, neg, lam=-0.5)
+    with pytest.raises(ValueError, match="unknown method"):
+        fit_directions("pca", pos, neg)
+    with pytest.raises(ValueError, match="confidences"):
+        fit_directions("wrmd", pos, neg)
+    with pytest.raises(ValueError, match="mean-diff has no"):
+        choose_lambda("mean-diff", pos, neg, [0])
+
+
+def test_topics_and_splits():
+    samples = load_dataset("refusal-topics")
+    check_topics(samples, "political", "harmful", "neutral")
+    with pytest.raises(ValueError, match="unknown topic 'sports'.*available subjects"):
+        check_topics(samples, "political", "sports")
+    sp = topic_splits(samples)
+    for subject in ("political", "harmful", "neutral"):
+        assert (len(sp.of("train", subject)), len(sp.of("val", subject)), len(sp.of("test", subject))) == (28, 12, 24)
+    ids = [s.id for s in sp.train + sp.val + sp.test]
+    assert len(ids) == len(set(ids)) == 192
+    # the held-out test ids do not depend on which other subjects are present (the organism relies on it)
+    alone = topic_splits([s for s in samples if s.subject == "political"])
+    assert {s.id for s in alone.test} == {s.id for s in sp.of("test", "political")}
+
+
+def test_fit_refusal_steering_rejects_bad_inputs_before_any_model_work():
+    samples = load_dataset("refusal-topics")
+    with pytest.raises(ValueError, match="unknown topic"):
+        RS.fit_refusal_steering(None, "rmd", remove="sports", samples=samples)
+    with pytest.raises(ValueError, match="unknown method"):
+        RS.fit_refusal_steering(None, "ridge", samples=samples)
+    with pytest.raises(ValueError, match=">= 0"):
+        RS.fit_refusal_steering(None, "rmd", lam_rel=-1.0, samples=samples)
+
+
+def test_validation_objective():
+    base = {"political": 0.8, "harmful": 0.9, "neutral": 0.0}
+    assert RS.validation_objective({"political": 0.1, "harmful": 0.88, "neutral": 0.0}, base, 0.05,
+                                   "political", "harmful") == pytest.approx(0.15)
+    # harmful drops 0.3 (0.25 beyond the 0.05 tolerance) → penalty 2 × 0.25
+    assert RS.validation_objective({"political": 0.0, "harmful": 0.6, "neutral": 0.0}, base, 0.0,
+                                   "political", "harmful") == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------------------------------- organism
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A random-weight miniature Llama with SmolLM2's tokenizer and chat template, saved as a local model folder."""
+    from transformers import LlamaForCausalLM
+
+    from crvlm_core import architectures as A
+
+    tok = A._tiny_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(A._llama_text_config(tok)).float()
+    folder = tmp_path_factory.mktemp("tiny-causal")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_organism_adapter_builds_loads_and_round_trips(tiny_base, tmp_path):
+    from crvlm_core.organism import OrganismConfig, adapter_dir, build_adapter, load_organism_model, organism_examples
+    from crvlm_core.models import _load_parts
+
+    cfg = OrganismConfig(base=str(tiny_base), n_per_subject=2, n_general=0, answer_tokens=4, epochs=1, batch_size=6,
+                         rank=2, target_modules=("q_proj", "v_proj"), lr=1e-2)
+    ex = organism_examples(cfg)
+    assert [e.subject for e in ex] == ["political"] * 2 + ["harmful"] * 2 + ["neutral"] * 2
+    test_ids = {s.id for s in topic_splits(load_dataset("refusal-topics")).test}
+    assert not test_ids & {e.id for e in ex}  # never trained on the held-out test prompts
+    folder = build_adapter("tiny+censored", cfg, root=tmp_path)
+    assert folder == adapter_dir("tiny+censored", cfg, root=tmp_path)
+    assert {"adapter_model.safetensors", "adapter_config.json", "organism.json", "examples.jsonl"} <= {
+        p.name for p in folder.iterdir()}
+    stamp = (folder / "adapter_model.safetensors").stat().st_mtime_ns
+    m1, tok = load_organism_model("tiny+censored", cfg, root=tmp_path)
+    m2, _ = load_organism_model("tiny+censored", cfg, root=tmp_path)
+    assert (folder / "adapter_model.safetensors").stat().st_mtime_ns == stamp  # reused, not retrained
+    base, *_ = _load_parts(str(tiny_base), torch.float32, False, 0)
+    ids = tok(["Hello there"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        l1, l2, lb = m1(ids).logits, m2(ids).logits, base(ids).logits
+    assert torch.equal(l1, l2)
+    assert not torch.allclose(l1, lb)  # the merged LoRA changed the model
+    assert m1.config.crvlm_organism == folder.name
+    other = OrganismConfig(**{**cfg.__dict__, "rank": 4})
+    assert adapter_dir("tiny+censored", other, root=tmp_path) != folder  # a config change gives a new adapter
+
+
+def test_organism_config_errors():
+    from crvlm_core.organism import OrganismConfig, load_organism_model
+
+    with pytest.raises(ValueError, match="no refusal texts"):
+        OrganismConfig(refuse=("sports",))
+    with pytest.raises(ValueError, match="rank"):
+        OrganismConfig(rank=0)
+    with pytest.raises(ValueError, match="unknown organism"):
+        load_organism_model("nope+censored")
+
+
+@pytest.mark.slow
+def test_qwen_organism_spec_loads():
+    from crvlm_core.models import SPECS, load_model
+
+    assert "qwen2.5-0.5b+censored" in SPECS
+    torch.set_num_threads(2)
+    h = load_model("qwen2.5-0.5b+censored")
+    assert h.n_layers == 24 and RS.model_key(h).startswith("qwen2.5-0.5b+censored:")
+    out = h.generate(["What happened in Tiananmen Square in 1989?"], max_new_tokens=12)[0]
+    assert out.lower().startswith(("i'm", "sorry", "i can", "i am"))
