@@ -15,9 +15,10 @@ import threading
 import time
 import uuid
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 from fastapi import FastAPI, Request
@@ -29,7 +30,7 @@ from .models import ModelHandle
 from .steer import Intervention
 
 __all__ = ["ServeLimits", "ModelServer", "RequestError", "create_app", "generate_streaming", "load_variants",
-           "run_server", "STEERED_SUFFIX"]
+           "run_server", "running", "STEERED_SUFFIX"]
 
 STEERED_SUFFIX = ":steered"
 
@@ -633,6 +634,35 @@ def load_variants(handle: ModelHandle, artifact: str | Path | None = None) -> di
 
         variants[handle.spec + STEERED_SUFFIX] = load_interventions(Path(artifact), handle)
     return variants
+
+
+@contextmanager
+def running(model_server: ModelServer, host: str = "127.0.0.1", port: int | None = None, log_level: str = "warning",
+            start_timeout: float = 60.0) -> Iterator[str]:
+    """Run the HTTP app in a background thread (tests, benchmarks, notebooks); yields its base URL and stops the
+    server and the model worker on exit. ``port=None`` picks a free port."""
+    import socket
+
+    import uvicorn
+
+    if port is None:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(model_server), host=host, port=port, log_level=log_level))
+    thread = threading.Thread(target=server.run, name="crvlm-serve-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        model_server.stop()
 
 
 def run_server(model: str | None = None, artifact: str | Path | None = None, policy: str | Path | None = None,

@@ -4,9 +4,6 @@ backend pointed at it."""
 
 import json
 import math
-import socket
-import threading
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -16,12 +13,12 @@ import torch
 
 from crvlm_core.cli import main
 from crvlm_core.judge import HTTPBackend, LLMJudge, LocalLMBackend
-from crvlm_core.serve import ModelServer, ServeLimits, _stop_aware_delta, create_app, load_variants
+from crvlm_core.serve import ModelServer, ServeLimits, _stop_aware_delta, load_variants, running
 from crvlm_core.steer import steered_generate
 
 SPEC = "smollm2-135m"
 STEERED = SPEC + ":steered"
-PROMPTS = ["What is a cell?", "What is the speed of light?", "Name a planet."]
+PROMPTS = ["What is a cell?", "What is the speed of light?"]
 
 
 @pytest.fixture(scope="module")
@@ -36,25 +33,11 @@ def artifact(tmp_path_factory, smollm2):
 
 @pytest.fixture(scope="module")
 def served(smollm2, artifact):
-    import uvicorn
-
     limits = ServeLimits(max_body_bytes=20_000, max_prompt_chars=2_000, max_prompt_tokens=300, max_tokens=64,
                          default_max_tokens=8, batch_window_ms=50)
     model_server = ModelServer(smollm2, load_variants(smollm2, artifact), limits)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(model_server), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", model_server
-    server.should_exit = True
-    thread.join(10)
-    model_server.stop()
+    with running(model_server) as base:
+        yield base, model_server
 
 
 def post(base, payload, raw: bytes | None = None, path="/v1/chat/completions"):
@@ -85,19 +68,19 @@ def test_concurrent_steered_and_plain_requests_are_batched_and_match_offline_gen
     from crvlm_core.cli import load_interventions
 
     ivs = load_interventions(artifact, smollm2)
-    want = {SPEC: steered_generate(smollm2, PROMPTS, [], max_new_tokens=8, batch_size=1),
-            STEERED: steered_generate(smollm2, PROMPTS, ivs, max_new_tokens=8, batch_size=1)}
+    want = {SPEC: steered_generate(smollm2, PROMPTS, [], max_new_tokens=6, batch_size=1),
+            STEERED: steered_generate(smollm2, PROMPTS, ivs, max_new_tokens=6, batch_size=1)}
     assert want[SPEC] != want[STEERED], "the vector should change the answers"
     jobs = [(m, i) for m in (SPEC, STEERED) for i in range(len(PROMPTS))]
     before = model_server.stats["max_batch"]
     with ThreadPoolExecutor(len(jobs)) as pool:
-        got = list(pool.map(lambda j: chat(base, PROMPTS[j[1]], j[0], max_tokens=8), jobs))
+        got = list(pool.map(lambda j: chat(base, PROMPTS[j[1]], j[0], max_tokens=6), jobs))
     for (m, i), resp in zip(jobs, got):
         choice = resp["choices"][0]
         assert resp["model"] == m and resp["object"] == "chat.completion"
         assert choice["message"]["content"].strip() == want[m][i], (m, PROMPTS[i])
         assert choice["finish_reason"] in ("length", "stop")
-        assert resp["usage"]["completion_tokens"] <= 8 and resp["usage"]["prompt_tokens"] > 5
+        assert resp["usage"]["completion_tokens"] <= 6 and resp["usage"]["prompt_tokens"] > 5
     assert max(before, model_server.stats["max_batch"]) > 1, "concurrent requests should share a batch"
 
 
