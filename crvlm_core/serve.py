@@ -35,6 +35,30 @@ __all__ = ["ServeLimits", "ModelServer", "RequestError", "create_app", "generate
 STEERED_SUFFIX = ":steered"
 
 
+def _import_anyio_backend() -> None:
+    """Import anyio's asyncio backend (which sse-starlette loads lazily at the first stream) now, with nnsight's
+    process-wide ``object.save`` lifted meanwhile: anyio's typed-attribute classes reject any attribute they do
+    not declare, and would fail with "Attribute 'save' is missing its type annotation"."""
+    import sys
+
+    if "anyio._backends._asyncio" in sys.modules:
+        return
+    mounted = object.__dict__.get("save")
+    unmount = mount = None
+    if mounted is not None:
+        from nnsight._c import mount, unmount
+    if unmount is not None:
+        unmount("save")
+    try:
+        import anyio._backends._asyncio  # noqa: F401
+    finally:
+        if mount is not None:
+            mount(mounted, "save")
+
+
+_import_anyio_backend()
+
+
 @dataclass
 class ServeLimits:
     """Bounds on what one request may ask for and how requests are batched.

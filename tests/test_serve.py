@@ -197,3 +197,42 @@ def test_limits_are_validated():
         ServeLimits(max_tokens=0)
     with pytest.raises(ValueError, match="default_max_tokens"):
         ServeLimits(max_tokens=8, default_max_tokens=16)
+
+
+def test_cli_serve_in_a_fresh_process_streams(tmp_path):
+    """`crvlm serve` as a user starts it (a process of its own, a tiny VLM): models, a streamed answer, shutdown."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "crvlm_core.cli", "serve", "--model", "tiny-llava", "--port",
+                             str(port)], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as resp:
+                    if json.loads(resp.read())["status"] == "ok":
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "crvlm serve did not come up"
+            time.sleep(0.5)
+        req = urllib.request.Request(base + "/v1/chat/completions", method="POST",
+                                     headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"model": "tiny-llava", "max_tokens": 3, "stream": True,
+                                                      "messages": [{"role": "user", "content": "Hi"}]}).encode())
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            lines = [l.decode().strip() for l in resp if l.strip()]
+        assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
