@@ -8,10 +8,10 @@ import pytest
 import torch
 import yaml
 
-from crvlm_core.cli import main
+from crvlm_core.cli import load_interventions, main
 from crvlm_core.models import load_model
 from crvlm_core.policies import (PolicyError, PolicySteering, compose_gates, decide, evaluate_policy, fit_policy,
-                                 load_policy, load_policy_steering, parse_policy, policy_data)
+                                 fitted_artifact, load_policy, load_policy_steering, parse_policy, policy_data)
 from crvlm_core.steer import steered_logits
 
 EXAMPLE = {
@@ -146,3 +146,13 @@ def test_cli_fit_and_eval_policy(tmp_path):
     with pytest.raises(SystemExit) as exc:  # the artifact folder alone works too
         main(["eval", "--artifact", str(tmp_path / "art"), "--max-new-tokens", "2", "--out", str(tmp_path / "ev2")])
     assert exc.value.code == 0
+    # what `crvlm serve --policy FILE` serves: the file's artifact, loaded like any `crvlm fit` folder
+    assert fitted_artifact(tmp_path / "policy.yaml") == tmp_path / "art"
+    (iv,) = load_interventions(tmp_path / "art", load_model("tiny-llava"))
+    assert isinstance(iv, PolicySteering)
+    (tmp_path / "unfitted.yaml").write_text(yaml.safe_dump({**EXAMPLE, "artifact": "nothing"}))
+    with pytest.raises(PolicyError, match="not fitted yet"):
+        fitted_artifact(tmp_path / "unfitted.yaml")
+    (tmp_path / "nowhere.yaml").write_text(yaml.safe_dump(EXAMPLE))
+    with pytest.raises(PolicyError, match="no `artifact:` folder"):
+        fitted_artifact(tmp_path / "nowhere.yaml")
