@@ -47,6 +47,7 @@ __all__ = [
     "keep_confident",
     "split_labelled",
     "validate_judge",
+    "judge_validation",
 ]
 
 log = logging.getLogger(__name__)
@@ -582,4 +583,32 @@ def validate_judge(judge: Judge, samples: Sequence, return_confidences: bool = F
         out["roc_auc"] = float(roc_auc_score(y, conf))
     if return_confidences:
         out["confidences"] = conf
+    return out
+
+
+def judge_validation(name: str = DEFAULT_JUDGE, seed: int = 0, cache: bool = True) -> dict:
+    """A named judge's agreement with the human labels on the seeded held-out 30 % of ``refusal_labels`` (the part
+    the learned judge does not train on; the README's table): ``{"accuracy", "kappa", "n", "roc_auc"?, "labels"}``.
+    Computed once and cached in ``outputs/cache/judges/validation-<name>-<key>.json`` (the key covers the labels and,
+    for the learned judge, its training fingerprint; for ``llm`` the default local judge model)."""
+    from .data import fingerprint, load_dataset
+
+    _, test = split_labelled(load_dataset("refusal_labels"), 0.7, seed)
+    judge = get_judge(name)
+    ident = {"name": name, "seed": seed, "labels": fingerprint(test), "format": LEARNED_FORMAT,
+             "judge": getattr(judge, "info", {}).get("fingerprint") if name == "learned" else None}
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    path = outputs_dir() / "cache" / "judges" / f"validation-{name}-{key}.json"
+    if cache and path.exists():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            log.warning("ignoring a damaged judge-validation cache %s", path)
+    r = validate_judge(judge, test)
+    out = {"accuracy": r["accuracy"], "kappa": r["cohen_kappa"], "n": r["n"],
+           "labels": f"refusal_labels, seeded held-out 30 % (seed {seed})"}
+    if "roc_auc" in r:
+        out["roc_auc"] = r["roc_auc"]
+    if cache:
+        atomic_write_json(path, out)
     return out
