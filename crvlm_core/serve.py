@@ -14,7 +14,6 @@ import queue
 import threading
 import time
 import uuid
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,11 +203,10 @@ def generate_streaming(handle: ModelHandle, enc: dict, interventions: Sequence[I
     """
     from transformers import StoppingCriteriaList
 
-    from .steer import _apply_all, _prepared, _validated
+    from .steer import _generate_batch, _prepared, _validated
 
     table = _validated(handle, interventions)
-    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False,
-                                  pad_token_id=handle.tokenizer.pad_token_id)
+    kwargs: dict[str, Any] = {}
     if streamer is not None:
         kwargs["streamer"] = streamer
     if stopping_criteria is not None:
@@ -220,17 +218,7 @@ def generate_streaming(handle: ModelHandle, enc: dict, interventions: Sequence[I
             head = handle.hf_model.get_output_embeddings()
             hook = head.register_forward_hook(lambda _m, _i, out: on_logits(out[:, -1].detach()))
         try:
-            if not table:
-                return handle.hf_model.generate(**enc, **kwargs).cpu()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with handle.model.generate(**kwargs) as tracer:
-                    with tracer.invoke(enc):
-                        for _ in tracer.all():
-                            _apply_all(handle, table)
-                    with tracer.invoke():
-                        ids = tracer.result.save()
-            return ids.detach().cpu()
+            return _generate_batch(handle, enc, table, max_new_tokens, **kwargs)
         finally:
             if hook is not None:
                 hook.remove()
@@ -476,14 +464,13 @@ class ModelServer:
 
     # -- worker ---------------------------------------------------------------------------------------------------
     def _run(self) -> None:
-        window = self.limits.batch_window_ms / 1000
         while not self._stop.is_set():
             try:
                 first = self._queue.get(timeout=0.1)
             except queue.Empty:
                 continue
             batch = [first]
-            deadline = time.monotonic() + window
+            deadline = time.monotonic() + self.limits.batch_window_ms / 1000
             while len(batch) < self.limits.max_batch_size:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

@@ -5,6 +5,7 @@ Also the refusal score: log-odds of refusal-start tokens at the first decoding s
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -237,10 +238,13 @@ def _accepts_logits_to_keep(handle: ModelHandle) -> bool:
 @torch.no_grad()
 def steered_generate(handle: ModelHandle, prompts: Sequence[str], interventions: Sequence[Intervention] = (),
                      images: Sequence | None = None, system: str | None = None, max_new_tokens: int = 32,
-                     batch_size: int = 8, progress: bool = False, return_ids: bool = False) -> list[str]:
+                     batch_size: int = 8, progress: bool = False, return_ids: bool = False,
+                     backend: str | None = None) -> list[str]:
     """Greedy generation with the interventions applied at every step (the prompt pass and each new token).
 
     Prompts are batched ``batch_size`` at a time with left padding. With no interventions this is the plain model.
+    ``backend``: ``"hooks"`` (plain PyTorch forward hooks around ``generate``, the default: no per-module tracing
+    cost) or ``"nnsight"`` (``tracer.all()``); both give the same tokens (tests/test_extract_steer.py).
     """
     prompts = list(prompts)
     if not prompts:
@@ -253,16 +257,54 @@ def steered_generate(handle: ModelHandle, prompts: Sequence[str], interventions:
         imgs = [images[k] for k in idx] if has_img else None
         enc = handle.build_inputs([prompts[k] for k in idx], imgs, system)
         with _prepared(handle, interventions, enc):
-            ids = _generate_batch(handle, enc, table, max_new_tokens)
+            ids = _generate_batch(handle, enc, table, max_new_tokens, backend=backend)
         for k, text in zip(idx, handle.decode_new(ids, enc["input_ids"].shape[1])):
             texts[k] = text
     return texts
 
 
-def _generate_batch(handle: ModelHandle, enc: dict, table: dict, max_new_tokens: int) -> torch.Tensor:
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=handle.tokenizer.pad_token_id)
+#: Default of ``steered_generate(backend=...)``.
+GENERATE_BACKEND = "hooks"
+GENERATE_BACKENDS = ("hooks", "nnsight")
+
+
+def _layer_hook(layer: int, ivs: list[Intervention]):
+    """A forward hook rewriting decoder layer ``layer``'s output (a tensor, or a tuple whose first item is one)."""
+
+    def hook(_module, _inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        for iv in ivs:
+            hidden = iv.apply(layer, hidden)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    return hook
+
+
+@contextmanager
+def hooked(handle: ModelHandle, table: dict[int, list[Intervention]]):
+    """``with hooked(handle, table):`` — the interventions as plain forward hooks on the decoder layers, for any
+    forward or ``generate`` of ``handle.hf_model`` inside the block (outside any nnsight trace)."""
+    hooks = [handle.torch_layers[layer].register_forward_hook(_layer_hook(layer, ivs)) for layer, ivs in table.items()]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _generate_batch(handle: ModelHandle, enc: dict, table: dict, max_new_tokens: int, backend: str | None = None,
+                    **gen_kwargs) -> torch.Tensor:
+    """Greedy generation of one prepared batch; ``gen_kwargs`` (e.g. a streamer) go to ``generate``."""
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=handle.tokenizer.pad_token_id,
+                  **gen_kwargs)
+    backend = backend or GENERATE_BACKEND
+    if backend not in GENERATE_BACKENDS:
+        raise ValueError(f"unknown generation backend {backend!r}; choose from {GENERATE_BACKENDS}")
     if not table:
         return handle.hf_model.generate(**enc, **kwargs).cpu()
+    if backend == "hooks":
+        with hooked(handle, table):
+            return handle.hf_model.generate(**enc, **kwargs).cpu()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with handle.model.generate(**kwargs) as tracer:

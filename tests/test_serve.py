@@ -67,21 +67,26 @@ def test_concurrent_steered_and_plain_requests_are_batched_and_match_offline_gen
     base, model_server = served
     from crvlm_core.cli import load_interventions
 
+    # the same batches as the server makes of these requests: one per model name, both prompts left-padded together
     ivs = load_interventions(artifact, smollm2)
-    want = {SPEC: steered_generate(smollm2, PROMPTS, [], max_new_tokens=6, batch_size=1),
-            STEERED: steered_generate(smollm2, PROMPTS, ivs, max_new_tokens=6, batch_size=1)}
+    want = {SPEC: steered_generate(smollm2, PROMPTS, [], max_new_tokens=6, batch_size=2),
+            STEERED: steered_generate(smollm2, PROMPTS, ivs, max_new_tokens=6, batch_size=2)}
     assert want[SPEC] != want[STEERED], "the vector should change the answers"
     jobs = [(m, i) for m in (SPEC, STEERED) for i in range(len(PROMPTS))]
-    before = model_server.stats["max_batch"]
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        got = list(pool.map(lambda j: chat(base, PROMPTS[j[1]], j[0], max_tokens=6), jobs))
+    batches_before = model_server.stats["batches"]
+    model_server.limits.batch_window_ms = 3000  # gather all four requests, however loaded the machine is
+    try:
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            got = list(pool.map(lambda j: chat(base, PROMPTS[j[1]], j[0], max_tokens=6), jobs))
+    finally:
+        model_server.limits.batch_window_ms = 50
+    assert model_server.stats["batches"] - batches_before == 2, "one batch per model name"
     for (m, i), resp in zip(jobs, got):
         choice = resp["choices"][0]
         assert resp["model"] == m and resp["object"] == "chat.completion"
         assert choice["message"]["content"].strip() == want[m][i], (m, PROMPTS[i])
         assert choice["finish_reason"] in ("length", "stop")
         assert resp["usage"]["completion_tokens"] <= 6 and resp["usage"]["prompt_tokens"] > 5
-    assert max(before, model_server.stats["max_batch"]) > 1, "concurrent requests should share a batch"
 
 
 def test_streaming_chunks_add_up_to_the_answer(served):
