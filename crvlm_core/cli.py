@@ -42,28 +42,16 @@ def _subjects(text: str | None) -> list[str]:
 
 
 def _scoped_split(source: str, in_scope: list[str], out_scope: list[str], part: str, n: int | None, seed: int):
-    from .data import assign_scope, load_dataset, split
+    from .data import assign_scope, load_dataset, split, take_per_scope
 
     samples = load_dataset(source)
     if in_scope or out_scope:
         samples = assign_scope(samples, in_scope=in_scope, out_scope=out_scope or None)
     if part == "all":
-        return samples[:] if n is None else _take(samples, n)
+        return samples[:] if n is None else take_per_scope(samples, n)
     train, test = split(samples, n_train=None, n_test=None, test_fraction=0.5, seed=seed)
     chosen = train if part == "train" else test
-    return chosen if n is None else _take(chosen, n)
-
-
-def _take(samples, n_per_scope: int):
-    """At most ``n_per_scope`` samples of each scope (order kept; the split already shuffled them)."""
-    counts: dict = {}
-    kept = []
-    for s in samples:
-        key = s.scope
-        if counts.get(key, 0) < n_per_scope:
-            kept.append(s)
-            counts[key] = counts.get(key, 0) + 1
-    return kept
+    return chosen if n is None else take_per_scope(chosen, n)
 
 
 def _write_outputs(out: Path, metrics: dict, rows: list[dict]) -> None:
@@ -81,6 +69,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         from .policies import cmd_fit_policy
 
         return cmd_fit_policy(args)
+    if args.remove:  # Refusal Steering: remove one topic's refusals, keep another's
+        from .refusal_steering import cli_fit
+
+        return cli_fit(args)
     in_scope, out_scope = _subjects(args.in_scope), _subjects(args.out_scope)
     if not in_scope:
         raise SystemExit("crvlm fit: --in-scope needs at least one subject (empty scope), or give --policy FILE")
@@ -166,6 +158,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not (art / FIT_JSON).exists():
             raise SystemExit(f"crvlm eval: {art} has no {FIT_JSON}: not a `crvlm fit` output folder")
         fit = json.loads((art / FIT_JSON).read_text())
+        if fit.get("kind") == "refusal-steering":
+            from .refusal_steering import cli_eval
+
+            return cli_eval(args, fit)
     model = args.model or fit.get("model")
     if not model:
         raise SystemExit("crvlm eval: give --artifact DIR or --model SPEC")
@@ -230,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fit", help="fit a refusal vector and save it as an artifact folder")
     f.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL}; see `crvlm models`)")
-    f.add_argument("--method", default="teacher-forced", choices=list(METHODS) + ["crvlm"],
-                   help="a refusal-vector method, or crvlm (teacher-forced vector + calibrator)")
+    f.add_argument("--method", default="teacher-forced", choices=list(METHODS) + ["crvlm", "rmd", "wrmd"],
+                   help="a refusal-vector method, or crvlm (teacher-forced vector + calibrator); with --remove: "
+                        "mean-diff, rmd or wrmd (Refusal Steering)")
     f.add_argument("--train", default="mmlu", help="bundled dataset name or a JSONL file")
     f.add_argument("--in-scope", default=None, help="subjects the model should answer, comma separated")
     f.add_argument("--policy", default=None, help="a policy YAML (several constraints): fit what it needs")
@@ -254,6 +251,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on sampled prompt-token states (default) or only the last prompt token (the paper)")
     c.add_argument("--behavioural-epochs", type=int, default=1,
                    help="then fine-tune on the refusal's cross-entropy out of scope and KL in scope (default 1 epoch; 0: off)")
+    r = f.add_argument_group("Refusal Steering (--remove; --train defaults to refusal-topics)")
+    r.add_argument("--remove", default=None, help="subject whose refusals to remove (e.g. political)")
+    r.add_argument("--keep", default="harmful", help="subject whose refusals to keep")
+    r.add_argument("--neutral", default="neutral", help="subject answered before and after (KL, compliant side)")
+    r.add_argument("--k", type=int, default=3, help="sampled responses per prompt scored by the judge")
+    r.add_argument("--tau", type=float, default=0.5, help="keep prompts with |judge confidence| >= tau")
+    r.add_argument("--score-judge", default="learned", choices=["keyword", "learned", "llm"])
+    r.add_argument("--n-layers-steer", type=int, default=3)
+    r.add_argument("--operation", choices=["subtract", "project_out"], default="subtract")
+    r.add_argument("--search-by", choices=["score", "generate"], default="score",
+                   help="α search on the first-token refusal score (cheap) or on judged generations")
+    r.add_argument("--ridge-lambda-rel", type=float, default=None,
+                   help="rmd/wrmd: λ as a multiple of tr(Σ)/d (default: chosen by cross-fitting)")
+    r.add_argument("--n-val", type=int, default=12, help="validation prompts per subject (α search)")
+    r.add_argument("--n-holdout", type=int, default=24, help="held-out test prompts per subject (never fitted on)")
     f.add_argument("--n-train", type=int, default=200, help="training samples per scope (paper: 200)")
     f.add_argument("--split", choices=["train", "test", "all"], default="train")
     f.add_argument("--seed", type=int, default=42)

@@ -30,6 +30,7 @@ __all__ = [
     "read_jsonl",
     "scope_dataset",
     "split",
+    "take_per_scope",
 ]
 
 DATASETS_DIR = Path(__file__).parent / "datasets"
@@ -398,6 +399,20 @@ def split(
         train.extend(group[:k_train])
         test.extend(group[k_train : k_train + k_test])
     return train, test
+
+
+def take_per_scope(samples: Iterable[Sample], n: int) -> list[Sample]:
+    """At most ``n`` samples of each scope, order kept (a split is already shuffled, so this is a seeded subset:
+    the first ``n`` of a larger split's test part are a subset of that test part)."""
+    if n < 0:
+        raise DataError(f"take_per_scope: n must be >= 0, got {n}")
+    counts: dict = {}
+    kept = []
+    for s in samples:
+        if counts.get(s.scope, 0) < n:
+            kept.append(s)
+            counts[s.scope] = counts.get(s.scope, 0) + 1
+    return kept
 
 
 def fingerprint(samples: Iterable[Sample]) -> str:

@@ -31,6 +31,7 @@ __all__ = [
     "evaluate",
     "EvalResult",
     "sweep",
+    "refusal_score_grid",
 ]
 
 #: Teacher-forcing prefixes (measured on Qwen2.5-0.5B, see README): the one-token pair "Sorry" / "Sure", read at
@@ -207,11 +208,13 @@ def _mean(values: Sequence[float]) -> float:
 
 def sweep(handle: ModelHandle, vector: V.SteeringVector, test: Sequence[Sample], layers: Sequence[int],
           alphas: Sequence[float], generate: bool = True, max_new_tokens: int = 16, batch_size: int = 8,
-          progress: Callable | None = None) -> list[dict]:
+          progress: Callable | None = None, judge: str = "keyword",
+          cache_dir: str | Path | None = None) -> list[dict]:
     """Layer × strength grid: refusal score (one forward) and, if ``generate``, judged refusal rates in/out.
 
     Returns one row per (layer, alpha) with ``layer, alpha, refusal_score_in/out`` and, when generating,
-    ``refusal_rate_out, over_refusal_in, mb_score``.
+    ``refusal_rate_out, over_refusal_in, mb_score`` and an example answer of each scope. With ``cache_dir``, each
+    generating cell is an :func:`evaluate` call cached there.
     """
     rows = []
     test = list(test)
@@ -219,17 +222,63 @@ def sweep(handle: ModelHandle, vector: V.SteeringVector, test: Sequence[Sample],
     grid = [(l, a) for l in layers for a in alphas]
     for layer, alpha in grid:
         iv = [AddVector(vector.directions, (handle.check_layer(layer),), alpha)]
-        scores = refusal_score(handle, [s.prompt for s in test], iv, batch_size=batch_size)
-        row = {"layer": layer, "alpha": alpha,
-               "refusal_score_out": _mean([float(x) for x, sc in zip(scores, scopes) if sc == "out"]),
-               "refusal_score_in": _mean([float(x) for x, sc in zip(scores, scopes) if sc == "in"])}
+        row = {"layer": layer, "alpha": alpha}
         if generate:
-            responses = steered_generate(handle, [s.prompt for s in test], iv, max_new_tokens=max_new_tokens,
-                                         batch_size=batch_size)
-            row.update(scope_metrics(judge_responses(responses, prompts=[s.prompt for s in test]), scopes))
-            row["example_out"] = next((r for r, sc in zip(responses, scopes) if sc == "out"), "")
-            row["example_in"] = next((r for r, sc in zip(responses, scopes) if sc == "in"), "")
+            res = evaluate(handle, test, iv, max_new_tokens=max_new_tokens, batch_size=batch_size, judge=judge,
+                           progress=False, cache_dir=cache_dir)
+            row.update({"refusal_score_out": res.metrics["mean_refusal_score_out"],
+                        "refusal_score_in": res.metrics["mean_refusal_score_in"],
+                        **{k: res.metrics[k] for k in ("refusal_rate_out", "over_refusal_in", "mb_score")}})
+            row["example_out"] = next((r["response"] for r in res.rows if r["scope"] == "out"), "")
+            row["example_in"] = next((r["response"] for r in res.rows if r["scope"] == "in"), "")
+        else:
+            scores = refusal_score(handle, [s.prompt for s in test], iv, batch_size=batch_size)
+            row.update({"refusal_score_out": _mean([float(x) for x, sc in zip(scores, scopes) if sc == "out"]),
+                        "refusal_score_in": _mean([float(x) for x, sc in zip(scores, scopes) if sc == "in"])})
         rows.append(row)
         if progress:
             progress(row)
+    return rows
+
+
+def refusal_score_grid(handle: ModelHandle, vector: V.SteeringVector, samples: Sequence[Sample], layers: Sequence[int],
+                       alphas: Sequence[float], batch_size: int = 8, cache_dir: str | Path | None = None,
+                       progress: bool = True) -> list[dict]:
+    """Per-prompt refusal scores with ``vector`` added at each single layer × strength (one forward per cell, no
+    generation), for plots and widgets that must not run the model in their callbacks.
+
+    Returns rows ``{layer, alpha, id, scope, subject, score}``; ``alpha = 0`` rows are the unsteered model (one
+    forward, shared by every layer). With ``cache_dir``, the grid is saved under a key of its inputs and reused.
+    """
+    from tqdm.auto import tqdm
+
+    samples = list(samples)
+    if not samples:
+        raise ValueError("refusal_score_grid: no samples (empty split)")
+    layers = [handle.check_layer(int(l)) for l in layers]
+    cache_file = None
+    if cache_dir is not None:
+        key = sha256_hex(json.dumps({"model": handle.spec, "vector": vector.fingerprint, "layers": layers,
+                                     "alphas": [float(a) for a in alphas], "batch_size": batch_size,
+                                     "samples": [[s.id, s.prompt] for s in samples],
+                                     "directions": sha256_hex(vector.directions.float().numpy().tobytes())}))
+        cache_file = Path(cache_dir) / f"score-grid-{key[:24]}.json"
+        if cache_file.exists():
+            return json.loads(cache_file.read_text())
+    prompts = [s.prompt for s in samples]
+    unsteered = None
+    rows = []
+    cells = [(l, float(a)) for l in layers for a in alphas]
+    for layer, alpha in tqdm(cells, desc="refusal-score grid", disable=not progress):
+        if alpha == 0.0:
+            if unsteered is None:
+                unsteered = refusal_score(handle, prompts, [], batch_size=batch_size)
+            scores = unsteered
+        else:
+            scores = refusal_score(handle, prompts, [AddVector(vector.directions, (layer,), alpha)],
+                                   batch_size=batch_size)
+        rows += [{"layer": layer, "alpha": alpha, "id": s.id, "scope": s.scope, "subject": s.subject,
+                  "score": float(x)} for s, x in zip(samples, scores)]
+    if cache_file is not None:
+        atomic_write_json(cache_file, rows)
     return rows

@@ -16,7 +16,10 @@ import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
 
 __all__ = ["save_figure", "plot_vector_norms", "plot_method_cosines", "plot_sweep_heatmap", "plot_method_metrics",
-           "plot_refusal_scores"]
+           "plot_refusal_scores", "plot_calibration_pca", "plot_score_distributions", "plot_mb_with_ci",
+           "plot_ablation", "plot_layer_explorer"]
+
+SCOPE_NAMES = {"in": "in-scope", "out": "out-of-scope"}
 
 
 def save_figure(fig, path_stem: str | Path) -> list[Path]:
@@ -91,4 +94,86 @@ def plot_refusal_scores(scores_in: Sequence[float], scores_out: Sequence[float],
     sns.histplot(df, x="refusal score", hue="scope", bins=20, element="step", ax=ax)
     ax.axvline(0, color="grey", lw=0.8)
     ax.set(title=title, xlabel="log-odds of a refusal start at the first decoding step", ylabel="prompts")
+    return fig
+
+
+def _pca_frame(original: torch.Tensor, calibrated: torch.Tensor | None, scopes: Sequence[str]) -> tuple[pd.DataFrame, list]:
+    """Two principal components fitted on the original (and calibrated) states; rows labelled by scope and state."""
+    from sklearn.decomposition import PCA
+
+    parts = [original.float()] + ([calibrated.float()] if calibrated is not None else [])
+    stacked = torch.cat(parts).numpy()
+    pca = PCA(n_components=2, random_state=0).fit(stacked)
+    xy = pca.transform(stacked)
+    kinds = ["original"] * len(original) + (["calibrated"] * len(calibrated) if calibrated is not None else [])
+    scope_names = [SCOPE_NAMES.get(s, s) for s in scopes] * len(parts)
+    frame = pd.DataFrame({"PC1": xy[:, 0], "PC2": xy[:, 1], "scope": scope_names, "state": kinds})
+    return frame, list(pca.explained_variance_ratio_)
+
+
+def plot_calibration_pca(original: torch.Tensor, calibrated: torch.Tensor | None, scopes: Sequence[str], title: str,
+                         ax=None):
+    """CR-VLM Figure 4: the first two principal components of last-token states, original (circles) vs calibrated
+    (crosses), coloured by scope. ``original``/``calibrated`` are ``[n, d]``; ``calibrated`` may be None."""
+    frame, var = _pca_frame(original, calibrated, scopes)
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 4.4))
+    sns.scatterplot(frame, x="PC1", y="PC2", hue="scope", style="state", markers={"original": "o", "calibrated": "X"},
+                    hue_order=["in-scope", "out-of-scope"], alpha=0.75, ax=ax)
+    ax.set(title=title, xlabel=f"PC1 ({var[0]:.0%} of variance)", ylabel=f"PC2 ({var[1]:.0%} of variance)")
+    ax.legend(fontsize=7)
+    return fig or ax.figure
+
+
+def plot_score_distributions(rows: pd.DataFrame, title: str = "Refusal score at the first decoding step"):
+    """CR-VLM Figures 13–14: refusal-score histograms of in- vs out-of-scope prompts, one panel per method.
+    ``rows`` has columns ``method, scope ('in'/'out'), score``."""
+    df = rows.assign(scope=rows["scope"].map(lambda s: SCOPE_NAMES.get(s, s)))
+    g = sns.displot(df, x="score", hue="scope", col="method", col_wrap=min(3, df["method"].nunique()), bins=20,
+                    element="step", height=2.8, aspect=1.25, hue_order=["in-scope", "out-of-scope"],
+                    facet_kws={"sharey": False})
+    for ax in g.axes.flat:
+        ax.axvline(0, color="grey", lw=0.8)
+    g.set_axis_labels("refusal log-odds", "prompts")
+    g.set_titles("{col_name}")
+    g.figure.suptitle(title, y=1.03)
+    return g.figure
+
+
+def plot_mb_with_ci(table: pd.DataFrame, title: str = "MB-score per method (95 % bootstrap CI)"):
+    """CR-VLM Figure 3: MB-score bars per method with confidence intervals. ``table`` has columns ``method, mb_score,
+    mb_lo, mb_hi``."""
+    t = table.reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(t), 3.8))
+    sns.barplot(t, x="method", y="mb_score", color=sns.color_palette()[0], ax=ax)
+    lo = (t["mb_score"] - t["mb_lo"]).clip(lower=0)
+    hi = (t["mb_hi"] - t["mb_score"]).clip(lower=0)
+    ax.errorbar(range(len(t)), t["mb_score"], yerr=[lo, hi], fmt="none", ecolor="black", capsize=4, lw=1)
+    for i, v in enumerate(t["mb_score"]):
+        ax.text(i, min(v + 0.03, 1.02), f"{v:.2f}", ha="center", fontsize=8)
+    ax.set(title=title, xlabel="", ylabel="MB-score = 2R(1−ORR)/(R+1−ORR)", ylim=(0, 1.08))
+    ax.tick_params(axis="x", rotation=25)
+    return fig
+
+
+def plot_ablation(table: pd.DataFrame, title: str = "CR-VLM ablations (held-out MMLU)"):
+    """R / ORR / MB per ablation variant: ``table`` has columns ``variant, refusal_rate_out, over_refusal_in,
+    mb_score``."""
+    return plot_method_metrics(table.rename(columns={"variant": "method"}), title)
+
+
+def plot_layer_explorer(original: torch.Tensor, calibrated: torch.Tensor | None, scopes: Sequence[str],
+                        scores_in: Sequence[float], scores_out: Sequence[float], layer: int, alpha: float):
+    """The layer explorer's view: PCA of the layer's last-token states (calibrated too, where that layer is steered)
+    beside the refusal-score histograms with the vector added at that layer and strength."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    plot_calibration_pca(original, calibrated, scopes, f"Last-token states at layer {layer}", ax=a)
+    df = pd.DataFrame({"refusal score": list(scores_in) + list(scores_out),
+                       "scope": ["in-scope"] * len(scores_in) + ["out-of-scope"] * len(scores_out)})
+    sns.histplot(df, x="refusal score", hue="scope", bins=20, element="step", ax=b,
+                 hue_order=["in-scope", "out-of-scope"])
+    b.axvline(0, color="grey", lw=0.8)
+    b.set(title=f"Refusal score, vector at layer {layer}, α = {alpha:g}", xlabel="refusal log-odds", ylabel="prompts")
+    fig.tight_layout()
     return fig

@@ -283,3 +283,16 @@ def test_scope_dataset_paper_sized_split():
     assert {s.subject for s in samples if s.scope == "out"} == {"physics", "chemistry"}
     train, test = split(samples, n_train=200, n_test=200)
     assert Counter(s.scope for s in train) == Counter(s.scope for s in test) == {"in": 200, "out": 200}
+
+
+def test_take_per_scope_is_a_prefix_of_a_larger_split():
+    from crvlm_core.data import take_per_scope
+
+    samples = assign_scope(load_dataset("mmlu"), in_scope=["biology"])
+    _, big = split(samples, n_train=10, n_test=6, seed=42)
+    small = take_per_scope(big, 2)
+    assert [s.scope for s in small].count("in") == 2 and [s.scope for s in small].count("out") == 2
+    assert all(s in big for s in small)
+    assert take_per_scope(big, 0) == []
+    with pytest.raises(DataError):
+        take_per_scope(big, -1)

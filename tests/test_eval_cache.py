@@ -58,3 +58,43 @@ def test_gate_off_holds_rho_for_every_row(smollm2):
     steering.release()
     _, rho_own, _ = cal(x[:, -1], 3)
     assert not torch.equal(rho_own.squeeze(-1), torch.ones(2))
+
+
+def test_sweep_generates_through_the_cached_evaluation(smollm2, tmp_path):
+    from crvlm_core.refusal_vectors import refusal_score_grid, sweep
+    from crvlm_core.vectors import SteeringVector
+
+    _, test = split(assign_scope(load_dataset("mmlu"), in_scope=["biology"]), n_train=1, n_test=1, seed=4)
+    vec = SteeringVector(directions=_vec(smollm2.n_layers, smollm2.hidden_size), method="test", layers=[5])
+    rows = sweep(smollm2, vec, test, [5], [0.5, 1.0], max_new_tokens=2, cache_dir=tmp_path)
+    assert [(r["layer"], r["alpha"]) for r in rows] == [(5, 0.5), (5, 1.0)]
+    assert all(0 <= r["refusal_rate_out"] <= 1 and isinstance(r["example_in"], str) for r in rows)
+    assert len(list(tmp_path.glob("eval-*.json"))) == 2
+    assert sweep(smollm2, vec, test, [5], [0.5, 1.0], max_new_tokens=2, cache_dir=tmp_path) == rows
+    grid = refusal_score_grid(smollm2, vec, test, [3, 5], [0.0, 1.0], cache_dir=tmp_path, progress=False)
+    assert len(grid) == 2 * 2 * len(test)
+    unsteered = [r["score"] for r in grid if r["alpha"] == 0.0]
+    assert unsteered[: len(test)] == unsteered[len(test):]  # α = 0 is the same unsteered forward for every layer
+    steered = {r["layer"]: r["score"] for r in grid if r["alpha"] == 1.0 and r["id"] == test[0].id}
+    assert steered[3] != steered[5]
+    assert refusal_score_grid(smollm2, vec, test, [3, 5], [0.0, 1.0], cache_dir=tmp_path, progress=False) == grid
+
+
+def test_calibrated_states_match_the_calibrator_on_extracted_states(smollm2):
+    from crvlm_core.calibrated_steering import fit_crvlm
+    from crvlm_core.extract import extract
+
+    train, test = split(assign_scope(load_dataset("mmlu"), in_scope=["biology"]), n_train=3, n_test=2, seed=42)
+    steering = fit_crvlm(smollm2, train, layers=[10], gate_layer=20, width=16, epochs=1, progress=False)
+    original, calibrated, rho = steering.calibrated_states(smollm2, test, cache=False)
+    assert original.shape == calibrated.shape == (len(test), 1, smollm2.hidden_size) and rho.shape == (len(test), 1)
+    acts = extract(smollm2, test, layers=[10, 20], cache=False, progress=False)
+    torch.testing.assert_close(original[:, 0], acts.at(10).float())
+    expected, expected_rho, _ = steering.calibrator(acts.at(10).float(), 10, acts.at(20).float())
+    torch.testing.assert_close(calibrated[:, 0], expected)
+    torch.testing.assert_close(rho[:, 0], expected_rho)
+    torch.testing.assert_close(steering.gate(smollm2, test), rho.mean(1))
+    from dataclasses import replace
+
+    _, off, off_rho = replace(steering, fixed_gate=1.0).calibrated_states(smollm2, test, cache=False)
+    assert torch.equal(off_rho, torch.ones_like(off_rho)) and not torch.allclose(off, calibrated)
