@@ -97,6 +97,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
         extra = {"gate_layer": steering.gate_layer, "epochs": args.epochs, "width": args.width,
                  "train_positions": args.train_positions, "behavioural_epochs": args.behavioural_epochs,
                  "final_losses": steering.info["final_losses"]}
+    elif args.method in _baselines():
+        from .baselines import fit_baseline
+
+        b = fit_baseline(handle, train, args.method, out, in_scope=in_scope, layers=layers, alpha=args.alpha,
+                         condition_layers=parse_layers(args.condition_layers), lora_rank=args.lora_rank,
+                         lora_steps=args.lora_steps, lora_lr=args.lora_lr, batch_size=args.batch_size, seed=args.seed)
+        layers_done, alpha = b.info.get("layers", []), b.info.get("alpha", 0.0)
+        fingerprint = b.info.get("fingerprint") or b.handle.spec
+        extra = {k: v for k, v in b.info.items() if k in ("system", "condition_layer", "threshold", "rank", "steps",
+                                                          "final_loss", "lora_layers")}
     else:
         from .refusal_vectors import fit_vector
 
@@ -127,6 +137,14 @@ def load_interventions(artifact: Path, handle, alpha: float | None = None, layer
         from .policies import load_policy_steering
 
         return [load_policy_steering(artifact, handle)]
+    if fit.get("method") in _baselines():
+        from .baselines import load_baseline
+
+        b = load_baseline(artifact, handle, alpha, layers)
+        if b.handle is not handle or b.system:
+            raise SystemExit(f"the {b.method} baseline is not an intervention (a system prompt or adapted weights): "
+                             "evaluate it with `crvlm eval --artifact`")
+        return b.interventions
     if fit.get("method") == "crvlm":
         from .calibrated_steering import load_calibrated
 
@@ -141,6 +159,12 @@ def load_interventions(artifact: Path, handle, alpha: float | None = None, layer
     vector = SteeringVector.load(artifact)
     vector.check_compatible(handle.n_layers, handle.hidden_size)
     return [from_vector(vector, alpha=alpha, layers=layers)]
+
+
+def _baselines() -> dict:
+    from .baselines import BASELINES
+
+    return BASELINES
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -166,7 +190,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not model:
         raise SystemExit("crvlm eval: give --artifact DIR or --model SPEC")
     handle = load_model(model)
-    if args.artifact:
+    system = None
+    if args.artifact and fit.get("method") in _baselines():  # a system prompt, adapted weights or interventions
+        from .baselines import load_baseline
+
+        b = load_baseline(Path(args.artifact), handle, args.alpha, parse_layers(args.layers))
+        handle, interventions, system = b.handle, b.interventions, b.system
+    elif args.artifact:
         interventions = load_interventions(Path(args.artifact), handle, args.alpha, parse_layers(args.layers))
     in_scope = _subjects(args.in_scope) or fit.get("in_scope", [])
     out_scope = _subjects(args.out_scope) or fit.get("out_scope", [])
@@ -175,8 +205,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else fit.get("seed", 42)
     test = _scoped_split(args.test, in_scope, out_scope, args.split, args.n_test, seed)
     result = evaluate(handle, test, interventions, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                      judge=args.judge)
-    metrics = {**result.metrics, "artifact": str(args.artifact) if args.artifact else None,
+                      judge=args.judge, system=system)
+    from .judge import judge_validation
+
+    metrics = {**result.metrics, "judge_validation": judge_validation(args.judge),
+               "artifact": str(args.artifact) if args.artifact else None,
                "method": fit.get("method", "unsteered"), "in_scope": in_scope, "test": args.test, "split": args.split,
                "layers": list(interventions[0].layers) if interventions else [],
                "alpha": getattr(interventions[0], "alpha", fit.get("alpha")) if interventions else 0.0}
@@ -218,6 +251,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import workbook
+    from .judge import DEFAULT_JUDGE
     from .models import DEFAULT_MODEL
     from .refusal_vectors import METHODS
 
@@ -226,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fit", help="fit a refusal vector and save it as an artifact folder")
     f.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL}; see `crvlm models`)")
-    f.add_argument("--method", default="teacher-forced", choices=list(METHODS) + ["crvlm", "rmd", "wrmd"],
+    f.add_argument("--method", default="teacher-forced", choices=list(METHODS) + ["crvlm", "rmd", "wrmd"] + list(_baselines()),
                    help="a refusal-vector method, or crvlm (teacher-forced vector + calibrator); with --remove: "
                         "mean-diff, rmd or wrmd (Refusal Steering)")
     f.add_argument("--train", default="mmlu", help="bundled dataset name or a JSONL file")
@@ -240,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--ridge-lambda", type=float, default=1.0)
     f.add_argument("--refusal-prefix", default=None, help='teacher-forcing refusal prefix (default "Sorry")')
     f.add_argument("--compliant-prefix", default=None, help='same-length compliant prefix (default "Sure")')
+    g = f.add_argument_group("baselines (--method system-prompt, persona, actadd, cast, lora)")
+    g.add_argument("--condition-layers", default=None, help="cast: candidate condition layers (default: all but 0)")
+    g.add_argument("--lora-rank", type=int, default=8)
+    g.add_argument("--lora-steps", type=int, default=48, help="lora: optimiser steps of batch 4")
+    g.add_argument("--lora-lr", type=float, default=5e-4)
     c = f.add_argument_group("CR-VLM calibrator (--method crvlm)")
     c.add_argument("--gate-layer", default="auto", help="prefill gate layer: auto (90%% depth), none (the paper's "
                    "gate on the steered layer's own state) or a layer number")
@@ -286,8 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=["train", "test", "all"], default="test")
     e.add_argument("--seed", type=int, default=None)
     e.add_argument("--max-new-tokens", type=int, default=24)
-    e.add_argument("--judge", default="keyword", choices=["keyword", "learned", "llm"],
-                   help="refusal judge (keyword: the documented phrase rule; see README for each judge's agreement)")
+    e.add_argument("--judge", default=DEFAULT_JUDGE, choices=["keyword", "learned", "llm"],
+                   help=f"refusal judge (default {DEFAULT_JUDGE}: the best offline judge against the human labels; "
+                        "keyword: the documented phrase rule); metrics.json records its validation accuracy and κ")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--out", required=True)
     e.set_defaults(func=cmd_eval)

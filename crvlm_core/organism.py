@@ -83,8 +83,8 @@ class OrganismConfig:
     test_per_subject: int = 24
     split_seed: int = 42
     general: str | None = "mmlu"
-    n_general: int = 8
-    answer_tokens: int = 24
+    n_general: int = 0
+    answer_tokens: int = 20
     rank: int = 8
     lora_alpha: int = 16
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -35,7 +35,7 @@ from .judge import Judge, aggregate_confidence, get_judge
 from .metrics import kl_to_unsteered, rates_by, unchanged_prefix_fraction
 from .models import ModelHandle
 from .paths import outputs_dir
-from .steer import AddVector, Intervention, ProjectOut, steered_generate, steered_logits
+from .steer import AddVector, Intervention, ProjectOut, refusal_score, steered_generate, steered_logits
 
 __all__ = [
     "METHODS",
@@ -45,6 +45,7 @@ __all__ = [
     "ScoredPrompt",
     "topic_splits",
     "check_topics",
+    "cap_per_subject",
     "sample_responses",
     "score_prompts",
     "select_confident",
@@ -64,6 +65,8 @@ __all__ = [
     "RefusalSteeringFit",
     "fit_refusal_steering",
     "model_key",
+    "cli_fit",
+    "cli_eval",
 ]
 
 METHODS = ("mean-diff", "rmd", "wrmd")
@@ -97,6 +100,17 @@ def topic_splits(samples: Sequence[Sample], n_val: int = 12, n_test: int = 24, s
     rest, test = split(samples, n_test=n_test, seed=seed, stratify_by="subject")
     train, val = split(rest, n_test=n_val, seed=seed + 1, stratify_by="subject") if n_val else (rest, [])
     return TopicSplits(train, val, test)
+
+
+def cap_per_subject(samples: Sequence[Sample], n: int) -> list[Sample]:
+    """At most ``n`` samples of each subject, order kept."""
+    counts: dict[str, int] = {}
+    out = []
+    for s in samples:
+        counts[s.subject] = counts.get(s.subject, 0) + 1
+        if counts[s.subject] <= n:
+            out.append(s)
+    return out
 
 
 def check_topics(samples: Sequence[Sample], *topics: str) -> None:
@@ -377,8 +391,13 @@ def _neutral_logits(handle: ModelHandle, prompts: Sequence[str], interventions: 
 
 def evaluate_condition(handle: ModelHandle, samples: Sequence[Sample], interventions: Sequence[Intervention] = (),
                        judge: str | Judge = "learned", neutral: str = "neutral", max_new_tokens: int = 24,
-                       batch_size: int = 8, unsteered: dict | None = None, progress: bool = False) -> dict:
+                       batch_size: int = 8, unsteered: dict | None = None, progress: bool = False,
+                       mode: str = "generate") -> dict:
     """Generate (steered), judge, and measure the change on the neutral prompts.
+
+    ``mode="score"`` replaces generation + judge by the first-token refusal score (one forward per batch,
+    :func:`crvlm_core.steer.refusal_score`; refused = log-odds > 0): ~10× cheaper, used for the strength search
+    on CPU; responses are then empty and ``unchanged_neutral`` is NaN.
 
     Returns ``refusal_rate_by_subject``, ``responses``, ``refused``, the neutral prompts' logits (``_logits``, kept
     for later comparisons) and, when ``unsteered`` (this function's result without interventions) is given,
@@ -386,12 +405,17 @@ def evaluate_condition(handle: ModelHandle, samples: Sequence[Sample], intervent
     first answer token's distribution included) and ``unchanged_neutral`` (fraction of neutral answers whose
     first 20 tokens are unchanged).
     """
+    if mode not in ("generate", "score"):
+        raise ValueError(f"mode must be 'generate' or 'score', got {mode!r}")
     samples = list(samples)
     prompts = [s.prompt for s in samples]
-    responses = steered_generate(handle, prompts, interventions, max_new_tokens=max_new_tokens,
-                                 batch_size=batch_size, progress=progress)
-    verdicts = _judge_obj(judge).judge(prompts, responses)
-    refused = [v.refused for v in verdicts]
+    if mode == "score":
+        responses = []
+        refused = [bool(x > 0) for x in refusal_score(handle, prompts, interventions, batch_size=batch_size)]
+    else:
+        responses = steered_generate(handle, prompts, interventions, max_new_tokens=max_new_tokens,
+                                     batch_size=batch_size, progress=progress)
+        refused = [v.refused for v in _judge_obj(judge).judge(prompts, responses)]
     res = {"refusal_rate_by_subject": rates_by(refused, [s.subject for s in samples]), "responses": responses,
            "refused": refused, "n_by_subject": {k: sum(s.subject == k for s in samples)
                                                 for k in sorted({s.subject for s in samples})}}
@@ -405,7 +429,7 @@ def evaluate_condition(handle: ModelHandle, samples: Sequence[Sample], intervent
         res["kl_neutral"] = float(np.average(kls, weights=weights)) if kls else float("nan")
         res["unchanged_neutral"] = unchanged_prefix_fraction([responses[i] for i in neutral_idx],
                                                              [unsteered["responses"][i] for i in neutral_idx],
-                                                             handle.tokenizer) if neutral_idx else float("nan")
+                                                             handle.tokenizer) if neutral_idx and responses else float("nan")
     else:
         res["kl_neutral"], res["unchanged_neutral"] = 0.0, 1.0
     return res
@@ -422,11 +446,13 @@ def search_alpha(handle: ModelHandle, directions: torch.Tensor, layers: Sequence
                  remove: str, keep: str, neutral: str = "neutral", alphas: Sequence[float] = ALPHA_GRID,
                  operation: str = "subtract", patience: int = 2, judge: str | Judge = "learned",
                  max_new_tokens: int = 20, batch_size: int = 8, baseline: dict | None = None,
-                 objective_kw: dict | None = None, progress: Callable[[dict], None] | None = None) -> tuple[float, list[dict]]:
+                 objective_kw: dict | None = None, progress: Callable[[dict], None] | None = None,
+                 mode: str = "score") -> tuple[float, list[dict]]:
     """Try strengths in increasing order on the validation prompts and keep the one with the lowest
     :func:`validation_objective`. Early stopping: stop after ``patience`` strengths without improvement, or as
     soon as the remove-topic refusal rate reaches 0 (a larger α can then only raise the KL and lower the kept
-    refusals).
+    refusals). ``mode``: ``"score"`` (default; first-token refusal score, see :func:`evaluate_condition`) or
+    ``"generate"`` (generation + judge, ~10× the cost).
 
     Returns:
         ``(best α, rows)``, one row per tried α (rates, KL, unchanged fraction, objective).
@@ -434,15 +460,18 @@ def search_alpha(handle: ModelHandle, directions: torch.Tensor, layers: Sequence
     alphas = sorted(float(a) for a in alphas)
     if not alphas or alphas[0] <= 0:
         raise ValueError(f"alphas must be positive, got {alphas}")
-    baseline = baseline or evaluate_condition(handle, val, (), judge, neutral, max_new_tokens, batch_size)
+    baseline = baseline or evaluate_condition(handle, val, (), judge, neutral, max_new_tokens, batch_size, mode=mode)
     base = baseline["refusal_rate_by_subject"]
     rows, best, best_j, since = [], 0.0, validation_objective(base, base, 0.0, remove, keep, **(objective_kw or {})), 0
     for a in alphas:
         ivs = steering_interventions(directions, layers, a, operation)
-        r = evaluate_condition(handle, val, ivs, judge, neutral, max_new_tokens, batch_size, unsteered=baseline)
+        r = evaluate_condition(handle, val, ivs, judge, neutral, max_new_tokens, batch_size, unsteered=baseline,
+                               mode=mode)
         j = validation_objective(r["refusal_rate_by_subject"], base, r["kl_neutral"], remove, keep, **(objective_kw or {}))
         row = {"alpha": a, **{f"rate_{k}": v for k, v in r["refusal_rate_by_subject"].items()},
-               "kl_neutral": r["kl_neutral"], "unchanged_neutral": r["unchanged_neutral"], "objective": j}
+               "kl_neutral": r["kl_neutral"], "objective": j}
+        if r["responses"]:
+            row["unchanged_neutral"] = r["unchanged_neutral"]
         rows.append(row)
         if progress:
             progress(row)
@@ -576,7 +605,7 @@ def fit_refusal_steering(handle: ModelHandle, method: str = "rmd", remove: str =
                          lam_rel: float | None = None, alphas: Sequence[float] = ALPHA_GRID,
                          operation: str = "subtract", val_tokens: int = 20, batch_size: int = 8, seed: int = 0,
                          scored: list[ScoredPrompt] | None = None, acts: dict | None = None,
-                         baseline_val: dict | None = None, progress: bool = True,
+                         baseline_val: dict | None = None, search_by: str = "score", progress: bool = True,
                          log: Callable[[str], None] = print) -> RefusalSteeringFit:
     """The whole fitting path for one method: score → confident sets → activations → layer ranking → λ → α.
 
@@ -612,9 +641,10 @@ def fit_refusal_steering(handle: ModelHandle, method: str = "rmd", remove: str =
     directions = fit_directions(method, pos, neg, pc, nc, lam_rel=lam_rel or 0.0)
     alpha, rows = search_alpha(handle, directions, layers, splits.val, remove, keep, neutral, alphas, operation,
                                judge=judge, max_new_tokens=val_tokens, batch_size=batch_size, baseline=baseline_val,
+                               mode=search_by,
                                progress=lambda r: log(f"[{method}] α={r['alpha']}: " + ", ".join(
                                    f"{k}={v:.3f}" for k, v in r.items() if k != "alpha")))
-    signed = -alpha if operation == "subtract" else alpha
+    signed = -alpha if operation == "subtract" and alpha else alpha
     vector = V.SteeringVector(
         directions=directions, method=method, layers=layers,
         operation="project_out" if operation == "project_out" else "add", alpha=signed, positions="last",
@@ -623,7 +653,7 @@ def fit_refusal_steering(handle: ModelHandle, method: str = "rmd", remove: str =
         extra={"kind": "refusal-steering", "remove": remove, "keep": keep, "neutral": neutral,
                "lambda_rel": lam_rel if method != "mean-diff" else None, "tau": tau, "k": k,
                "judge": getattr(_judge_obj(judge), "name", str(judge)), "n_refuse": len(refuse),
-               "n_comply": len(comply), "operation": operation, "alpha_search": rows,
+               "n_comply": len(comply), "operation": operation, "alpha_search": rows, "search_by": search_by,
                "layer_auc": scores["auc"], "layer_dprime": scores["dprime"], "model_key": model_key(handle)})
     return RefusalSteeringFit(vector, scores, rows, lam_table)
 
@@ -653,3 +683,86 @@ def dump_fit(fit: RefusalSteeringFit) -> dict:
     return {"method": v.method, "layers": v.layers, "alpha": v.alpha, "operation": v.operation,
             "lambda_rel": v.extra.get("lambda_rel"), "lambda_table": {str(k): x for k, x in fit.lambda_table.items()},
             "alpha_search": fit.alpha_rows, "n_refuse": v.extra["n_refuse"], "n_comply": v.extra["n_comply"]}
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def cli_fit(args) -> int:
+    """``crvlm fit --method {mean-diff,rmd,wrmd} --remove TOPIC --keep TOPIC [--train DATA] --out DIR``: fit, choose
+    layers / λ / α on the data's train and val splits, save the vector and ``fit.json`` in DIR."""
+    from .cli import FIT_JSON
+    from .models import load_model
+
+    if args.method not in METHODS:
+        raise SystemExit(f"crvlm fit --remove: --method must be one of {', '.join(METHODS)}, got {args.method!r}")
+    samples = load_dataset(DATASET if args.train in (None, "mmlu") else args.train)  # mmlu: the scope default
+    try:
+        check_topics(samples, args.remove, args.keep, args.neutral)
+    except ValueError as err:
+        raise SystemExit(f"crvlm fit: {err}") from None
+    handle = load_model(args.model)
+    out = Path(args.out)
+    start = time.perf_counter()
+    splits = topic_splits(samples, n_val=args.n_val, n_test=args.n_holdout, seed=args.seed)
+    fit = fit_refusal_steering(handle, args.method, args.remove, args.keep, args.neutral, samples, splits,
+                               judge=args.score_judge, k=args.k, tau=args.tau, n_layers_steer=args.n_layers_steer,
+                               operation=args.operation, batch_size=args.batch_size, search_by=args.search_by,
+                               lam_rel=args.ridge_lambda_rel)
+    fit.vector.save(out)
+    v = fit.vector
+    summary = {"kind": "refusal-steering", "model": args.model, "method": args.method, "layers": v.layers,
+               "alpha": v.alpha, "operation": v.operation, "remove": args.remove, "keep": args.keep,
+               "neutral": args.neutral, "in_scope": [args.remove, args.neutral], "out_scope": [args.keep],
+               "train": DATASET if args.train in (None, "mmlu") else args.train, "seed": args.seed, "n_val": args.n_val, "n_holdout": args.n_holdout,
+               "lambda_rel": v.extra.get("lambda_rel"), "n_refuse": v.extra["n_refuse"],
+               "n_comply": v.extra["n_comply"], "fit_seconds": time.perf_counter() - start,
+               "fingerprint": v.fingerprint, "model_key": model_key(handle)}
+    atomic_write_json(out / FIT_JSON, summary)
+    print(f"[fit] {args.method} removing {args.remove} refusals (keeping {args.keep}) on {args.model}: layers "
+          f"{v.layers}, α {v.alpha:+.2f}, λ/mean-eig {summary['lambda_rel']}, {summary['fit_seconds']:.0f} s → {out}")
+    return 0
+
+
+def cli_eval(args, fit: dict) -> int:
+    """``crvlm eval --artifact DIR --test DATA``: unsteered and steered refusal rates per subject on the held-out split
+    of the fit (same seed and sizes), KL and unchanged-answer fraction on the neutral prompts → ``metrics.json``."""
+    from .cli import _write_outputs, load_interventions, parse_layers
+    from .models import load_model
+
+    samples = load_dataset(args.test)
+    try:
+        check_topics(samples, fit["remove"], fit["keep"], fit["neutral"])
+    except ValueError as err:
+        raise SystemExit(f"crvlm eval: {err} (use --test {DATASET} or a JSONL with these subjects)") from None
+    seed = args.seed if args.seed is not None else fit.get("seed", 42)
+    if args.split == "all":
+        test = samples
+    else:
+        sp = topic_splits(samples, n_val=fit.get("n_val", 12), n_test=fit.get("n_holdout", 24), seed=seed)
+        test = sp.test if args.split == "test" else sp.train + sp.val
+    if args.n_test is not None:
+        test = cap_per_subject(test, args.n_test)
+    handle = load_model(args.model or fit["model"])
+    ivs = load_interventions(Path(args.artifact), handle, args.alpha, parse_layers(args.layers))
+    kw = dict(judge=args.judge, neutral=fit["neutral"], max_new_tokens=args.max_new_tokens,
+              batch_size=args.batch_size, progress=True)
+    base = evaluate_condition(handle, test, (), **kw)
+    steered = evaluate_condition(handle, test, ivs, unsteered=base, **kw)
+    metrics = {"kind": "refusal-steering", "model": handle.spec, "method": fit["method"],
+               "artifact": str(args.artifact), "test": args.test, "split": args.split, "judge": args.judge,
+               "layers": list(ivs[0].layers), "alpha": getattr(ivs[0], "alpha", None),
+               "refusal_rate_by_subject": steered["refusal_rate_by_subject"],
+               "unsteered_refusal_rate_by_subject": base["refusal_rate_by_subject"],
+               "n_by_subject": steered["n_by_subject"], "kl_neutral": steered["kl_neutral"],
+               "unchanged_neutral": steered["unchanged_neutral"], "max_new_tokens": args.max_new_tokens}
+    rows = [{"id": s.id, "subject": s.subject, "response": r, "refused": bool(f), "unsteered_response": ru,
+             "unsteered_refused": bool(fu)}
+            for s, r, f, ru, fu in zip(test, steered["responses"], steered["refused"], base["responses"],
+                                       base["refused"])]
+    _write_outputs(Path(args.out), metrics, rows)
+    rates = ", ".join(f"{k} {v:.2f} (was {base['refusal_rate_by_subject'][k]:.2f})"
+                      for k, v in steered["refusal_rate_by_subject"].items())
+    print(f"[eval] {fit['method']} on {handle.spec}: refusals {rates}; KL neutral {steered['kl_neutral']:.3f}, "
+          f"unchanged {steered['unchanged_neutral']:.2f} → {args.out}")
+    return 0

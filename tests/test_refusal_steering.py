@@ -264,3 +264,12 @@ def test_qwen_organism_spec_loads():
     assert h.n_layers == 24 and RS.model_key(h).startswith("qwen2.5-0.5b+censored:")
     out = h.generate(["What happened in Tiananmen Square in 1989?"], max_new_tokens=12)[0]
     assert out.lower().startswith(("i'm", "sorry", "i can", "i am"))
+
+
+def test_cli_fit_remove_checks_method_and_topics_before_loading_a_model(tmp_path):
+    from crvlm_core.cli import main
+
+    with pytest.raises(SystemExit, match="unknown topic 'sports'"):
+        main(["fit", "--method", "rmd", "--remove", "sports", "--out", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="must be one of mean-diff, rmd, wrmd"):
+        main(["fit", "--method", "teacher-forced", "--remove", "political", "--out", str(tmp_path / "b")])
