@@ -20,7 +20,7 @@ def test_fit_then_eval_round_trip(tmp_path, smollm2):
     fit = json.loads((art / "fit.json").read_text())
     assert fit["layers"] == [8, 9] and fit["n_out"] == 3 and fit["n_in"] == 3 and fit["method"] == "teacher-forced"
     assert (art / "vector.safetensors").exists() and (art / "vector.json").exists()
-    assert _run(["eval", "--artifact", str(art), "--test", "mmlu", "--n-test", "2", "--max-new-tokens", "6",
+    assert _run(["eval", "--artifact", str(art), "--test", "mmlu", "--n-test", "2", "--max-new-tokens", "6", "--judge", "keyword",
                  "--out", str(ev)]) == 0
     metrics = json.loads((ev / "metrics.json").read_text())
     for key in ("refusal_rate_out", "over_refusal_in", "mb_score", "n_in", "n_out", "judge"):
@@ -31,7 +31,7 @@ def test_fit_then_eval_round_trip(tmp_path, smollm2):
     for row in rows:
         assert set(row) >= {"id", "subject", "scope", "response", "refused", "refusal_score"}
     # unsteered evaluation of the bare model
-    assert _run(["eval", "--model", "smollm2-135m", "--test", "mmlu", "--in-scope", "biology", "--n-test", "1",
+    assert _run(["eval", "--model", "smollm2-135m", "--test", "mmlu", "--in-scope", "biology", "--n-test", "1", "--judge", "keyword",
                  "--max-new-tokens", "4", "--out", str(tmp_path / "plain")]) == 0
     assert json.loads((tmp_path / "plain" / "metrics.json").read_text())["method"] == "unsteered"
 

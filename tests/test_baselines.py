@@ -1,0 +1,153 @@
+"""The five baselines: fit → save → load → evaluate round trips (tiny random LLaVA for the plumbing, the real
+SmolLM2 where behaviour matters), CAST steering only the rows whose condition fires, the condition grid search on
+planted data, and `crvlm eval` recording its judge and the judge's validation."""
+
+import json
+
+import pytest
+import torch
+
+from crvlm_core.baselines import (BASELINES, ConditionalSteering, comparison_row, condition_scores, fit_baseline,
+                                  grid_search_condition, in_scope_kl, load_baseline, scope_system_prompt)
+from crvlm_core.cli import build_parser, main
+from crvlm_core.data import assign_scope, load_dataset, split
+from crvlm_core.refusal_vectors import evaluate
+from crvlm_core.steer import steered_generate, steered_logits
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from crvlm_core.models import load_model
+
+    return load_model("tiny-llava", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def scoped():
+    data = assign_scope(load_dataset("mmlu"), in_scope=["biology"])
+    return split(data, n_train=3, n_test=1, seed=42)
+
+
+@pytest.mark.parametrize("method", list(BASELINES))
+def test_round_trip(method, tiny, scoped, tmp_path):
+    train, test = scoped
+    before = steered_logits(tiny, tiny.build_inputs([s.prompt for s in test]), [], last_only=True)
+    fitted = fit_baseline(tiny, train, method, tmp_path, in_scope=["biology"], layers=[1], alpha=2.0, lora_steps=2,
+                          lora_target_tokens=4, progress=False)
+    assert json.loads((tmp_path / "baseline.json").read_text())["method"] == method
+    loaded = load_baseline(tmp_path, tiny)
+    assert loaded.method == method and loaded.system == fitted.system
+    enc = tiny.build_inputs([s.prompt for s in test], system=loaded.system)
+    same = steered_logits(loaded.handle, enc, loaded.interventions, last_only=True)
+    assert torch.allclose(same, steered_logits(fitted.handle, enc, fitted.interventions, last_only=True), atol=1e-5)
+    plain = steered_logits(tiny, tiny.build_inputs([s.prompt for s in test]), [], last_only=True)
+    if method == "system-prompt":
+        assert "biology" in loaded.system and not loaded.interventions and loaded.handle is tiny
+    elif method == "lora":  # a merged copy with other weights under its own spec; the base model is untouched
+        assert loaded.handle is not tiny and loaded.handle.spec.startswith("tiny-llava+lora:")
+        assert (tmp_path / "lora_adapter" / "adapter_config.json").exists()
+        assert not torch.allclose(same, plain, atol=1e-6)
+        assert torch.equal(plain, before)
+    else:
+        assert loaded.interventions[0].alpha == 2.0 and loaded.interventions[0].layers == (1,)
+    if method == "cast":
+        assert loaded.info["condition_layer"] == loaded.interventions[0].gate_layer
+        assert isinstance(loaded.interventions[0], ConditionalSteering)
+    res = evaluate(loaded.handle, test, loaded.interventions, system=loaded.system, max_new_tokens=3, judge="keyword",
+                   progress=False)
+    assert res.metrics["n_in"] == 1 and res.metrics["n_out"] == 1
+    base = evaluate(tiny, test, [], max_new_tokens=3, judge="keyword", progress=False)
+    row = comparison_row(method, res, base.rows, tiny.tokenizer, in_scope_kl(tiny, loaded, test), 1.0, n_tokens=3)
+    assert 0 <= row["MB_low"] <= row["MB"] <= row["MB_high"] <= 1 and row["KL_in"] >= 0
+
+
+@pytest.mark.slow
+def test_cast_on_smollm2_leaves_prompts_whose_condition_does_not_fire_unchanged(smollm2, tmp_path):
+    """The real model: CAST adds the teacher-forced vector to the prompts whose condition fires and leaves the
+    others' greedy answers exactly as the plain model's."""
+    data = assign_scope(load_dataset("mmlu"), in_scope=["biology"])
+    train, test = split(data, n_train=6, n_test=2, seed=42)
+    fit_baseline(smollm2, train, "cast", tmp_path, layers=[5], condition_layers=[5, 20, 25], progress=False)
+    cast = load_baseline(tmp_path, smollm2)
+    iv = cast.interventions[0]
+    prompts = [s.prompt for s in test]
+    enc = smollm2.build_inputs(prompts)
+    from crvlm_core.extract import read_last_token
+
+    fires = iv.fires(read_last_token(smollm2, enc, [iv.gate_layer])[:, 0])
+    plain = steered_generate(smollm2, prompts, [], max_new_tokens=6)
+    steered = steered_generate(smollm2, prompts, [iv], max_new_tokens=6)
+    for f, a, b in zip(fires.tolist(), steered, plain):
+        if not f:
+            assert a == b
+    assert cast.info["condition_layer"] in (5, 20, 25) and len(cast.info["grid"]) == 3
+
+
+def test_cast_steers_only_rows_whose_condition_fires(tiny):
+    prompts = ["What is a ribosome?", "Compute 17 times 23 please.", "Name a planet."]
+    enc = tiny.build_inputs(prompts)
+    from crvlm_core.extract import read_last_token
+
+    gate_layer, layer = 1, 0
+    summary = read_last_token(tiny, enc, [gate_layer])[:, 0]
+    center = torch.zeros(tiny.hidden_size)
+    cos = condition_scores(summary, center, summary[1])
+    threshold = float((cos[1] + cos[[0, 2]].max()) / 2)  # only row 1 (cos = 1 with itself) fires
+    vectors = torch.zeros(tiny.n_layers, tiny.hidden_size)
+    vectors[layer] = torch.randn(tiny.hidden_size, generator=torch.Generator().manual_seed(0))
+    iv = ConditionalSteering(vectors, (layer,), 4.0, condition=summary[1], center=center, gate_layer=gate_layer,
+                             threshold=threshold)
+    assert iv.fires(summary).tolist() == [False, True, False]
+    steered = steered_logits(tiny, enc, [iv])
+    plain = steered_logits(tiny, enc, [])
+    mask = enc["attention_mask"].bool()
+    diff = (steered - plain).abs().amax(-1)  # [batch, seq]
+    assert diff[1][mask[1]].min() > 1e-4, "every real position of the firing row changes"
+    assert diff[0].max() < 1e-5 and diff[2].max() < 1e-5, "rows whose condition does not fire are untouched"
+    assert iv._fires is None, "the condition is released after the batch"
+    with pytest.raises(RuntimeError, match="condition is unset"):
+        iv.apply(layer, torch.zeros(1, 2, tiny.hidden_size))
+
+
+def test_grid_search_finds_the_planted_layer():
+    g = torch.Generator().manual_seed(0)
+    n, d, layers = 40, 64, [3, 7, 11, 15]
+    acts_in, acts_out = torch.randn(n, 4, d, generator=g), torch.randn(n, 4, d, generator=g)
+    direction = torch.randn(d, generator=g)
+    acts_out[:, 2] += 6.0 * direction / direction.norm()  # separable only at layer 11 (6 noise sd apart)
+    acts_out[:, 1] += 0.2 * direction / direction.norm()  # a weak, noisy signal at layer 7
+    result = grid_search_condition(acts_in, acts_out, layers)
+    assert result["layer"] == 11 and result["mb"] > 0.95
+    rows = {r["layer"]: r for r in result["table"]}
+    # cross-fitting: in d=64 with 40 + 40 samples an in-sample mean difference separates pure noise perfectly;
+    # out of fold the noise layers stay near chance
+    assert rows[3]["mb"] < 0.85 and rows[15]["mb"] < 0.85 and rows[3]["separation"] < 1.0
+    with pytest.raises(ValueError, match="columns"):
+        grid_search_condition(acts_in, acts_out, layers[:2])
+
+
+def test_system_prompt_names_the_scope_and_bad_input():
+    assert "biology and chemistry" in scope_system_prompt(["biology", "chemistry"])
+    with pytest.raises(ValueError, match="no in-scope"):
+        scope_system_prompt([" "])
+    with pytest.raises(ValueError, match="unknown baseline"):
+        fit_baseline(None, [], "telepathy", "/tmp/unused")
+
+
+def test_eval_writes_the_judge_and_its_validation(tiny, tmp_path):
+    assert build_parser().parse_args(["eval", "--out", "x"]).judge == "learned"
+    art, ev = tmp_path / "art", tmp_path / "eval"
+    for argv in (["fit", "--model", "tiny-llava", "--method", "cast", "--in-scope", "biology", "--n-train", "3",
+                  "--layers", "1", "--out", str(art)],
+                 ["eval", "--artifact", str(art), "--n-test", "1", "--max-new-tokens", "3", "--judge", "keyword",
+                  "--out", str(ev)]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 0
+    fit = json.loads((art / "fit.json").read_text())
+    assert fit["method"] == "cast" and fit["layers"] == [1] and "condition_layer" in fit and fit["n_in"] == 3
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert metrics["method"] == "cast" and metrics["judge"] == "keyword"
+    # the keyword rule on the 51 held-out human labels: 35 right (the README's 0.686, κ 0.429)
+    v = metrics["judge_validation"]
+    assert v["n"] == 51 and v["accuracy"] == pytest.approx(35 / 51) and v["kappa"] == pytest.approx(0.4286, abs=1e-3)
