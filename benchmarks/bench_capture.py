@@ -1,0 +1,93 @@
+"""Benchmark 1 — activation capture: all-layer last-token capture through ``crvlm_core.extract`` against a plain
+forward without capture and against plain PyTorch forward hooks, on 64 and 256 prompts (8 and 16 with --quick).
+
+Every variant runs the same left-padded batches (``handle.build_inputs``, batch 8). Plain forwards are timed two
+ways: the usual ``model(**enc)`` (vocabulary logits at every position) and with ``logits_to_keep=1`` (only the last
+position's logits — the strict baseline, since extraction skips the vocabulary projection). The goal (issue #9) is
+capture ≤ 1.05× a plain forward; it is judged against the strict baseline.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from common import Bench, PeakRSS, median_time, parser, prompts, setup_torch
+
+
+def main(argv=None) -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+    setup_torch(args.threads)
+    from crvlm_core.extract import extract
+    from crvlm_core.models import load_model
+    from crvlm_core.steer import _accepts_logits_to_keep
+
+    sizes = [8, 16] if args.quick else [64, 256]
+    repeats = args.repeats or (1 if args.quick else 3)
+    batch = 8
+    bench = Bench("capture", args, sizes=sizes, repeats=repeats, batch_size=batch, position="last", layers="all")
+    handle = load_model(args.model)
+    bench.results["load_seconds"] = round(handle.load_seconds, 2)
+    layers = list(range(handle.n_layers))
+    keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(handle) else {}
+
+    for n in sizes:
+        samples = prompts(n)
+        encs = [handle.build_inputs([s.prompt for s in samples[i:i + batch]]) for i in range(0, n, batch)]
+
+        def plain_full():
+            with torch.no_grad():
+                for enc in encs:
+                    handle.hf_model(**enc)
+
+        def plain_last():
+            with torch.no_grad():
+                for enc in encs:
+                    handle.hf_model(**enc, **keep)
+
+        def hooks():
+            reads: list[torch.Tensor] = []
+            hs = [handle.torch_layers[i].register_forward_hook(
+                lambda _m, _i, out: reads.append((out[0] if isinstance(out, tuple) else out)[:, -1].detach().cpu()))
+                for i in layers]
+            try:
+                with torch.no_grad():
+                    for enc in encs:
+                        handle.hf_model(**enc, **keep)
+            finally:
+                for h in hs:
+                    h.remove()
+            return reads
+
+        def crvlm():  # the library call: builds its own batches, no cache
+            return extract(handle, samples, layers=layers, batch_size=batch, cache=False, progress=False)
+
+        res = {}
+        for name, fn in (("plain_forward_full_logits", plain_full), ("plain_forward", plain_last),
+                         ("plain_hooks", hooks), ("crvlm_extract", crvlm)):
+            with PeakRSS() as mem:
+                t = median_time(fn, repeats)
+            res[name] = {**t, "peak_rss_delta_mb": round(mem.delta / 2**20, 1)}
+            bench.log(f"n={n} {name}: {t['median']:.2f} s (+{mem.delta / 2**20:.0f} MB)")
+        # correctness: the library's reads equal the hook reads (same batches, last token, every layer)
+        hook_reads = hooks()
+        acts = crvlm().acts
+        per_batch = [torch.stack(hook_reads[b * len(layers):(b + 1) * len(layers)], 1) for b in range(len(encs))]
+        ref = torch.cat(per_batch).float()
+        res["max_abs_diff_vs_hooks"] = float((acts - ref).abs().max())
+        base = res["plain_forward"]["median"]
+        res["ratio_extract_vs_plain_forward"] = res["crvlm_extract"]["median"] / base
+        res["ratio_hooks_vs_plain_forward"] = res["plain_hooks"]["median"] / base
+        res["ratio_extract_vs_full_logits_forward"] = res["crvlm_extract"]["median"] / res["plain_forward_full_logits"]["median"]
+        bench.results[f"n{n}"] = res
+        r = res["ratio_extract_vs_plain_forward"]
+        bench.add(f"capture {n} prompts: extract / plain forward", r, "×", "≤ 1.05", r <= 1.05)
+        bench.add(f"capture {n} prompts: plain hooks / plain forward", res["ratio_hooks_vs_plain_forward"], "×")
+        bench.add(f"capture {n} prompts: extract / forward with all logits",
+                  res["ratio_extract_vs_full_logits_forward"], "×")
+        bench.add(f"capture {n} prompts: extract time", res["crvlm_extract"]["median"], "s")
+        bench.add(f"capture {n} prompts: extract peak RSS rise", res["crvlm_extract"]["peak_rss_delta_mb"], "MB")
+    bench.write()
+
+
+if __name__ == "__main__":
+    main()

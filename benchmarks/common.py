@@ -1,0 +1,196 @@
+"""Shared parts of the benchmark scripts: command-line options, the machine description, median timing, peak-RSS
+sampling and the JSON result every script writes to ``outputs/bench/<name>.json``.
+
+Result schema (checked by tests/test_benchmarks.py)::
+
+    {"name": str, "model": str, "quick": bool, "date": ISO-8601 UTC, "seconds": float,
+     "machine": {...machine_info()...}, "params": {...}, "results": {...},
+     "table": [{"metric": str, "value": float|str|None, "unit": str, "goal": str|None, "met": bool|None}, ...]}
+
+``table`` rows are what ``benchmarks/run_all.py`` prints; ``results`` holds every number measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from a clean checkout
+    sys.path.insert(0, str(ROOT))
+
+DEFAULT_MODEL = "qwen2.5-0.5b"
+SCHEMA_KEYS = ("name", "model", "quick", "date", "seconds", "machine", "params", "results", "table")
+ROW_KEYS = ("metric", "value", "unit", "goal", "met")
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model spec (default %(default)s)")
+    p.add_argument("--quick", action="store_true", help="small sizes (a smoke run of the benchmark itself)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median reported)")
+    p.add_argument("--out", default=None, help="output folder (default outputs/bench)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
+    return p
+
+
+def setup_torch(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_info() -> dict:
+    """CPU count, torch threads, library versions, the platform and the load average now."""
+    import torch
+
+    info: dict[str, Any] = {
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+    }
+    for lib in ("transformers", "nnsight", "peft", "steering_vectors"):
+        try:
+            from importlib.metadata import version
+
+            info[lib] = version(lib.replace("_", "-"))
+        except Exception:
+            info[lib] = None
+    try:
+        import psutil
+
+        info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except Exception:
+        pass
+    return info
+
+
+def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times; median/min/max wall seconds and all runs."""
+    for _ in range(warmup):
+        fn()
+    runs = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - start)
+    return {"median": statistics.median(runs), "min": min(runs), "max": max(runs), "runs": runs}
+
+
+def rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+class PeakRSS:
+    """``with PeakRSS() as m: ...`` samples this process's resident memory every ``interval`` s in a thread;
+    ``m.peak`` is the highest RSS seen and ``m.delta`` its rise over the RSS at entry (bytes)."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.start, self.peak = interval, 0, 0
+        self._stop = threading.Event()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self.start = self.peak = rss_bytes()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+        return False
+
+    @property
+    def delta(self) -> int:
+        return self.peak - self.start
+
+
+def row(metric: str, value, unit: str = "", goal: str | None = None, met: bool | None = None) -> dict:
+    if isinstance(value, float):
+        value = round(value, 4)
+    return {"metric": metric, "value": value, "unit": unit, "goal": goal, "met": met}
+
+
+class Bench:
+    """Collects one benchmark's results and writes its JSON (atomically) at the end."""
+
+    def __init__(self, name: str, args: argparse.Namespace, **params):
+        self.name, self.args = name, args
+        self.params = dict(params)
+        self.results: dict[str, Any] = {}
+        self.table: list[dict] = []
+        self.started = time.perf_counter()
+        self.date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.load_start = load_average()
+
+    def add(self, metric: str, value, unit: str = "", goal: str | None = None, met: bool | None = None) -> None:
+        self.table.append(row(metric, value, unit, goal, met))
+
+    def log(self, msg: str) -> None:
+        print(f"[{self.name}] {msg}", flush=True)
+
+    def write(self) -> Path:
+        from crvlm_core.io import atomic_write_json
+        from crvlm_core.paths import outputs_dir
+
+        machine = machine_info()
+        machine["load_average_start"] = self.load_start
+        machine["load_average_end"] = load_average()
+        doc = {"name": self.name, "model": self.args.model, "quick": bool(self.args.quick), "date": self.date,
+               "seconds": round(time.perf_counter() - self.started, 2), "machine": machine, "params": self.params,
+               "results": self.results, "table": self.table}
+        out = Path(self.args.out) if self.args.out else outputs_dir() / "bench"
+        path = atomic_write_json(out / f"{self.name}.json", doc)
+        self.log(f"wrote {path}")
+        return path
+
+
+def validate_result(doc: dict) -> None:
+    """Raise ``ValueError`` if ``doc`` does not follow the schema above."""
+    missing = [k for k in SCHEMA_KEYS if k not in doc]
+    if missing:
+        raise ValueError(f"benchmark result lacks {missing}")
+    for key in ("cpu_count", "torch_threads", "torch", "transformers", "nnsight", "load_average_start",
+                "load_average_end"):
+        if key not in doc["machine"]:
+            raise ValueError(f"machine description lacks {key!r}")
+    for r in doc["table"]:
+        if set(r) != set(ROW_KEYS):
+            raise ValueError(f"table row {r} does not have the keys {ROW_KEYS}")
+
+
+def prompts(n: int, seed: int = 0) -> list:
+    """``n`` bundled MMLU samples (half biology, half other subjects), deterministic; scopes assigned."""
+    from crvlm_core.data import assign_scope, load_dataset, split
+
+    data = assign_scope(load_dataset("mmlu"), in_scope=["biology"])
+    per = (n + 1) // 2
+    _, test = split(data, n_test=per, seed=seed)
+    inn = [s for s in test if s.scope == "in"]
+    out = [s for s in test if s.scope == "out"]
+    mixed = [s for pair in zip(inn, out) for s in pair]
+    return mixed[:n]

@@ -1,0 +1,117 @@
+"""Benchmarks: the runner's table and the result schema (on a --quick run of a real benchmark script on a tiny model),
+and the hook fast path of steered generation against the nnsight path (same tokens)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import common  # noqa: E402
+import run_all  # noqa: E402
+
+
+def _doc(table):
+    return {"name": "x", "model": "m", "quick": True, "date": "2026-01-01T00:00:00Z", "seconds": 1.0,
+            "machine": {"cpu_count": 2, "torch_threads": 2, "torch": "t", "transformers": "5", "nnsight": "0.8",
+                        "load_average_start": [1.0, 1.0, 1.0], "load_average_end": [2.0, 1.0, 1.0]},
+            "params": {}, "results": {}, "table": table}
+
+
+def test_table_formatting_marks_goals_and_units():
+    docs = {"generation": _doc([common.row("calibrator / unsteered", 0.912345, "×", "≥ 0.85", True),
+                                common.row("batch 1 tok/s", 12.0, "tok/s"),
+                                common.row("LoRA", "not available")]),
+            "capture": _doc([common.row("extract / plain forward", 1.2, "×", "≤ 1.05", False)])}
+    text = run_all.format_table(docs)
+    lines = text.splitlines()
+    assert lines[0] == "| benchmark | metric | value | goal | met |"
+    assert "| generation | calibrator / unsteered | 0.912 × | ≥ 0.85 | ✓ |" in lines
+    assert "| generation | batch 1 tok/s | 12 tok/s |  |  |" in lines
+    assert "| generation | LoRA | not available |  |  |" in lines
+    assert "| capture | extract / plain forward | 1.2 × | ≤ 1.05 | ✗ missed |" in lines
+    assert "2 CPUs" in run_all.machine_line(docs) and "load average during the runs 2.0" in run_all.machine_line(docs)
+
+
+def test_foreign_schema_rows_and_validation():
+    rows = run_all.rows_of({"clients": {"1": {"requests_per_s": 2.5}}, "model": "m", "ok": True})
+    assert rows == [{"metric": "clients.1.requests_per_s", "value": 2.5, "unit": "", "goal": None, "met": None}]
+    common.validate_result(_doc([common.row("a", 1.0)]))
+    bad = _doc([{"metric": "a", "value": 1}])
+    with pytest.raises(ValueError, match="keys"):
+        common.validate_result(bad)
+    with pytest.raises(ValueError, match="lacks"):
+        common.validate_result({"name": "x"})
+
+
+def test_quick_capture_run_writes_valid_json(tmp_path):
+    """A real --quick run of the capture benchmark on a tiny random model, through the runner (no lock)."""
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--model",
+                           "tiny-llava", "--only", "capture,end_to_end", "--out", str(out), "--no-lock"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads((out / "capture.json").read_text())
+    common.validate_result(doc)
+    assert doc["model"] == "tiny-llava" and doc["quick"] is True
+    res = doc["results"]["n8"]
+    assert res["max_abs_diff_vs_hooks"] < 1e-4  # the library's reads equal plain hook reads
+    for key in ("plain_forward", "plain_hooks", "crvlm_extract"):
+        assert res[key]["median"] > 0 and res[key]["runs"]
+    assert "| capture | capture 8 prompts: extract / plain forward |" in proc.stdout
+    common.validate_result(json.loads((out / "end_to_end.json").read_text()))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from crvlm_core.models import load_model
+
+    return load_model("tiny-llava", device="cpu")
+
+
+def test_hook_fast_path_generates_the_same_tokens_as_nnsight(smollm2):
+    from crvlm_core.steer import AddVector, HiddenStateFn, ProjectOut, steered_generate
+
+    torch.manual_seed(0)
+    v = torch.randn(smollm2.n_layers, smollm2.hidden_size) * 2.0
+    prompts = ["What is a ribosome?", "Name a prime number larger than ten, please."]
+    ivs = [AddVector(v, (3, 5), 1.5), ProjectOut(v, (7,), 1.0),
+           HiddenStateFn(lambda layer, h: h * 1.01, (5,))]
+    fast = steered_generate(smollm2, prompts, ivs, max_new_tokens=8, backend="hooks")
+    slow = steered_generate(smollm2, prompts, ivs, max_new_tokens=8, backend="nnsight")
+    plain = steered_generate(smollm2, prompts, [], max_new_tokens=8)
+    assert fast == slow
+    assert fast != plain  # the interventions did something
+    with pytest.raises(ValueError, match="backend"):
+        steered_generate(smollm2, prompts, ivs, max_new_tokens=2, backend="vllm")
+
+
+def test_hook_fast_path_with_prefill_gated_calibrator(tiny):
+    """The calibrator (prefill gate) through both backends on a tiny model: identical token ids."""
+    from crvlm_core.calibrated_steering import CalibratedSteering
+    from crvlm_core.calibrator import Calibrator, CalibratorConfig
+    from crvlm_core.steer import _generate_batch, _prepared, _validated
+
+    torch.manual_seed(0)
+    cfg = CalibratorConfig(hidden_size=tiny.hidden_size, layers=[1], width=32, gate_dim=tiny.hidden_size)
+    cal = Calibrator(cfg)
+    with torch.no_grad():
+        for p in cal.parameters():
+            p.add_(torch.randn_like(p))
+    steer = CalibratedSteering(cal, (1,), gate_layer=tiny.n_layers - 1)
+    enc = tiny.build_inputs(["hello there", "a longer prompt with more words"])
+    table = _validated(tiny, [steer])
+    ids = {}
+    for backend in ("hooks", "nnsight"):
+        with _prepared(tiny, [steer], enc):
+            ids[backend] = _generate_batch(tiny, enc, table, 6, backend=backend)
+    plain = tiny.hf_model.generate(**enc, max_new_tokens=6, do_sample=False,
+                                   pad_token_id=tiny.tokenizer.pad_token_id).cpu()
+    assert torch.equal(ids["hooks"], ids["nnsight"])
+    assert cal._gate_override is None  # released after each batch
+    assert ids["hooks"].shape == plain.shape
