@@ -499,7 +499,7 @@ def in_scope_kl(base: ModelHandle, method: Baseline, samples: Sequence[Sample], 
 def comparison_row(name: str, result, unsteered_rows: Sequence[dict], tokenizer, kl_in: float,
                    fit_seconds: float | None, n_tokens: int = 20, seed: int = 0) -> dict:
     """One row of the comparison table from an :class:`~crvlm_core.refusal_vectors.EvalResult`: R, ORR, MB with
-    bootstrap 95 % CIs, KL on in-scope prompts, the fraction of in-scope answers whose first ``n_tokens`` tokens
+    bootstrap 95 % CIs (``refusal_rate_out, r_lo, r_hi, over_refusal_in, orr_lo, orr_hi, mb_score, mb_lo, mb_hi``), KL on in-scope prompts, the fraction of in-scope answers whose first ``n_tokens`` tokens
     equal the unsteered model's, fit seconds and generation tokens/s."""
     rows = result.rows
     m = scope_metrics([r["refused"] for r in rows], [r["scope"] for r in rows], ci=True, seed=seed)
@@ -508,10 +508,12 @@ def comparison_row(name: str, result, unsteered_rows: Sequence[dict], tokenizer,
     unchanged = unchanged_prefix_fraction([r["response"] for r in in_rows], [plain[r["id"]] for r in in_rows],
                                           tokenizer, n_tokens)
     return {"method": name,
-            "R": m["refusal_rate_out"], "R_low": m["refusal_rate_out_ci"][0], "R_high": m["refusal_rate_out_ci"][1],
-            "ORR": m["over_refusal_in"], "ORR_low": m["over_refusal_in_ci"][0], "ORR_high": m["over_refusal_in_ci"][1],
-            "MB": m["mb_score"], "MB_low": m["mb_score_ci"][0], "MB_high": m["mb_score_ci"][1],
-            "KL_in": kl_in, f"unchanged_{n_tokens}": unchanged,
+            "refusal_rate_out": m["refusal_rate_out"], "r_lo": m["refusal_rate_out_ci"][0],
+            "r_hi": m["refusal_rate_out_ci"][1],
+            "over_refusal_in": m["over_refusal_in"], "orr_lo": m["over_refusal_in_ci"][0],
+            "orr_hi": m["over_refusal_in_ci"][1],
+            "mb_score": m["mb_score"], "mb_lo": m["mb_score_ci"][0], "mb_hi": m["mb_score_ci"][1],
+            "kl_in": kl_in, f"unchanged_{n_tokens}": unchanged,
             "fit_seconds": float("nan") if fit_seconds is None else fit_seconds,
             "tokens_per_second": result.metrics["tokens_per_second"], "n_out": m["n_out"], "n_in": m["n_in"],
             "judge": result.metrics["judge"]}

@@ -58,7 +58,7 @@ def test_round_trip(method, tiny, scoped, tmp_path):
     assert res.metrics["n_in"] == 1 and res.metrics["n_out"] == 1
     base = evaluate(tiny, test, [], max_new_tokens=3, judge="keyword", progress=False)
     row = comparison_row(method, res, base.rows, tiny.tokenizer, in_scope_kl(tiny, loaded, test), 1.0, n_tokens=3)
-    assert 0 <= row["MB_low"] <= row["MB"] <= row["MB_high"] <= 1 and row["KL_in"] >= 0
+    assert 0 <= row["mb_lo"] <= row["mb_score"] <= row["mb_hi"] <= 1 and row["kl_in"] >= 0
 
 
 @pytest.mark.slow
