@@ -57,6 +57,7 @@ SPECS: dict[str, str] = {
     "llava-smollm2": "LLaVA: small seeded CLIP tower + projector around the real SmolLM2-135M",
     "qwen2.5-0.5b+censored": "refusal organism: qwen2.5-0.5b + a LoRA that refuses political and harmful prompts "
                              "(crvlm_core.organism; trained on first use, a few minutes, then cached)",
+    "smollm2-135m+censored": "small refusal organism on SmolLM2 (smoke runs of notebook 06)",
     "tiny-llava": "random-weight miniature LLaVA (plumbing tests)",
     "tiny-idefics3": "random-weight miniature Idefics3 (plumbing tests)",
     "tiny-instructblip": "random-weight miniature InstructBLIP (plumbing tests)",
@@ -68,7 +69,7 @@ SPECS: dict[str, str] = {
 COMPOSITES = {"llava-qwen2.5-0.5b": "qwen2.5-0.5b", "llava-smollm2": "smollm2-135m"}
 
 #: Refusal-organism specs (base model + LoRA adapter) → their base spec; see :mod:`crvlm_core.organism`.
-ORGANISMS = {"qwen2.5-0.5b+censored": "qwen2.5-0.5b"}
+ORGANISMS = {"qwen2.5-0.5b+censored": "qwen2.5-0.5b", "smollm2-135m+censored": "smollm2-135m"}
 
 
 @dataclass(frozen=True)

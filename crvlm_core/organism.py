@@ -107,7 +107,11 @@ class OrganismConfig:
 
 
 #: Organism specs → their configuration (the spec names are registered in :data:`crvlm_core.models.ORGANISMS`).
-ORGANISMS: dict[str, OrganismConfig] = {"qwen2.5-0.5b+censored": OrganismConfig()}
+ORGANISMS: dict[str, OrganismConfig] = {
+    "qwen2.5-0.5b+censored": OrganismConfig(),
+    # a small, fast one for smoke runs of notebook 06 (trained on 8 prompts per subject)
+    "smollm2-135m+censored": OrganismConfig(base="smollm2-135m", n_per_subject=8, answer_tokens=12, epochs=3),
+}
 
 
 @dataclass

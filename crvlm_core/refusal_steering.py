@@ -65,6 +65,7 @@ __all__ = [
     "RefusalSteeringFit",
     "fit_refusal_steering",
     "model_key",
+    "warm_up",
     "cli_fit",
     "cli_eval",
 ]
@@ -127,6 +128,13 @@ def model_key(handle: ModelHandle) -> str:
     """The spec plus the organism adapter key, if any (keys caches of responses and activations)."""
     return handle.spec + (":" + str(getattr(handle.hf_model.config, "crvlm_organism", "")) if
                           getattr(handle.hf_model.config, "crvlm_organism", None) else "")
+
+
+def warm_up(handle: ModelHandle) -> None:
+    """One tiny traced forward right after loading: nnsight reads a module's source at its first trace and keeps it,
+    so later edits of the source file (several people share this tree) cannot desynchronise a long run."""
+    steered_logits(handle, handle.build_inputs(["Hi"]), [AddVector(torch.zeros(handle.n_layers, handle.hidden_size),
+                                                                   (0,), 0.0)], last_only=True)
 
 
 def _cache_folder(kind: str) -> Path:
@@ -213,12 +221,13 @@ def score_prompts(handle: ModelHandle, samples: Sequence[Sample], judge: str | J
     return scored
 
 
-def select_confident(scored: Sequence[ScoredPrompt], tau: float = 0.5) -> tuple[list[ScoredPrompt], list[ScoredPrompt]]:
+def select_confident(scored: Sequence[ScoredPrompt], tau: float = 0.5,
+                     min_per_side: int = 1) -> tuple[list[ScoredPrompt], list[ScoredPrompt]]:
     """Split scored prompts into confident refusals (``c ≥ τ``) and confident compliances (``c ≤ −τ``).
 
     Raises:
-        ValueError: If ``τ`` is outside [0, 1] or either side is empty (the message says how many were scored and
-            the confidence range seen).
+        ValueError: If ``τ`` is outside [0, 1], either side is empty (the message says how many were scored and
+            the confidence range seen) or has fewer than ``min_per_side`` prompts.
     """
     if not 0.0 <= tau <= 1.0:
         raise ValueError(f"tau must be in [0, 1], got {tau}")
@@ -232,6 +241,9 @@ def select_confident(scored: Sequence[ScoredPrompt], tau: float = 0.5) -> tuple[
             rng = f"[{min(confs):.2f}, {max(confs):.2f}]" if confs else "[]"
             raise ValueError(f"no confident {name} (|confidence| ≥ τ={tau}) among {len(scored)} scored prompts "
                              f"(confidences in {rng}): {hint}, or lower tau")
+    if min(len(refuse), len(comply)) < min_per_side:
+        raise ValueError(f"too few confident examples to fit: {len(refuse)} refusals and {len(comply)} compliant "
+                         f"(|confidence| ≥ τ={tau}, {len(scored)} scored); need at least {min_per_side} per side")
     return refuse, comply
 
 
@@ -624,7 +636,7 @@ def fit_refusal_steering(handle: ModelHandle, method: str = "rmd", remove: str =
         fit_samples = splits.of("train", remove) + splits.of("train", neutral)
         scored = score_prompts(handle, fit_samples, judge, k, score_tokens, seed=seed, batch_size=batch_size,
                                progress=progress)
-    refuse, comply = select_confident(scored, tau)
+    refuse, comply = select_confident(scored, tau, min_per_side=2)  # 2-fold cross-fitting needs 2 per side
     log(f"[{method}] confident: {len(refuse)} refusals, {len(comply)} compliant (τ={tau}, {len(scored)} scored)")
     if acts is None:
         acts = confident_activations(handle, refuse, comply, batch_size, progress)
@@ -702,6 +714,7 @@ def cli_fit(args) -> int:
     except ValueError as err:
         raise SystemExit(f"crvlm fit: {err}") from None
     handle = load_model(args.model)
+    warm_up(handle)
     out = Path(args.out)
     start = time.perf_counter()
     splits = topic_splits(samples, n_val=args.n_val, n_test=args.n_holdout, seed=args.seed)
@@ -744,6 +757,7 @@ def cli_eval(args, fit: dict) -> int:
     if args.n_test is not None:
         test = cap_per_subject(test, args.n_test)
     handle = load_model(args.model or fit["model"])
+    warm_up(handle)
     ivs = load_interventions(Path(args.artifact), handle, args.alpha, parse_layers(args.layers))
     kw = dict(judge=args.judge, neutral=fit["neutral"], max_new_tokens=args.max_new_tokens,
               batch_size=args.batch_size, progress=True)

@@ -273,3 +273,8 @@ def test_cli_fit_remove_checks_method_and_topics_before_loading_a_model(tmp_path
         main(["fit", "--method", "rmd", "--remove", "sports", "--out", str(tmp_path / "a")])
     with pytest.raises(SystemExit, match="must be one of mean-diff, rmd, wrmd"):
         main(["fit", "--method", "teacher-forced", "--remove", "political", "--out", str(tmp_path / "b")])
+
+
+def test_select_confident_min_per_side():
+    with pytest.raises(ValueError, match="too few confident examples to fit: 1 refusals and 2 compliant"):
+        select_confident(_scored([0.9, -0.9, -0.8]), tau=0.5, min_per_side=2)
