@@ -459,12 +459,14 @@ def search_alpha(handle: ModelHandle, directions: torch.Tensor, layers: Sequence
                  operation: str = "subtract", patience: int = 2, judge: str | Judge = "learned",
                  max_new_tokens: int = 20, batch_size: int = 8, baseline: dict | None = None,
                  objective_kw: dict | None = None, progress: Callable[[dict], None] | None = None,
-                 mode: str = "score") -> tuple[float, list[dict]]:
+                 mode: str = "score", refine: int = 2) -> tuple[float, list[dict]]:
     """Try strengths in increasing order on the validation prompts and keep the one with the lowest
     :func:`validation_objective`. Early stopping: stop after ``patience`` strengths without improvement, or as
     soon as the remove-topic refusal rate reaches 0 (a larger α can then only raise the KL and lower the kept
-    refusals). ``mode``: ``"score"`` (default; first-token refusal score, see :func:`evaluate_condition`) or
-    ``"generate"`` (generation + judge, ~10× the cost).
+    refusals). Then ``refine`` bisection steps between the best strength and the next larger one tried (which
+    overshot or did not help), so a grid that starts too strong still finds a useful α. ``mode``: ``"score"``
+    (default; first-token refusal score, see :func:`evaluate_condition`) or ``"generate"`` (generation + judge,
+    ~10× the cost).
 
     Returns:
         ``(best α, rows)``, one row per tried α (rates, KL, unchanged fraction, objective).
@@ -472,14 +474,16 @@ def search_alpha(handle: ModelHandle, directions: torch.Tensor, layers: Sequence
     alphas = sorted(float(a) for a in alphas)
     if not alphas or alphas[0] <= 0:
         raise ValueError(f"alphas must be positive, got {alphas}")
+    kw = dict(objective_kw or {})
     baseline = baseline or evaluate_condition(handle, val, (), judge, neutral, max_new_tokens, batch_size, mode=mode)
     base = baseline["refusal_rate_by_subject"]
-    rows, best, best_j, since = [], 0.0, validation_objective(base, base, 0.0, remove, keep, **(objective_kw or {})), 0
-    for a in alphas:
+    rows: list[dict] = []
+
+    def trial(a: float) -> tuple[float, dict]:
         ivs = steering_interventions(directions, layers, a, operation)
         r = evaluate_condition(handle, val, ivs, judge, neutral, max_new_tokens, batch_size, unsteered=baseline,
                                mode=mode)
-        j = validation_objective(r["refusal_rate_by_subject"], base, r["kl_neutral"], remove, keep, **(objective_kw or {}))
+        j = validation_objective(r["refusal_rate_by_subject"], base, r["kl_neutral"], remove, keep, **kw)
         row = {"alpha": a, **{f"rate_{k}": v for k, v in r["refusal_rate_by_subject"].items()},
                "kl_neutral": r["kl_neutral"], "objective": j}
         if r["responses"]:
@@ -487,12 +491,27 @@ def search_alpha(handle: ModelHandle, directions: torch.Tensor, layers: Sequence
         rows.append(row)
         if progress:
             progress(row)
+        return j, r
+
+    best, best_j, since = 0.0, validation_objective(base, base, 0.0, remove, keep, **kw), 0
+    for a in alphas:
+        j, r = trial(a)
         if j < best_j - 1e-9:
             best, best_j, since = a, j, 0
         else:
             since += 1
         if since >= patience or r["refusal_rate_by_subject"][remove] == 0.0:
             break
+    # refine: bisect between the best strength and the first larger one tried (it overshot or did not help)
+    larger = [row["alpha"] for row in rows if row["alpha"] > best]
+    hi = min(larger) if larger else None
+    for _ in range(refine if hi is not None else 0):
+        mid = (best + hi) / 2
+        j, _ = trial(mid)
+        if j < best_j - 1e-9:
+            best, best_j = mid, j
+        else:
+            hi = mid
     return best, rows
 
 
@@ -560,11 +579,11 @@ def fit_topic_gate(handle: ModelHandle, topic: Sequence[Sample], others: Sequenc
 
 
 def principal_directions_needed(pos: torch.Tensor, neg: torch.Tensor, frac: float = 0.9) -> list[int]:
-    """Per layer: how many principal directions of the pooled, class-centred activations are needed to carry
-    ``frac`` of the squared norm of the mean difference (μ_refuse − μ_comply projected on the top-k PCs).
+    """Per layer: how many principal directions of the activations (both classes pooled and centred on their
+    common mean) are needed to carry ``frac`` of the squared norm of the mean difference μ_refuse − μ_comply.
 
-    Small numbers mean the refusal signal lives in the few high-variance directions; large numbers that it is
-    spread over many (the paper's finding for deeper layers).
+    1 means refusal is the dominant direction of variation at that layer; large numbers mean the refusal signal
+    is spread over many directions that also carry other variation (the paper's finding for deeper layers).
     """
     if not 0 < frac <= 1:
         raise ValueError(f"frac must be in (0, 1], got {frac}")
@@ -572,21 +591,20 @@ def principal_directions_needed(pos: torch.Tensor, neg: torch.Tensor, frac: floa
     for layer in range(pos.shape[1]):
         xp, xn = pos[:, layer].double(), neg[:, layer].double()
         delta = xp.mean(0) - xn.mean(0)
-        centred = torch.cat([xp - xp.mean(0), xn - xn.mean(0)])
-        _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+        pooled = torch.cat([xp, xn])
+        _, s, vh = torch.linalg.svd(pooled - pooled.mean(0), full_matrices=False)
         keep = s > s.max() * 1e-10
         coef = (vh[keep] @ delta) ** 2  # energy of δ along each PC, by decreasing variance
-        total = float(delta @ delta)
-        cum = torch.cumsum(coef, 0) / max(total, 1e-30)
-        hit = torch.nonzero(cum >= frac - 1e-12)
-        out.append(int(hit[0]) + 1 if len(hit) else int(keep.sum()) + 1)  # +1: the rest lies outside the PC span
+        cum = torch.cumsum(coef, 0) / max(float(delta @ delta), 1e-30)
+        hit = torch.nonzero(cum >= frac - 1e-9)
+        out.append(int(hit[0]) + 1 if len(hit) else int(keep.sum()))
     return out
 
 
 def layer_profile(pos: torch.Tensor, neg: torch.Tensor, pos_conf: Sequence[float], neg_conf: Sequence[float],
                   lam_rel: dict[str, float], seed: int = 0) -> dict:
     """Per layer and method: cross-fitted AUC / d′ / correlation, the mean-difference norm, and the number of
-    principal directions carrying 90 % of the mean difference."""
+    principal directions (of the pooled activations) carrying 90 % of the mean difference."""
     prof: dict = {"layer": list(range(pos.shape[1])),
                   "mean_diff_norm": [float(x) for x in V.mean_diff(pos, neg).norm(dim=-1)],
                   "pcs_for_90pct": principal_directions_needed(pos, neg, 0.9)}
@@ -718,6 +736,7 @@ def cli_fit(args) -> int:
     out = Path(args.out)
     start = time.perf_counter()
     splits = topic_splits(samples, n_val=args.n_val, n_test=args.n_holdout, seed=args.seed)
+    splits.train = cap_per_subject(splits.train, args.n_train)  # --n-train: prompts per subject scored
     fit = fit_refusal_steering(handle, args.method, args.remove, args.keep, args.neutral, samples, splits,
                                judge=args.score_judge, k=args.k, tau=args.tau, n_layers_steer=args.n_layers_steer,
                                operation=args.operation, batch_size=args.batch_size, search_by=args.search_by,

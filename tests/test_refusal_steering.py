@@ -122,7 +122,7 @@ def test_choose_lambda_prefers_ridge_when_a_nuisance_axis_dominates():
 
 
 def test_principal_directions_needed():
-    """Mean difference along the lowest-variance axis of 4: needs all 4 PCs; along the top one: 1."""
+    """Mean difference along the lowest-variance axis of 4: needs all 4 PCs of the pooled data; along the top: 1."""
     pos_l, neg_l = _gaussians(n=500, seed=7, var=(16.0, 9.0, 4.0, 1.0), delta=(0.0, 0.0, 0.0, 1.0))
     pos_h, neg_h = _gaussians(n=500, seed=8, var=(16.0, 9.0, 4.0, 1.0), delta=(2.0, 0.0, 0.0, 0.0))
     assert principal_directions_needed(pos_l, neg_l, 0.9) == [4]
@@ -278,3 +278,24 @@ def test_cli_fit_remove_checks_method_and_topics_before_loading_a_model(tmp_path
 def test_select_confident_min_per_side():
     with pytest.raises(ValueError, match="too few confident examples to fit: 1 refusals and 2 compliant"):
         select_confident(_scored([0.9, -0.9, -0.8]), tau=0.5, min_per_side=2)
+
+
+def test_search_alpha_early_stopping_and_refinement(monkeypatch):
+    """The search logic on a known response curve (the evaluation is replaced; no model is involved): political
+    refusals fall linearly with α, harmful refusals collapse above α = 0.6, KL grows slowly."""
+    tried = []
+
+    def fake_eval(handle, samples, interventions=(), *a, **kw):
+        alpha = -interventions[0].alpha if interventions else 0.0
+        tried.append(alpha)
+        rates = {"political": max(0.0, 1.0 - alpha), "harmful": 1.0 if alpha < 0.6 else 0.0, "neutral": 0.0}
+        return {"refusal_rate_by_subject": rates, "responses": [], "kl_neutral": 0.01 * alpha}
+
+    monkeypatch.setattr(RS, "evaluate_condition", fake_eval)
+    best, rows = RS.search_alpha(None, torch.zeros(2, 4), [1], [], "political", "harmful",
+                                 alphas=(0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0))
+    # ascending: 0.25, 0.5 improve; 0.75 (harmful collapses) and 1.0 do not → stop (patience 2), never 1.5+;
+    # refinement between 0.5 and 0.75: 0.625 overshoots, 0.5625 improves
+    assert [r["alpha"] for r in rows] == [0.25, 0.5, 0.75, 1.0, 0.625, 0.5625]
+    assert best == 0.5625
+    assert max(tried) == 1.0
