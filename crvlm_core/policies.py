@@ -38,8 +38,7 @@ DESIGNS = ("composed", "union")
 POLICY_JSON = "policy.json"
 POLICY_YAML = "policy.yaml"
 FIT_DEFAULTS: dict[str, Any] = {"design": "composed", "n_train": 50, "n_test": 30, "seed": 42, "layers": None,
-                                "epochs": 40, "width": 1024, "lr": 3e-4, "behavioural_epochs": 1,
-                                "max_new_tokens": 16}
+                                "epochs": 40, "width": 1024, "lr": 3e-4, "behavioural_epochs": 1}
 
 
 class PolicyError(DataError):
@@ -383,7 +382,7 @@ def _fit_key(handle: ModelHandle, policy: Policy, opts: dict, data: PolicyData) 
     from .data import fingerprint
 
     return sha256_hex(json.dumps({"model": handle.spec, "policy": policy.to_dict()["constraints"],
-                                  "opts": {k: v for k, v in opts.items() if k not in ("n_test", "max_new_tokens")},
+                                  "opts": {k: v for k, v in opts.items() if k != "n_test"},
                                   "train": fingerprint(data.train)}, sort_keys=True, default=str))[:16]
 
 

@@ -22,8 +22,7 @@ EXAMPLE = {
         {"name": "physics", "data": {"dataset": "mmlu", "subjects": ["physics"]}, "action": "refuse", "priority": 1},
     ],
 }
-TINY_FIT = {"n_train": 3, "n_test": 2, "epochs": 2, "width": 16, "behavioural_epochs": 1, "layers": [0],
-            "max_new_tokens": 2}
+TINY_FIT = {"n_train": 3, "n_test": 2, "epochs": 2, "width": 16, "behavioural_epochs": 1, "layers": [0]}
 
 
 def with_constraint(k, **change):
