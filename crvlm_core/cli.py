@@ -182,6 +182,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not (art / FIT_JSON).exists():
             raise SystemExit(f"crvlm eval: {art} has no {FIT_JSON}: not a `crvlm fit` output folder")
         fit = json.loads((art / FIT_JSON).read_text())
+    args.test = args.test or fit.get("train") or "mmlu"  # default: the data the artifact was fitted on
+    if args.artifact:
         if fit.get("kind") == "refusal-steering":
             from .refusal_steering import cli_eval
 
@@ -316,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--artifact", default=None, help="a `crvlm fit` output folder")
     e.add_argument("--policy", default=None, help="a policy YAML: R / ORR / MB per constraint and jointly")
     e.add_argument("--model", default=None, help="model spec (unsteered when no --artifact)")
-    e.add_argument("--test", default="mmlu", help="bundled dataset name or a JSONL file")
+    e.add_argument("--test", default=None, help="bundled dataset name or a JSONL file (default: the artifact's "
+                   "training data, else mmlu)")
     e.add_argument("--in-scope", default=None)
     e.add_argument("--out-scope", default=None)
     e.add_argument("--layers", default=None, help="override the artifact's layers")

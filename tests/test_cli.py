@@ -67,3 +67,16 @@ def test_parse_layers():
     assert parse_layers(None) is None
     with pytest.raises(SystemExit):
         parse_layers("a-b")
+
+
+def test_eval_defaults_to_the_artifacts_training_data(tmp_path):
+    """An image dataset fitted on is evaluated on, with its images, when --test is not given."""
+    art, ev = tmp_path / "art", tmp_path / "eval"
+    assert _run(["fit", "--model", "tiny-llava", "--method", "mean-diff", "--train", "mm_subjects",
+                 "--in-scope", "biology", "--layers", "1", "--n-train", "2", "--out", str(art)]) == 0
+    assert _run(["eval", "--artifact", str(art), "--n-test", "1", "--max-new-tokens", "2", "--judge", "keyword",
+                 "--out", str(ev)]) == 0
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert metrics["test"] == "mm_subjects"
+    rows = [json.loads(l) for l in (ev / "samples.jsonl").read_text().splitlines()]
+    assert {r["id"].split("-")[0] for r in rows} == {"mm"} and len(rows) == 2
