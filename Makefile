@@ -2,7 +2,7 @@
 # `make test` (run the tests). Both set up .venv first; set-up is skipped when nothing changed.
 PY := .venv/bin/python
 
-.PHONY: setup workbook smoke test test-all lab clean-outputs
+.PHONY: setup workbook smoke test test-all lab clean-outputs bench bench-quick
 
 setup:
 	@bash scripts/setup.sh
@@ -18,6 +18,16 @@ test: setup
 
 test-all: setup
 	@$(PY) -m pytest -q -m ""
+
+# Benchmarks (issue #9): each script under the heavy-job lock, one table at the end; results in outputs/bench/.
+# steering-vectors (the peer library) declares transformers<5, so it is installed without its dependencies.
+bench: setup
+	@$(PY) -c "import steering_vectors" 2>/dev/null || $(PY) -m pip -q install --no-deps "steering-vectors==0.12.2"
+	@$(PY) benchmarks/run_all.py
+
+bench-quick: setup
+	@$(PY) -c "import steering_vectors" 2>/dev/null || $(PY) -m pip -q install --no-deps "steering-vectors==0.12.2"
+	@$(PY) benchmarks/run_all.py --quick
 
 lab: setup
 	@.venv/bin/jupyter lab workbook/

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common import Bench, median_time, parser, prompts, setup_torch
+from common import Bench, interleaved, parser, prompts, setup_torch
 
 
 def quick_calibrator(handle, quick: bool, gate_layer="auto", progress: bool = False):
@@ -62,6 +62,8 @@ class StepCounter:
 def main(argv=None) -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--long-tokens", type=int, default=128,
+                   help="also time unsteered vs calibrator at the largest batch with this many new tokens (0: skip)")
     p.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8,32; quick 1,8)")
     args = p.parse_args(argv)
     setup_torch(args.threads)
@@ -89,17 +91,26 @@ def main(argv=None) -> None:
     try:
         for b in batches:
             ps = [s.prompt for s in prompts(b)]
-            res = {}
-            for name, ivs in variants.items():
-                steered_generate(handle, ps, ivs, max_new_tokens=2, batch_size=b)  # warm-up, not timed
+            steps: dict[str, int] = {}
+
+            def run(name, ivs, n_new=new):
                 counter.reset()
-                t = median_time(lambda: steered_generate(handle, ps, ivs, max_new_tokens=new, batch_size=b),
-                                repeats, warmup=0)
-                steps = counter.steps / repeats
-                res[name] = {**t, "tokens": steps, "tokens_per_s": steps / t["median"]}
-                bench.log(f"batch {b} {name}: {steps / t['median']:.1f} tok/s ({t['median']:.2f} s, {steps:.0f} tokens)")
+                steered_generate(handle, ps, ivs, max_new_tokens=n_new, batch_size=b)
+                steps[name] = counter.steps
+
+            for name, ivs in variants.items():  # warm-up, not timed
+                run(name, ivs, 2)
+            fns = {name: (lambda name=name, ivs=ivs: run(name, ivs)) for name, ivs in variants.items()}
+            res = interleaved(fns, repeats, warmup=0)
+            for name, t in res.items():
+                t.update(tokens=steps[name], tokens_per_s=steps[name] / t["median"],
+                         tokens_per_cpu_s=steps[name] / t["cpu_median"])
+                bench.log(f"batch {b} {name}: {t['tokens_per_s']:.1f} tok/s ({t['median']:.2f} s, "
+                          f"cpu {t['cpu_median']:.2f} s, {steps[name]} tokens)")
             for name in variants:
                 res[name]["ratio_to_unsteered"] = res[name]["tokens_per_s"] / res["unsteered"]["tokens_per_s"]
+                res[name]["cpu_ratio_to_unsteered"] = (res[name]["tokens_per_cpu_s"]
+                                                       / res["unsteered"]["tokens_per_cpu_s"])
             bench.results[f"batch{b}"] = res
             for name in variants:
                 goal = met = None
@@ -108,6 +119,19 @@ def main(argv=None) -> None:
                 bench.add(f"generate batch {b}: {name} tok/s", res[name]["tokens_per_s"], "tok/s")
                 if name != "unsteered":
                     bench.add(f"generate batch {b}: {name} / unsteered", res[name]["ratio_to_unsteered"], "×", goal, met)
+                    bench.add(f"generate batch {b}: {name} / unsteered (CPU time)", res[name]["cpu_ratio_to_unsteered"], "×")
+        if args.long_tokens and not args.quick:
+            # the prefill gate costs one prompt pass per batch: its share falls as generations get longer
+            b = max(batches)
+            ps = [s.prompt for s in prompts(b)]
+            steps = {}
+            fns = {name: (lambda name=name: run(name, variants[name], args.long_tokens))
+                   for name in ("unsteered", "calibrator")}
+            res = interleaved(fns, 1, warmup=0)
+            ratio = (steps["calibrator"] / res["calibrator"]["median"]) / (steps["unsteered"] / res["unsteered"]["median"])
+            bench.results[f"batch{b}_long{args.long_tokens}"] = {**res, "tokens": steps, "ratio_to_unsteered": ratio}
+            bench.log(f"batch {b}, {args.long_tokens} new tokens: calibrator / unsteered {ratio:.2f}")
+            bench.add(f"generate batch {b}, {args.long_tokens} new tokens: calibrator / unsteered", ratio, "×")
     finally:
         counter.close()
     if 1 in batches and max(batches) >= 8:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from common import Bench, median_time, parser, prompts, setup_torch
+from common import Bench, interleaved, parser, prompts, setup_torch
 
 
 def peer_status() -> dict:
@@ -24,6 +24,8 @@ def peer_status() -> dict:
             status[name] = "ok"
         except Exception as exc:  # not installed, or incompatible with this environment
             status[name] = f"not available: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    if status["repeng"].startswith("not available: ModuleNotFoundError"):
+        status["repeng"] = "not available: repeng 0.4.0 requires numpy<2 (with --no-deps it fails to import: np.float_)"
     return status
 
 
@@ -51,49 +53,48 @@ def main(argv=None) -> None:
     vector = fit_vector(handle, train, "teacher-forced", layers=[layer], progress=False)
     v = vector.directions[layer].to(handle.device, handle.dtype)
     ps = [s.prompt for s in prompts(n)]
-    encs = [handle.build_inputs(ps[i:i + batch]) for i in range(0, n, batch)]
+    enc0 = handle.build_inputs(ps[:batch])
     gen_kw = dict(max_new_tokens=new, do_sample=False, pad_token_id=handle.tokenizer.pad_token_id)
     ours = [AddVector(vector.directions, (layer,), alpha)]
 
     def run_crvlm():
         return steered_generate(handle, ps, ours, max_new_tokens=new, batch_size=batch)
 
-    t_ours = median_time(run_crvlm, repeats)
-    bench.results["crvlm"] = t_ours
-    bench.log(f"crvlm: {t_ours['median']:.2f} s")
-    # reference ids: crvlm's generation, re-run through the decoder-free comparison below
     texts_ours = run_crvlm()
-
     if status["steering_vectors"] == "ok":
         from steering_vectors import SteeringVector as PeerVector
 
         sv = PeerVector(layer_activations={layer: v}, layer_type="decoder_block")
 
-        def run_peer(return_ids=False):
-            texts, ids_all = [], []
+        def run_peer():  # the same work as steered_generate: build each batch, generate, decode
+            texts = []
             with torch.no_grad(), sv.apply(handle.hf_model, multiplier=alpha):
-                for enc in encs:
+                for i in range(0, n, batch):
+                    enc = handle.build_inputs(ps[i:i + batch])
                     ids = handle.hf_model.generate(**enc, **gen_kw).cpu()
-                    ids_all.append(ids)
                     texts += handle.decode_new(ids, enc["input_ids"].shape[1])
-            return (texts, ids_all) if return_ids else texts
+            return texts
 
         texts_peer = run_peer()
         with torch.no_grad():
-            logits_ours = steered_logits(handle, encs[0], ours)
+            logits_ours = steered_logits(handle, enc0, ours)
             with sv.apply(handle.hf_model, multiplier=alpha):
-                logits_peer = handle.hf_model(**encs[0]).logits.cpu()
-        mask = encs[0]["attention_mask"].bool().cpu()
+                logits_peer = handle.hf_model(**enc0).logits.cpu()
+        mask = enc0["attention_mask"].bool().cpu()
         diff = float((logits_ours - logits_peer)[mask].abs().max())
         same_text = sum(a == b for a, b in zip(texts_ours, texts_peer))
-        t_peer = median_time(run_peer, repeats)
+        times = interleaved({"crvlm": run_crvlm, "steering_vectors": run_peer}, repeats, warmup=1)
+        t_ours, t_peer = times["crvlm"], times["steering_vectors"]
+        bench.results["crvlm"] = t_ours
         ratio = t_ours["median"] / t_peer["median"]
+        bench.log(f"crvlm {t_ours['median']:.2f} s, steering-vectors {t_peer['median']:.2f} s")
         bench.results["steering_vectors"] = {**t_peer, "same_text": same_text, "n": n,
                                              "max_abs_logit_diff_real_tokens": diff, "ratio_crvlm_to_peer": ratio}
         bench.log(f"steering-vectors: {t_peer['median']:.2f} s; same text {same_text}/{n}; logit diff {diff:.2e}")
         bench.add("ActAdd: same generated text as steering-vectors", f"{same_text}/{n}", "", f"{n}/{n}", same_text == n)
-        bench.add("ActAdd: max |Δlogit| vs steering-vectors", diff, "", "≤ 1e-3", diff <= 1e-3)
+        bench.add("ActAdd: max abs logit difference vs steering-vectors", diff, "", "≤ 1e-3", diff <= 1e-3)
         bench.add("ActAdd: crvlm / steering-vectors time", ratio, "×", "≤ 1.0", ratio <= 1.0)
+        bench.add("ActAdd: crvlm / steering-vectors time (CPU)", t_ours["cpu_median"] / t_peer["cpu_median"], "×")
     else:
         bench.add("ActAdd vs steering-vectors", status["steering_vectors"], "")
     if status["repeng"] != "ok":

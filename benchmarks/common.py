@@ -81,16 +81,46 @@ def machine_info() -> dict:
     return info
 
 
+def timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    """``(wall seconds, process CPU seconds)`` of one call (CPU time is less disturbed by other jobs sharing the
+    cores than wall time)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def summarize(walls: list[float], cpus: list[float]) -> dict:
+    return {"median": statistics.median(walls), "min": min(walls), "max": max(walls), "runs": walls,
+            "cpu_median": statistics.median(cpus), "cpu_runs": cpus}
+
+
 def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict:
-    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times; median/min/max wall seconds and all runs."""
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times; median/min/max wall seconds, all runs, and the
+    median process CPU seconds."""
     for _ in range(warmup):
         fn()
-    runs = []
+    walls, cpus = [], []
     for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - start)
-    return {"median": statistics.median(runs), "min": min(runs), "max": max(runs), "runs": runs}
+        w, c = timed(fn)
+        walls.append(w)
+        cpus.append(c)
+    return summarize(walls, cpus)
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, dict]:
+    """Like :func:`median_time` for several variants, run round-robin (A B C A B C …) so that a change in the load
+    of a shared machine falls on every variant alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    walls: dict[str, list[float]] = {k: [] for k in fns}
+    cpus: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(max(1, repeats)):
+        for name, fn in fns.items():
+            w, c = timed(fn)
+            walls[name].append(w)
+            cpus[name].append(c)
+    return {k: summarize(walls[k], cpus[k]) for k in fns}
 
 
 def rss_bytes() -> int:
