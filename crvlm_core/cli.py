@@ -69,7 +69,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         from .policies import cmd_fit_policy
 
         return cmd_fit_policy(args)
-    if args.remove:  # Refusal Steering: remove one topic's refusals, keep another's
+    if getattr(args, "remove", None):  # Refusal Steering: remove one topic's refusals, keep another's
         from .refusal_steering import cli_fit
 
         return cli_fit(args)
