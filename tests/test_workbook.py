@@ -3,6 +3,7 @@ writes summary.json with each notebook's metrics, and stops at the first failure
 
 import json
 import math
+import time
 
 import nbformat
 import pytest
@@ -130,32 +131,100 @@ def test_cli_exit_codes(tmp_path, monkeypatch):
     assert exc.value.code == 2
 
 
+#: Keys each notebook's metrics.json must carry (beyond finite numbers everywhere).
+EXPECTED_KEYS = {
+    "00_setup_and_data": ["model", "load_seconds", "n_params", "n_layers", "hidden_size", "answer_biology",
+                          "answer_harmful", "dataset_counts"],
+    "01_refusal_vectors": ["refusal_rate_out", "over_refusal_in", "mb_score", "best", "sweep", "score_sweep"],
+    "02_calibrator_training": ["refusal_rate_out", "over_refusal_in", "mb_score", "gate_mean", "table",
+                               "throughput_ratio"],
+    "03_evaluation": [],
+    "04_ablations": ["refusal_rate_out", "over_refusal_in", "mb_score", "mb_without_ortho", "table", "vision"],
+    "05_figures": ["rho_out", "rho_in", "update_norm_out", "refusal_score_means", "figures"],
+    "06_refusal_steering": [],
+    "07_policies": [],
+}
+#: Metric keys that measure time or speed: they change between runs, everything else must not.
+TIMING = ("seconds", "per_second", "throughput", "created", "rss", "wall")
+
+
+def _numbers(obj, path=""):
+    """(path, value) of every number in a JSON value."""
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, (int, float)):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{path}[{i}]")
+
+
+def _untimed(obj):
+    if isinstance(obj, dict):
+        return {k: _untimed(v) for k, v in obj.items() if not any(t in k for t in TIMING)}
+    if isinstance(obj, list):
+        return [_untimed(v) for v in obj]
+    return obj
+
+
+def _run_smoke(out_root):
+    start = time.perf_counter()
+    summary = workbook.run(params={"MODEL": "smollm2-135m"}, smoke=True, run_name="smoke", out_root=out_root)
+    failed = {n: e.get("error") for n, e in summary["notebooks"].items() if e["status"] != "ok"}
+    assert summary["ok"] is True and not failed, failed
+    metrics = {n: json.loads((out_root / "smoke" / n / "metrics.json").read_text()) for n in summary["notebooks"]}
+    return summary, metrics, time.perf_counter() - start
+
+
 def test_setup_notebook_smoke(tmp_path):
-    """00_setup_and_data end to end through papermill with SmolLM2 (cached locally; ~40 s on 2 cores)."""
+    """00_setup_and_data end to end through papermill with SmolLM2 (the default run's notebook check; the whole
+    workbook runs in the slow test below)."""
     summary = workbook.run(params={"MODEL": "smollm2-135m"}, smoke=True, only=["00"], run_name="smoke",
                            out_root=tmp_path)
     entry = summary["notebooks"]["00_setup_and_data"]
     assert summary["ok"] is True, entry.get("error")
-    assert entry["status"] == "ok"
-    assert json.loads((tmp_path / "smoke" / "summary.json").read_text())["ok"] is True
     metrics = json.loads((tmp_path / "smoke" / "00_setup_and_data" / "metrics.json").read_text())
-    for key in ("model", "load_seconds", "n_params", "n_layers", "hidden_size", "answer_biology", "answer_harmful",
-                "dataset_counts"):
+    for key in EXPECTED_KEYS["00_setup_and_data"]:
         assert key in metrics, key
-    assert metrics["model"] == "smollm2-135m"
-    for key in ("load_seconds", "n_params", "n_layers", "hidden_size"):
-        assert isinstance(metrics[key], (int, float)) and math.isfinite(metrics[key]) and metrics[key] > 0, key
-    assert (metrics["n_layers"], metrics["hidden_size"]) == (30, 576)
+    assert not [(p, v) for p, v in _numbers(metrics) if not math.isfinite(v)]
+    assert metrics["model"] == "smollm2-135m" and (metrics["n_layers"], metrics["hidden_size"]) == (30, 576)
     assert metrics["answer_biology"] and metrics["answer_harmful"]
-    counts = metrics["dataset_counts"]
-    assert counts["mm_subjects"]["biology"] > 0 and all(
-        isinstance(n, int) and n > 0 for c in counts.values() for n in c.values())
     assert entry["metrics"]["n_layers"] == 30
-    out_dir = tmp_path / "smoke" / "00_setup_and_data"
     for fig in ("dataset_counts.png", "dataset_counts.svg", "mm_subjects_examples.png"):
-        assert (out_dir / fig).stat().st_size > 0, fig
+        assert (tmp_path / "smoke" / "00_setup_and_data" / fig).stat().st_size > 0, fig
+
+
+@pytest.mark.slow
+def test_whole_workbook_smoke_and_cached_rerun(tmp_path):
+    """Every notebook end to end through papermill with --smoke on SmolLM2 (and tiny VLMs), then again: the second
+    run reuses the cached artifacts, so it is faster and writes the same metrics."""
+    summary, metrics, first = _run_smoke(tmp_path)
+    assert list(summary["notebooks"]) == [p.stem for p in workbook.notebooks()]
+    assert set(summary["notebooks"]) >= set(EXPECTED_KEYS)
+    for name, m in metrics.items():
+        assert m, name
+        for key in EXPECTED_KEYS.get(name, []):
+            assert key in m, (name, key)
+        bad = [(p, v) for p, v in _numbers(m) if not math.isfinite(v)]
+        assert not bad, (name, bad)
+        assert (tmp_path / "smoke" / "notebooks" / f"{name}.ipynb").exists()
+        assert list((tmp_path / "smoke" / name).glob("*.png")) or name == "00_setup_and_data", name
+    setup = metrics["00_setup_and_data"]
+    assert setup["model"] == "smollm2-135m" and (setup["n_layers"], setup["hidden_size"]) == (30, 576)
+    assert setup["answer_biology"] and setup["answer_harmful"]
+    assert all(isinstance(n, int) and n > 0 for c in setup["dataset_counts"].values() for n in c.values())
+    assert (tmp_path / "smoke" / "00_setup_and_data" / "mm_subjects_examples.png").stat().st_size > 0
     executed = nbformat.read(tmp_path / "smoke" / "notebooks" / "00_setup_and_data.ipynb", as_version=4)
     assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+    assert json.loads((tmp_path / "smoke" / "summary.json").read_text())["ok"] is True
+
+    _, again, second = _run_smoke(tmp_path)
+    assert second < first
+    for name in metrics:
+        assert _untimed(again[name]) == _untimed(metrics[name]), name
 
 
 def test_default_kernel_is_repointed_at_this_interpreter(tmp_path, monkeypatch):
