@@ -170,6 +170,16 @@ def _report_failure(name: str, err: Exception, executed: Path) -> dict:
     return record
 
 
+def _children_peak_rss_mb() -> float:
+    """Peak resident memory (MB) of the largest finished child process so far: the notebook kernels run as
+    children and are shut down after each notebook, so after notebook k this is the running maximum over
+    notebooks 1..k (a notebook's own peak where the value rises)."""
+    import resource
+
+    kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # kilobytes on Linux
+    return round(kb / 1024, 1)
+
+
 def run(params: dict | None = None, params_file: str | Path | None = None, smoke: bool = False,
         only: list[str] | None = None, run_name: str = "default", kernel: str = DEFAULT_KERNEL,
         workbook_dir: str | Path | None = None, out_root: str | Path | None = None) -> dict:
@@ -188,7 +198,8 @@ def run(params: dict | None = None, params_file: str | Path | None = None, smoke
     Returns:
         The summary written to ``<out_root>/<run_name>/summary.json``: ``ok``, and per notebook ``status``
         (``ok`` / ``failed`` / ``skipped``), ``seconds``, ``output`` (the executed notebook), ``metrics``
-        (scalar entries of its ``metrics.json``) and, on failure, ``error`` (``ename``, ``evalue``, ``cell_index``).
+        (scalar entries of its ``metrics.json``), ``peak_rss_mb`` (running maximum of the kernels' peak memory)
+        and, on failure, ``error`` (``ename``, ``evalue``, ``cell_index``); overall ``seconds`` and ``peak_rss_mb``.
     """
     import papermill
     from papermill.exceptions import PapermillExecutionError  # noqa: F401  (import errors surface here, early)
@@ -261,6 +272,7 @@ def run(params: dict | None = None, params_file: str | Path | None = None, smoke
         seconds = round(time.perf_counter() - t0, 2)
         metrics_path = run_dir / name / "metrics.json"
         entry.update(status="ok" if error is None else "failed", seconds=seconds, output=str(out_nb),
+                     peak_rss_mb=_children_peak_rss_mb(),
                      metrics=_key_metrics(metrics_path) if metrics_path.exists() else None)
         if error is not None:
             entry["error"] = error
@@ -269,6 +281,7 @@ def run(params: dict | None = None, params_file: str | Path | None = None, smoke
         atomic_write_json(summary_path, summary)  # a partial summary survives an interrupted run
     summary["ok"] = not failed
     summary["seconds"] = round(time.perf_counter() - started, 2)
+    summary["peak_rss_mb"] = _children_peak_rss_mb()
     summary["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     atomic_write_json(summary_path, summary)
     n_ok = sum(e["status"] == "ok" for e in summary["notebooks"].values())

@@ -86,6 +86,7 @@ def test_failing_notebook_stops_the_run(tmp_path, capsys):
     assert list(nbs) == ["00_fine", "01_broken", "02_never"]
     assert summary["ok"] is False
     assert nbs["00_fine"]["status"] == "ok"
+    assert nbs["00_fine"]["peak_rss_mb"] > 10  # the kernel's peak memory (a Python kernel is tens of MB at least)
     assert nbs["00_fine"]["metrics"] == {"limit": 3, "smoke": True}  # scalars only; per-file params reached it
     assert nbs["01_broken"]["status"] == "failed"
     assert nbs["01_broken"]["error"]["ename"] == "ValueError"
