@@ -133,3 +133,8 @@ def file_sha256(path) -> str:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def cache_path(cache_dir: str | os.PathLike, prefix: str, key: Any) -> Path:
+    """``<cache_dir>/<prefix>-<digest>.json``: where a JSON result keyed by the JSON-serialisable ``key`` lives."""
+    return Path(cache_dir) / f"{prefix}-{sha256_hex(json.dumps(key, sort_keys=True))[:24]}.json"

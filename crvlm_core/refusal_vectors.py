@@ -14,7 +14,7 @@ import torch
 from . import vectors as V
 from .data import Sample
 from .extract import Activations, extract
-from .io import atomic_write_json, sha256_hex
+from .io import atomic_write_json, cache_path, sha256_hex
 from .judge import judge_responses
 from .metrics import rates_by, scope_metrics
 from .models import ModelHandle
@@ -167,11 +167,10 @@ def evaluate(handle: ModelHandle, test: Sequence[Sample], interventions: Sequenc
         raise ValueError("evaluate: no test samples (empty split)")
     cache_file = None
     if cache_dir is not None:
-        key = sha256_hex(json.dumps({
+        cache_file = cache_path(cache_dir, "eval", {
             "model": handle.spec, "samples": [[s.id, s.prompt, s.scope, s.subject, str(s.image)] for s in test],
             "interventions": intervention_fingerprint(list(interventions)), "max_new_tokens": max_new_tokens,
-            "batch_size": batch_size, "judge": judge, "system": system, "use_images": use_images}, sort_keys=True))
-        cache_file = Path(cache_dir) / f"eval-{key[:24]}.json"
+            "batch_size": batch_size, "judge": judge, "system": system, "use_images": use_images})
         if cache_file.exists():
             saved = json.loads(cache_file.read_text())
             return EvalResult(saved["metrics"], saved["rows"])
@@ -258,11 +257,10 @@ def refusal_score_grid(handle: ModelHandle, vector: V.SteeringVector, samples: S
     layers = [handle.check_layer(int(l)) for l in layers]
     cache_file = None
     if cache_dir is not None:
-        key = sha256_hex(json.dumps({"model": handle.spec, "vector": vector.fingerprint, "layers": layers,
-                                     "alphas": [float(a) for a in alphas], "batch_size": batch_size,
-                                     "samples": [[s.id, s.prompt] for s in samples],
-                                     "directions": sha256_hex(vector.directions.float().numpy().tobytes())}))
-        cache_file = Path(cache_dir) / f"score-grid-{key[:24]}.json"
+        cache_file = cache_path(cache_dir, "score-grid", {
+            "model": handle.spec, "vector": vector.fingerprint, "layers": layers, "alphas": [float(a) for a in alphas],
+            "batch_size": batch_size, "samples": [[s.id, s.prompt] for s in samples],
+            "directions": sha256_hex(vector.directions.float().numpy().tobytes())})
         if cache_file.exists():
             return json.loads(cache_file.read_text())
     prompts = [s.prompt for s in samples]
