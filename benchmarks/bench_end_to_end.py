@@ -1,5 +1,6 @@
 """Benchmark 5 — end to end: wall time and peak RSS of the workbook runs found under ``outputs/<run>/summary.json``
-(written by ``crvlm workbook run``; nothing is re-run here). A run counts as *full* when it is not a smoke run and
+(written by ``crvlm workbook run``; nothing is re-run here). The wall time is the sum of the notebooks' times
+(``notebook_seconds``), so a run assembled from several ``--only`` runs of the same folder counts every notebook once. A run counts as *full* when it is not a smoke run and
 every notebook ran (none skipped); peak RSS is read from the summary when the workbook runner records it
 (``peak_rss_mb``, overall or per notebook) and reported as missing otherwise. Goals (issue #9): full workbook
 ≤ 20 min, peak RSS ≤ 4 GB.
@@ -37,7 +38,10 @@ def read_runs(root: Path) -> list[dict]:
         skipped = [k for k, v in nbs.items() if isinstance(v, dict) and v.get("status") == "skipped"]
         failed = [k for k, v in nbs.items() if isinstance(v, dict) and v.get("status") not in ("ok", "skipped")]
         runs.append({"run": s.get("run", path.parent.name), "model": (s.get("params") or {}).get("MODEL", "default"),
-                     "smoke": bool(s.get("smoke")), "ok": bool(s.get("ok")), "seconds": s.get("seconds"),
+                     "smoke": bool(s.get("smoke")), "ok": bool(s.get("ok")),
+                     # notebook by notebook: a run assembled from --only runs of the same folder counts them all
+                     "seconds": s.get("notebook_seconds", s.get("seconds")),
+                     "carried_over": [k for k in ran if nbs[k].get("carried_over")],
                      "started": s.get("started"), "finished": s.get("finished"), "notebooks_ran": ran,
                      "notebooks_skipped": skipped, "notebooks_failed": failed, "peak_rss_mb": _peak_rss_mb(s),
                      "full": not s.get("smoke") and not skipped and not failed and bool(ran)})

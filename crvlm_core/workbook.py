@@ -180,6 +180,24 @@ def _children_peak_rss_mb() -> float:
     return round(kb / 1024, 1)
 
 
+def _earlier_entries(summary_path: Path, smoke: bool) -> dict[str, dict]:
+    """The notebook records of an earlier run in the same folder that ran (ok or failed), marked as carried over.
+
+    Only a run of the same kind (smoke or not) counts; an unreadable summary counts as none.
+    """
+    try:
+        old = json.loads(summary_path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if bool(old.get("smoke")) != smoke:
+        return {}
+    out = {}
+    for name, e in (old.get("notebooks") or {}).items():
+        if isinstance(e, dict) and e.get("status") in ("ok", "failed"):
+            out[name] = {**e, "carried_over": e.get("carried_over") or old.get("started")}
+    return out
+
+
 def run(params: dict | None = None, params_file: str | Path | None = None, smoke: bool = False,
         only: list[str] | None = None, run_name: str = "default", kernel: str = DEFAULT_KERNEL,
         workbook_dir: str | Path | None = None, out_root: str | Path | None = None) -> dict:
@@ -199,7 +217,10 @@ def run(params: dict | None = None, params_file: str | Path | None = None, smoke
         The summary written to ``<out_root>/<run_name>/summary.json``: ``ok``, and per notebook ``status``
         (``ok`` / ``failed`` / ``skipped``), ``seconds``, ``output`` (the executed notebook), ``metrics``
         (scalar entries of its ``metrics.json``), ``peak_rss_mb`` (running maximum of the kernels' peak memory)
-        and, on failure, ``error`` (``ename``, ``evalue``, ``cell_index``); overall ``seconds`` and ``peak_rss_mb``.
+        and, on failure, ``error`` (``ename``, ``evalue``, ``cell_index``); overall ``seconds`` (this invocation),
+        ``notebook_seconds`` (sum over the notebooks that are ok) and ``peak_rss_mb``. With ``only``, a notebook
+        not selected keeps the record an earlier run of the same folder (same ``smoke``) wrote for it, with
+        ``carried_over`` set to that run's start time; without one it is ``skipped``.
     """
     import papermill
     from papermill.exceptions import PapermillExecutionError  # noqa: F401  (import errors surface here, early)
@@ -246,13 +267,18 @@ def run(params: dict | None = None, params_file: str | Path | None = None, smoke
         "notebooks": {n: {"status": "pending"} for n in names},
     }
     summary_path = run_dir / "summary.json"
+    earlier = _earlier_entries(summary_path, bool(smoke)) if only else {}
     failed = False
     started = time.perf_counter()
     for nb in nbs:
         name = nb.stem
         entry = summary["notebooks"][name]
         if name not in selected:
-            entry.update(status="skipped", reason="not selected (--only)")
+            if name in earlier:  # an --only run keeps what an earlier run of this folder recorded for the others
+                entry.clear()
+                entry.update(earlier[name])
+            else:
+                entry.update(status="skipped", reason="not selected (--only)")
             continue
         if failed:
             entry.update(status="skipped", reason="an earlier notebook failed")
@@ -281,7 +307,10 @@ def run(params: dict | None = None, params_file: str | Path | None = None, smoke
         atomic_write_json(summary_path, summary)  # a partial summary survives an interrupted run
     summary["ok"] = not failed
     summary["seconds"] = round(time.perf_counter() - started, 2)
-    summary["peak_rss_mb"] = _children_peak_rss_mb()
+    done = [e for e in summary["notebooks"].values() if e.get("status") == "ok"]
+    summary["notebook_seconds"] = round(sum(float(e.get("seconds") or 0) for e in done), 2)
+    summary["peak_rss_mb"] = max([_children_peak_rss_mb()] + [float(e["peak_rss_mb"]) for e in done
+                                                             if e.get("carried_over") and e.get("peak_rss_mb")])
     summary["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     atomic_write_json(summary_path, summary)
     n_ok = sum(e["status"] == "ok" for e in summary["notebooks"].values())

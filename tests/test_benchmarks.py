@@ -115,3 +115,22 @@ def test_hook_fast_path_with_prefill_gated_calibrator(tiny):
     assert torch.equal(ids["hooks"], ids["nnsight"])
     assert cal._gate_override is None  # released after each batch
     assert ids["hooks"].shape == plain.shape
+
+
+def test_end_to_end_counts_a_workbook_assembled_from_only_runs(tmp_path):
+    import bench_end_to_end
+
+    nb = {"00_a": {"status": "ok", "seconds": 10.0, "peak_rss_mb": 900.0, "carried_over": "2026-01-01T00:00:00"},
+          "01_b": {"status": "ok", "seconds": 30.0, "peak_rss_mb": 1200.0}}
+    (tmp_path / "default").mkdir()
+    (tmp_path / "default" / "summary.json").write_text(json.dumps({
+        "run": "default", "smoke": False, "ok": True, "seconds": 31.0, "notebook_seconds": 40.0,
+        "peak_rss_mb": 1200.0, "notebooks": nb, "finished": "2026-01-02"}))
+    nb2 = {**nb, "01_b": {"status": "skipped"}}
+    (tmp_path / "part").mkdir()
+    (tmp_path / "part" / "summary.json").write_text(json.dumps({"run": "part", "smoke": False, "ok": True,
+                                                                 "seconds": 11.0, "notebooks": nb2}))
+    runs = {r["run"]: r for r in bench_end_to_end.read_runs(tmp_path)}
+    assert runs["default"]["full"] and runs["default"]["seconds"] == 40.0
+    assert runs["default"]["carried_over"] == ["00_a"]
+    assert not runs["part"]["full"] and runs["part"]["seconds"] == 11.0

@@ -105,6 +105,19 @@ def test_failing_notebook_stops_the_run(tmp_path, capsys):
     assert summary["ok"] is True
     assert [e["status"] for e in summary["notebooks"].values()] == ["ok", "skipped", "skipped"]
     assert summary["notebooks"]["00_fine"]["metrics"]["limit"] == 7
+    assert summary["notebook_seconds"] == summary["notebooks"]["00_fine"]["seconds"]
+    # a later --only run in the same folder keeps 00's record (carried over) instead of marking it skipped
+    (wb / "01_broken.ipynb").unlink()
+    _write_nb(wb / "01_broken.ipynb", params, "y = 2")
+    later = workbook.run(only=["01"], run_name="t2", workbook_dir=wb, out_root=tmp_path / "out")
+    nbs = later["notebooks"]
+    assert [e["status"] for e in nbs.values()] == ["ok", "ok", "skipped"]
+    assert nbs["00_fine"]["carried_over"] == summary["started"]
+    assert nbs["00_fine"]["metrics"]["limit"] == 7 and "carried_over" not in nbs["01_broken"]
+    assert later["notebook_seconds"] == pytest.approx(nbs["00_fine"]["seconds"] + nbs["01_broken"]["seconds"])
+    # a smoke run does not carry a full run's records
+    assert workbook.run(only=["01"], run_name="t2", smoke=True, workbook_dir=wb,
+                        out_root=tmp_path / "out")["notebooks"]["00_fine"]["status"] == "skipped"
     with pytest.raises(workbook.WorkbookError, match="set by the runner"):
         workbook.run(params={"RUN": "other"}, workbook_dir=wb, out_root=tmp_path / "out")
     with pytest.raises(workbook.WorkbookError, match="matches no notebook"):
