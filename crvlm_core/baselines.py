@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .data import Sample
 from .extract import extract
+from .lora_training import train_lora_steps
 from .io import atomic_save_safetensors, atomic_write_json, sha256_hex
 from .metrics import kl_to_unsteered, scope_metrics, unchanged_prefix_fraction
 from .models import ModelHandle
@@ -309,8 +309,6 @@ def train_lora(handle: ModelHandle, train: Sequence[Sample], targets: Sequence[s
                                                            else range(handle.n_layers // 2, handle.n_layers))})
     model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=present,
                                             layers_to_transform=layers, layers_pattern="layers", bias="none"))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     end = _end_token_id(handle)
     prompt_ids = [handle.build_inputs([s.prompt])["input_ids"][0].tolist() for s in train]
     target_ids = []
@@ -318,27 +316,24 @@ def train_lora(handle: ModelHandle, train: Sequence[Sample], targets: Sequence[s
         ids = handle.tokenizer.encode(t, add_special_tokens=False)
         target_ids.append(ids + ([end] if end is not None and s.scope == "out" else []))
     gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    history = []
-    bar = tqdm(range(steps), desc="LoRA", disable=not progress)
-    for step in bar:
-        while len(order) < batch_size:
-            order += torch.randperm(len(train), generator=gen).tolist()
-        idx, order = order[:batch_size], order[batch_size:]
-        b = _lora_batch(handle, [prompt_ids[i] for i in idx], [target_ids[i] for i in idx])
-        dev = handle.device
-        logits = model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev),
-                       position_ids=b["position_ids"].to(dev), logits_to_keep=b["keep"]).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+    dev = handle.device
+
+    def batches():
+        order: list[int] = []
+        for _ in range(steps):
+            while len(order) < batch_size:
+                order += torch.randperm(len(train), generator=gen).tolist()
+            idx, order = order[:batch_size], order[batch_size:]
+            yield _lora_batch(handle, [prompt_ids[i] for i in idx], [target_ids[i] for i in idx])
+
+    def loss_of(m, b):
+        logits = m(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev),
+                   position_ids=b["position_ids"].to(dev), logits_to_keep=b["keep"]).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                                  b["labels"].to(dev).reshape(-1), ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        history.append({"step": step + 1, "loss": loss.item()})
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-    for p in params:
-        p.requires_grad_(False)
+
+    losses = train_lora_steps(model, batches(), loss_of, lr=lr, total=steps, desc="LoRA", progress=progress)
+    history = [{"step": i + 1, "loss": v} for i, v in enumerate(losses)]
     return model, history
 
 

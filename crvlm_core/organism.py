@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .io import atomic_write_json, sha256_hex
+from .lora_training import train_lora_steps
 from .paths import cache_dir
 
 __all__ = [
@@ -250,28 +250,19 @@ def build_adapter(name: str, cfg: OrganismConfig, root: Path | None = None, forc
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=list(cfg.target_modules),
                       task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
-    model.train()
     rows = _encode(tok, examples)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     rng = random.Random(cfg.seed)
     n_steps = cfg.epochs * ((len(rows) + cfg.batch_size - 1) // cfg.batch_size)
-    losses: list[float] = []
-    bar = tqdm(total=n_steps, desc=f"train {name} adapter", disable=not progress, unit="step")
-    for _ in range(cfg.epochs):
-        order = list(range(len(rows)))
-        rng.shuffle(order)
-        for i in range(0, len(order), cfg.batch_size):
-            batch = _batch(tok, [rows[k] for k in order[i:i + cfg.batch_size]])
-            loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"organism training diverged (loss {float(loss)}); lower lr={cfg.lr}")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    bar.close()
+
+    def batches():
+        for _ in range(cfg.epochs):
+            order = list(range(len(rows)))
+            rng.shuffle(order)
+            for i in range(0, len(order), cfg.batch_size):
+                yield _batch(tok, [rows[k] for k in order[i:i + cfg.batch_size]])
+
+    losses = train_lora_steps(model, batches(), lambda m, batch: m(**batch).loss, lr=cfg.lr, total=n_steps,
+                              weight_decay=0.01, desc=f"train {name} adapter", progress=progress)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -151,3 +151,22 @@ def test_eval_writes_the_judge_and_its_validation(tiny, tmp_path):
     # the keyword rule on the 51 held-out human labels: 35 right (the README's 0.686, κ 0.429)
     v = metrics["judge_validation"]
     assert v["n"] == 51 and v["accuracy"] == pytest.approx(35 / 51) and v["kappa"] == pytest.approx(0.4286, abs=1e-3)
+
+
+def test_lora_training_loop_lowers_the_loss_and_stops_on_divergence():
+    from crvlm_core.lora_training import train_lora_steps
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    x = torch.randn(32, 4)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+    batches = [{"x": x, "y": y}] * 40
+    losses = train_lora_steps(model, batches, lambda m, b: ((m(b["x"]) - b["y"]) ** 2).mean(), lr=0.1,
+                              progress=False)
+    assert len(losses) == 40 and losses[-1] < 0.1 * losses[0]
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training  # frozen for use
+    model.requires_grad_(True)
+    with pytest.raises(FloatingPointError, match="diverged at step 1"):
+        train_lora_steps(model, [{"x": x}], lambda m, b: m(b["x"]).sum() * float("nan"), lr=0.1, progress=False)
+    with pytest.raises(ValueError, match="no trainable"):
+        train_lora_steps(torch.nn.Linear(2, 2).requires_grad_(False), [], lambda m, b: 0, lr=0.1)
