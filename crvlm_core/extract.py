@@ -156,13 +156,12 @@ def extract_token_states(handle: ModelHandle, samples: Sequence[Sample], layers:
     use_images = use_images and handle.is_vlm
     fp = extraction_fingerprint(handle, samples if use_images else [_without_image(s) for s in samples],
                                 f"tokens:{per_sample}:{seed}", layers, None, None)
-    folder = Path(cache) if not isinstance(cache, bool) else outputs_dir() / "cache" / "activations"
-    tensors = folder / f"{fp}.safetensors"
-    if cache and tensors.exists():
-        try:
-            loaded = load_file(str(tensors))
+    folder = _cache_folder(cache)
+    if folder is not None:
+        try:  # entries written before the sidecar existed have none; the tensors are what counts here
+            loaded = load_file(str(folder / f"{fp}.safetensors"))
             return loaded["acts"], loaded["owner"]
-        except Exception:
+        except Exception:  # missing or damaged: recompute
             pass
     gen = torch.Generator().manual_seed(seed)
     chunks, owners = [], []
@@ -186,8 +185,11 @@ def extract_token_states(handle: ModelHandle, samples: Sequence[Sample], layers:
             chunks.append(full[r, pos])
             owners.append(torch.full((len(pos),), k))
     acts, owner = torch.cat(chunks), torch.cat(owners)
-    if cache:
-        atomic_save_safetensors(tensors, {"acts": acts, "owner": owner})
+    if folder is not None:
+        _save_cached(folder, fp, {"acts": acts, "owner": owner},
+                     {"model": handle.spec, "position": f"tokens:{per_sample}:{seed}", "layers": layers,
+                      "n": len(samples), "rows": len(acts), "hidden_size": handle.hidden_size,
+                      "use_images": use_images, "fingerprint": fp, "ids": [s.id for s in samples]})
     return acts, owner
 
 
@@ -228,9 +230,8 @@ def extract(handle: ModelHandle, samples: Sequence[Sample], *, position: str = "
     meta = {"model": handle.spec, "position": position, "layers": layers, "system": system,
             "assistant_prefix": assistant_prefix, "n": len(samples), "hidden_size": handle.hidden_size,
             "use_images": use_images, "fingerprint": fp}
-    folder = None
-    if cache:
-        folder = Path(cache) if not isinstance(cache, bool) else outputs_dir() / "cache" / "activations"
+    folder = _cache_folder(cache)
+    if folder is not None:
         hit = _load_cached(folder, fp)
         if hit is not None:
             return hit
@@ -247,9 +248,21 @@ def extract(handle: ModelHandle, samples: Sequence[Sample], *, position: str = "
         raise FloatingPointError("extract: non-finite activations (NaN/inf) — check the model and dtype")
     result = Activations(out, [s.id for s in samples], layers, fp, meta)
     if folder is not None:
-        atomic_save_safetensors(folder / f"{fp}.safetensors", {"acts": out})
-        atomic_write_json(folder / f"{fp}.json", {**meta, "ids": result.ids})
+        _save_cached(folder, fp, {"acts": out}, {**meta, "ids": result.ids})
     return result
+
+
+def _cache_folder(cache: bool | str | Path) -> Path | None:
+    """The activation cache folder: ``True`` → ``outputs/cache/activations``, a path → that folder, ``False`` → none."""
+    if not cache:
+        return None
+    return Path(cache) if not isinstance(cache, bool) else outputs_dir() / "cache" / "activations"
+
+
+def _save_cached(folder: Path, fp: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """One cache entry: ``<fp>.safetensors`` and its ``<fp>.json`` sidecar (what was read, and the sample ids)."""
+    atomic_save_safetensors(folder / f"{fp}.safetensors", tensors)
+    atomic_write_json(folder / f"{fp}.json", meta)
 
 
 def _without_image(s: Sample) -> Sample:

@@ -57,6 +57,27 @@ def test_cache_hit_miss_and_invalidation(smollm2, tmp_path):
     assert not extract(smollm2, s, layers=[1, 2], cache=tmp_path, progress=False).from_cache
 
 
+def test_token_states_cover_the_last_token_and_are_cached(smollm2, tmp_path):
+    from crvlm_core.extract import extract_token_states
+
+    s = _samples()
+    acts, owner = extract_token_states(smollm2, s, layers=[2, 1], per_sample=3, cache=tmp_path, progress=False)
+    assert acts.shape[1:] == (2, smollm2.hidden_size) and acts.shape[0] == owner.shape[0] == 4 * len(s)
+    assert owner.tolist() == [k for k in range(len(s)) for _ in range(4)]
+    last = extract(smollm2, s, layers=[1, 2], cache=False, progress=False).acts
+    rows = torch.stack([acts[owner == k][-1] for k in range(len(s))])  # each sample's last row: its last token
+    assert torch.allclose(rows, last, atol=1e-4)
+    sidecar = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert sidecar["rows"] == len(acts) and sidecar["ids"] == [x.id for x in s] and sidecar["layers"] == [1, 2]
+    again = extract_token_states(smollm2, s, layers=[1, 2], per_sample=3, cache=tmp_path, progress=False)
+    assert torch.equal(again[0], acts) and torch.equal(again[1], owner)
+    (next(tmp_path.glob("*.safetensors"))).write_bytes(b"garbage")  # damaged: recomputed
+    assert torch.allclose(extract_token_states(smollm2, s, layers=[1, 2], per_sample=3, cache=tmp_path,
+                                               progress=False)[0], acts, atol=1e-5)
+    with pytest.raises(ValueError, match="no samples"):
+        extract_token_states(smollm2, [], layers=[1])
+
+
 def test_extraction_bad_inputs(smollm2):
     with pytest.raises(ValueError, match="empty"):
         extract(smollm2, [], cache=False)
