@@ -152,11 +152,12 @@ EXPECTED_KEYS = {
     "01_refusal_vectors": ["refusal_rate_out", "over_refusal_in", "mb_score", "best", "sweep", "score_sweep"],
     "02_calibrator_training": ["refusal_rate_out", "over_refusal_in", "mb_score", "gate_mean", "table",
                                "throughput_ratio"],
-    "03_evaluation": [],
+    "03_evaluation": ["refusal_rate_out", "over_refusal_in", "mb_score", "best_method", "crvlm_mb", "judge",
+                      "judge_validation", "table"],
     "04_ablations": ["refusal_rate_out", "over_refusal_in", "mb_score", "mb_without_ortho", "table", "vision"],
     "05_figures": ["rho_out", "rho_in", "update_norm_out", "refusal_score_means", "figures"],
-    "06_refusal_steering": [],
-    "07_policies": [],
+    "06_refusal_steering": ["refusal_rate_by_subject", "fits", "profile", "induction", "table", "judge"],
+    "07_policies": ["constraints", "joint", "single_constraint_mb", "delta_mb", "kept_design", "goal_joint_mb_090"],
 }
 #: Metric keys that measure time or speed: they change between runs, everything else must not.
 TIMING = ("seconds", "per_second", "throughput", "created", "rss", "wall")
