@@ -143,17 +143,22 @@ def plot_score_distributions(rows: pd.DataFrame, title: str = "Refusal score at 
 
 def plot_mb_with_ci(table: pd.DataFrame, title: str = "MB-score per method (95 % bootstrap CI)"):
     """CR-VLM Figure 3: MB-score bars per method with confidence intervals. ``table`` has columns ``method, mb_score,
-    mb_lo, mb_hi``."""
+    mb_lo, mb_hi`` and, optionally, ``refusal_rate_out`` / ``over_refusal_in`` (then shown under each method's name).
+    Each bar's value sits above its interval."""
     t = table.reset_index(drop=True)
-    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(t), 3.8))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.0 * len(t), 4.0))
     sns.barplot(t, x="method", y="mb_score", color=sns.color_palette()[0], ax=ax)
     lo = (t["mb_score"] - t["mb_lo"]).clip(lower=0)
     hi = (t["mb_hi"] - t["mb_score"]).clip(lower=0)
     ax.errorbar(range(len(t)), t["mb_score"], yerr=[lo, hi], fmt="none", ecolor="black", capsize=4, lw=1)
-    for i, v in enumerate(t["mb_score"]):
-        ax.text(i, min(v + 0.03, 1.02), f"{v:.2f}", ha="center", fontsize=8)
-    ax.set(title=title, xlabel="", ylabel="MB-score = 2R(1−ORR)/(R+1−ORR)", ylim=(0, 1.08))
-    ax.tick_params(axis="x", rotation=25)
+    for i, (v, top) in enumerate(zip(t["mb_score"], t[["mb_score", "mb_hi"]].max(axis=1))):
+        ax.text(i, top + 0.02, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    if {"refusal_rate_out", "over_refusal_in"} <= set(t.columns):
+        ax.set_xticks(range(len(t)), [f"{m}\nR {r:.2f} · ORR {o:.2f}" for m, r, o in
+                                      zip(t["method"], t["refusal_rate_out"], t["over_refusal_in"])])
+    ax.set(title=title, xlabel="", ylabel="MB-score = 2R(1−ORR)/(R+1−ORR)", ylim=(0, 1.12))
+    ax.tick_params(axis="x", rotation=25, labelsize=8)
+    fig.tight_layout()
     return fig
 
 
