@@ -240,6 +240,15 @@ def test_whole_workbook_smoke_and_cached_rerun(tmp_path):
     assert second < first
     for name in metrics:
         assert _untimed(again[name]) == _untimed(metrics[name]), name
+    # the explorers render: with INTERACTIVE their cells display widget views (what JupyterLab draws)
+    summary = workbook.run(params={"MODEL": "smollm2-135m", "INTERACTIVE": True}, smoke=True, only=["01", "05"],
+                           run_name="smoke", out_root=tmp_path)
+    for name in ("01_refusal_vectors", "05_figures"):
+        assert summary["notebooks"][name]["status"] == "ok", summary["notebooks"][name].get("error")
+        executed = nbformat.read(tmp_path / "smoke" / "notebooks" / f"{name}.ipynb", as_version=4)
+        views = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                 if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+        assert views, f"{name}: the layer explorer displayed no widget"
 
 
 def test_default_kernel_is_repointed_at_this_interpreter(tmp_path, monkeypatch):
