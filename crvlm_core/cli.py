@@ -301,8 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--score-judge", default="learned", choices=["keyword", "learned", "llm"])
     r.add_argument("--n-layers-steer", type=int, default=3)
     r.add_argument("--operation", choices=["subtract", "project_out"], default="subtract")
-    r.add_argument("--search-by", choices=["score", "generate"], default="score",
-                   help="α search on the first-token refusal score (cheap) or on judged generations")
+    r.add_argument("--search-by", choices=["score", "generate"], default="generate",
+                   help="α search on judged generations (default) or on the first-token refusal score (~10× "
+                        "cheaper, but its log-odds > 0 rule missed Qwen's refusals: see the README)")
     r.add_argument("--ridge-lambda-rel", type=float, default=None,
                    help="rmd/wrmd: λ as a multiple of tr(Σ)/d (default: chosen by cross-fitting)")
     r.add_argument("--n-val", type=int, default=12, help="validation prompts per subject (α search)")

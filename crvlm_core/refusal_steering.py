@@ -459,14 +459,15 @@ def search_alpha(handle: ModelHandle, directions: torch.Tensor, layers: Sequence
                  operation: str = "subtract", patience: int = 2, judge: str | Judge = "learned",
                  max_new_tokens: int = 20, batch_size: int = 8, baseline: dict | None = None,
                  objective_kw: dict | None = None, progress: Callable[[dict], None] | None = None,
-                 mode: str = "score", refine: int = 2) -> tuple[float, list[dict]]:
+                 mode: str = "generate", refine: int = 2) -> tuple[float, list[dict]]:
     """Try strengths in increasing order on the validation prompts and keep the one with the lowest
     :func:`validation_objective`. Early stopping: stop after ``patience`` strengths without improvement, or as
     soon as the remove-topic refusal rate reaches 0 (a larger α can then only raise the KL and lower the kept
     refusals). Then ``refine`` bisection steps between the best strength and the next larger one tried (which
-    overshot or did not help), so a grid that starts too strong still finds a useful α. ``mode``: ``"score"``
-    (default; first-token refusal score, see :func:`evaluate_condition`) or ``"generate"`` (generation + judge,
-    ~10× the cost).
+    overshot or did not help), so a grid that starts too strong still finds a useful α. ``mode``: ``"generate"``
+    (default; generation + judge) or ``"score"`` (first-token refusal score with the fixed rule log-odds > 0, ~10×
+    cheaper; on Qwen2.5-0.5B that rule called none of the refused harmful validation prompts a refusal, so the
+    search could not see the harmful refusals it must keep).
 
     Returns:
         ``(best α, rows)``, one row per tried α (rates, KL, unchanged fraction, objective).
@@ -635,7 +636,7 @@ def fit_refusal_steering(handle: ModelHandle, method: str = "rmd", remove: str =
                          lam_rel: float | None = None, alphas: Sequence[float] = ALPHA_GRID,
                          operation: str = "subtract", val_tokens: int = 20, batch_size: int = 8, seed: int = 0,
                          scored: list[ScoredPrompt] | None = None, acts: dict | None = None,
-                         baseline_val: dict | None = None, search_by: str = "score", progress: bool = True,
+                         baseline_val: dict | None = None, search_by: str = "generate", progress: bool = True,
                          log: Callable[[str], None] = print) -> RefusalSteeringFit:
     """The whole fitting path for one method: score → confident sets → activations → layer ranking → λ → α.
 
