@@ -313,7 +313,7 @@ def run(params: dict | None = None, params_file: str | Path | None = None, smoke
                                                              if e.get("carried_over") and e.get("peak_rss_mb")])
     summary["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     atomic_write_json(summary_path, summary)
-    n_ok = sum(e["status"] == "ok" for e in summary["notebooks"].values())
+    n_ok = sum(summary["notebooks"][n]["status"] == "ok" for n in selected)
     _say(f"{'done' if not failed else 'stopped'}: {n_ok}/{len(selected)} notebook(s) ok in {summary['seconds']:.1f} s; "
          f"summary: {summary_path}")
     return summary
