@@ -153,12 +153,12 @@ def load_interventions(artifact: Path, handle, alpha: float | None = None, layer
             raise SystemExit("crvlm eval: --layers/--alpha do not apply to a CR-VLM calibrator")
         steering.validate(handle)
         return [steering]
-    from .steer import from_vector
+    from .refusal_steering import interventions_of
     from .vectors import SteeringVector
 
     vector = SteeringVector.load(artifact)
     vector.check_compatible(handle.n_layers, handle.hidden_size)
-    return [from_vector(vector, alpha=alpha, layers=layers)]
+    return interventions_of(vector, alpha=alpha, layers=layers)
 
 
 def _baselines() -> dict:
@@ -304,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--search-by", choices=["score", "generate"], default="generate",
                    help="α search on judged generations (default) or on the first-token refusal score (~10× "
                         "cheaper, but its log-odds > 0 rule missed Qwen's refusals: see the README)")
+    r.add_argument("--gate", action="store_true",
+                   help="steer only prompts a topic gate (--remove vs --keep) selects, so kept refusals stay")
     r.add_argument("--ridge-lambda-rel", type=float, default=None,
                    help="rmd/wrmd: λ as a multiple of tr(Σ)/d (default: chosen by cross-fitting)")
     r.add_argument("--n-val", type=int, default=12, help="validation prompts per subject (α search)")

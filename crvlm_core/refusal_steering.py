@@ -35,7 +35,7 @@ from .judge import Judge, aggregate_confidence, get_judge
 from .metrics import kl_to_unsteered, rates_by, unchanged_prefix_fraction
 from .models import ModelHandle
 from .paths import outputs_dir
-from .steer import AddVector, Intervention, ProjectOut, refusal_score, steered_generate, steered_logits
+from .steer import AddVector, Intervention, ProjectOut, from_vector, refusal_score, steered_generate, steered_logits
 
 __all__ = [
     "METHODS",
@@ -379,10 +379,16 @@ def choose_lambda(method: str, pos: torch.Tensor, neg: torch.Tensor, layers: Seq
 
 
 def steering_interventions(directions: torch.Tensor, layers: Sequence[int], alpha: float,
-                           operation: str = "subtract") -> list[Intervention]:
+                           operation: str = "subtract", gate: "TopicGate | None" = None) -> list[Intervention]:
     """``subtract``: h_l ← h_l − α·v_l; ``project_out``: h_l ← h_l − α·(h_l·v̂_l)v̂_l; ``add``: h_l + α·v_l (induction).
-    Applied at ``layers`` on every token (prompt and generated), batched (:mod:`crvlm_core.steer`)."""
+    Applied at ``layers`` on every token (prompt and generated), batched (:mod:`crvlm_core.steer`). With a ``gate``
+    (``subtract`` / ``add`` only), only the prompts the topic gate selects are steered (:class:`TopicGatedAdd`)."""
     layers = tuple(int(l) for l in layers)
+    if gate is not None:
+        if operation not in ("subtract", "add"):
+            raise ValueError(f"a topic gate works with subtract or add, not {operation!r}")
+        signed = -float(alpha) if operation == "subtract" else float(alpha)
+        return [TopicGatedAdd(directions, layers, signed, gate.layer, gate.direction, gate.threshold)]
     if operation == "subtract":
         return [AddVector(directions, layers, -float(alpha))]
     if operation == "add":
@@ -459,7 +465,7 @@ def search_alpha(handle: ModelHandle, directions: torch.Tensor, layers: Sequence
                  operation: str = "subtract", patience: int = 2, judge: str | Judge = "learned",
                  max_new_tokens: int = 20, batch_size: int = 8, baseline: dict | None = None,
                  objective_kw: dict | None = None, progress: Callable[[dict], None] | None = None,
-                 mode: str = "generate", refine: int = 2) -> tuple[float, list[dict]]:
+                 mode: str = "generate", refine: int = 2, gate: "TopicGate | None" = None) -> tuple[float, list[dict]]:
     """Try strengths in increasing order on the validation prompts and keep the one with the lowest
     :func:`validation_objective`. Early stopping: stop after ``patience`` strengths without improvement, or as
     soon as the remove-topic refusal rate reaches 0 (a larger α can then only raise the KL and lower the kept
@@ -481,7 +487,7 @@ def search_alpha(handle: ModelHandle, directions: torch.Tensor, layers: Sequence
     rows: list[dict] = []
 
     def trial(a: float) -> tuple[float, dict]:
-        ivs = steering_interventions(directions, layers, a, operation)
+        ivs = steering_interventions(directions, layers, a, operation, gate)
         r = evaluate_condition(handle, val, ivs, judge, neutral, max_new_tokens, batch_size, unsteered=baseline,
                                mode=mode)
         j = validation_objective(r["refusal_rate_by_subject"], base, r["kl_neutral"], remove, keep, **kw)
@@ -560,20 +566,61 @@ class TopicGatedAdd(Intervention):
         return hidden + m * self.alpha * self.vectors[layer].to(hidden.device, hidden.dtype)
 
 
-def fit_topic_gate(handle: ModelHandle, topic: Sequence[Sample], others: Sequence[Sample], layer: int,
-                   batch_size: int = 8) -> tuple[torch.Tensor, float, float]:
-    """Topic direction (mean difference of last-token states, topic − others) at ``layer`` and the threshold
-    halfway between the two classes' mean projections. Returns ``(direction, threshold, training accuracy)``."""
-    if not topic or not others:
-        raise ValueError("fit_topic_gate needs samples of the topic and of other subjects")
-    a = extract(handle, list(topic), layers=[layer], batch_size=batch_size, cache=False, progress=False).acts[:, 0]
-    b = extract(handle, list(others), layers=[layer], batch_size=batch_size, cache=False, progress=False).acts[:, 0]
+def _mean_diff_gate(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """Mean difference ``a − b`` of two sets of states ``[n, d]``, the threshold halfway between the two classes'
+    mean projections on it, and the training accuracy of ``projection > threshold ⇔ a``."""
     d = (a.double().mean(0) - b.double().mean(0))
     u = d / d.norm().clamp_min(1e-30)
     pa, pb = a.double() @ u, b.double() @ u
     thr = float((pa.mean() + pb.mean()) / 2)
     acc = float(((pa > thr).sum() + (pb <= thr).sum()) / (len(pa) + len(pb)))
     return d.float(), thr, acc
+
+
+def fit_topic_gate(handle: ModelHandle, topic: Sequence[Sample], others: Sequence[Sample], layer: int,
+                   batch_size: int = 8) -> tuple[torch.Tensor, float, float]:
+    """Topic direction (mean difference of last-token states, topic − others) at ``layer`` and the threshold
+    halfway between the two classes' mean projections. Returns ``(direction, threshold, training accuracy)``."""
+    gate = best_topic_gate(handle, topic, others, [layer], batch_size)
+    return gate.direction, gate.threshold, gate.accuracy
+
+
+@dataclass
+class TopicGate:
+    """Where a topic gate reads (``layer``), its direction and threshold, and its training accuracy."""
+
+    layer: int
+    direction: torch.Tensor
+    threshold: float
+    accuracy: float
+
+    def to_json(self) -> dict:
+        return {"layer": self.layer, "threshold": self.threshold, "accuracy": self.accuracy,
+                "direction": [float(x) for x in self.direction]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TopicGate":
+        return cls(int(d["layer"]), torch.tensor(d["direction"], dtype=torch.float32), float(d["threshold"]),
+                   float(d.get("accuracy", float("nan"))))
+
+
+def best_topic_gate(handle: ModelHandle, topic: Sequence[Sample], others: Sequence[Sample],
+                    layers: Sequence[int] | None = None, batch_size: int = 8) -> TopicGate:
+    """The mean-difference topic gate (topic − others) at the candidate layer where it separates the training
+    prompts best (ties: the earlier layer). One forward per batch reads every candidate layer. Default candidates:
+    every layer from a quarter of the way up."""
+    if not topic or not others:
+        raise ValueError("a topic gate needs samples of the topic and of other subjects")
+    layers = sorted({handle.check_layer(int(l)) for l in (layers if layers is not None
+                                                           else range(handle.n_layers // 4, handle.n_layers))})
+    a = extract(handle, list(topic), layers=layers, batch_size=batch_size, cache=False, progress=False).acts
+    b = extract(handle, list(others), layers=layers, batch_size=batch_size, cache=False, progress=False).acts
+    best = None
+    for i, layer in enumerate(layers):
+        d, thr, acc = _mean_diff_gate(a[:, i], b[:, i])
+        if best is None or acc > best.accuracy + 1e-12:
+            best = TopicGate(layer, d, thr, acc)
+    return best
 
 
 # --------------------------------------------------------------------------------------- layer profile
@@ -637,8 +684,13 @@ def fit_refusal_steering(handle: ModelHandle, method: str = "rmd", remove: str =
                          operation: str = "subtract", val_tokens: int = 20, batch_size: int = 8, seed: int = 0,
                          scored: list[ScoredPrompt] | None = None, acts: dict | None = None,
                          baseline_val: dict | None = None, search_by: str = "generate", progress: bool = True,
-                         log: Callable[[str], None] = print) -> RefusalSteeringFit:
+                         log: Callable[[str], None] = print, gate: bool | TopicGate = False) -> RefusalSteeringFit:
     """The whole fitting path for one method: score → confident sets → activations → layer ranking → λ → α.
+
+    ``gate``: steer only the prompts a topic gate puts on the ``remove`` side of "``remove`` vs ``keep``" (fitted on
+    the training prompts of both, at the layer that separates them best; or a given :class:`TopicGate`), so the
+    refusals to keep are left alone even where the refusal direction is shared. Saved in the vector's
+    ``extra["gate"]``; :func:`interventions_of` rebuilds it.
 
     ``scored``, ``acts`` (``{"pos", "neg", "pos_conf", "neg_conf"}``) and ``baseline_val`` can be passed in to share
     the expensive steps between methods (the notebook does). Returns the saved-format vector (operation ``add``
@@ -670,9 +722,13 @@ def fit_refusal_steering(handle: ModelHandle, method: str = "rmd", remove: str =
     layers = rank_layers(scores, n_layers_steer, min_layer)
     log(f"[{method}] steering layers {layers} (held-out AUC {[round(scores['auc'][l], 3) for l in layers]})")
     directions = fit_directions(method, pos, neg, pc, nc, lam_rel=lam_rel or 0.0)
+    if gate is True:
+        gate = best_topic_gate(handle, splits.of("train", remove), splits.of("train", keep), batch_size=batch_size)
+        log(f"[{method}] topic gate {remove} vs {keep} at layer {gate.layer} (training accuracy {gate.accuracy:.3f})")
+    gate = gate or None
     alpha, rows = search_alpha(handle, directions, layers, splits.val, remove, keep, neutral, alphas, operation,
                                judge=judge, max_new_tokens=val_tokens, batch_size=batch_size, baseline=baseline_val,
-                               mode=search_by,
+                               mode=search_by, gate=gate,
                                progress=lambda r: log(f"[{method}] α={r['alpha']}: " + ", ".join(
                                    f"{k}={v:.3f}" for k, v in r.items() if k != "alpha")))
     signed = -alpha if operation == "subtract" and alpha else alpha
@@ -685,8 +741,21 @@ def fit_refusal_steering(handle: ModelHandle, method: str = "rmd", remove: str =
                "lambda_rel": lam_rel if method != "mean-diff" else None, "tau": tau, "k": k,
                "judge": getattr(_judge_obj(judge), "name", str(judge)), "n_refuse": len(refuse),
                "n_comply": len(comply), "operation": operation, "alpha_search": rows, "search_by": search_by,
-               "layer_auc": scores["auc"], "layer_dprime": scores["dprime"], "model_key": model_key(handle)})
+               "layer_auc": scores["auc"], "layer_dprime": scores["dprime"], "model_key": model_key(handle),
+               **({"gate": gate.to_json()} if gate is not None else {})})
     return RefusalSteeringFit(vector, scores, rows, lam_table)
+
+
+def interventions_of(vector: V.SteeringVector, alpha: float | None = None,
+                     layers: Sequence[int] | None = None) -> list[Intervention]:
+    """The interventions of a saved vector: a topic-gated one when it carries ``extra["gate"]`` (a gated
+    Refusal Steering fit), else :func:`crvlm_core.steer.from_vector`."""
+    gate = (vector.extra or {}).get("gate")
+    if gate is None:
+        return [from_vector(vector, alpha=alpha, layers=layers)]
+    g = TopicGate.from_json(gate)
+    return [TopicGatedAdd(vector.directions, tuple(layers) if layers is not None else tuple(vector.layers),
+                          float(vector.alpha if alpha is None else alpha), g.layer, g.direction, g.threshold)]
 
 
 def confident_activations(handle: ModelHandle, refuse: Sequence[ScoredPrompt], comply: Sequence[ScoredPrompt],
@@ -741,6 +810,7 @@ def cli_fit(args) -> int:
     fit = fit_refusal_steering(handle, args.method, args.remove, args.keep, args.neutral, samples, splits,
                                judge=args.score_judge, k=args.k, tau=args.tau, n_layers_steer=args.n_layers_steer,
                                operation=args.operation, batch_size=args.batch_size, search_by=args.search_by,
+                               gate=bool(args.gate),
                                lam_rel=args.ridge_lambda_rel)
     fit.vector.save(out)
     v = fit.vector
@@ -749,7 +819,8 @@ def cli_fit(args) -> int:
                "neutral": args.neutral, "in_scope": [args.remove, args.neutral], "out_scope": [args.keep],
                "train": DATASET if args.train in (None, "mmlu") else args.train, "seed": args.seed, "n_val": args.n_val, "n_holdout": args.n_holdout,
                "lambda_rel": v.extra.get("lambda_rel"), "n_refuse": v.extra["n_refuse"],
-               "n_comply": v.extra["n_comply"], "fit_seconds": time.perf_counter() - start,
+               "n_comply": v.extra["n_comply"], "gate": {k: g for k, g in v.extra["gate"].items() if k != "direction"}
+               if "gate" in v.extra else None, "fit_seconds": time.perf_counter() - start,
                "fingerprint": v.fingerprint, "model_key": model_key(handle)}
     atomic_write_json(out / FIT_JSON, summary)
     print(f"[fit] {args.method} removing {args.remove} refusals (keeping {args.keep}) on {args.model}: layers "

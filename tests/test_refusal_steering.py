@@ -299,3 +299,36 @@ def test_search_alpha_early_stopping_and_refinement(monkeypatch):
     assert [r["alpha"] for r in rows] == [0.25, 0.5, 0.75, 1.0, 0.625, 0.5625]
     assert best == 0.5625
     assert max(tried) == 1.0
+
+
+def test_topic_gate_steers_only_the_topic_and_round_trips_through_a_saved_vector(smollm2, tmp_path):
+    """The gated removal: a political-vs-harmful gate at its best layer; the gated subtraction changes the answers
+    of the prompts it selects and leaves the others bit-identical; saved with the vector, it is rebuilt on load."""
+    from crvlm_core import vectors as V
+    from crvlm_core.steer import steered_generate
+
+    samples = load_dataset("refusal-topics")
+    pol = [s for s in samples if s.subject == "political"][:10]
+    harm = [s for s in samples if s.subject == "harmful"][:10]
+    gate = RS.best_topic_gate(smollm2, pol[:6], harm[:6], layers=[4, 12, 20])
+    assert gate.layer in (4, 12, 20) and gate.accuracy >= 0.9 and gate.direction.shape == (smollm2.hidden_size,)
+    directions = torch.randn(smollm2.n_layers, smollm2.hidden_size, generator=torch.Generator().manual_seed(0)) * 20
+    ivs = RS.steering_interventions(directions, [10], 1.0, "subtract", gate)
+    prompts = [s.prompt for s in pol[6:] + harm[6:]]
+    opened = ivs[0].gate(smollm2, prompts)
+    assert sum(opened[:4]) >= 3 and sum(opened[4:]) <= 1  # held-out prompts: political selected, harmful not
+    plain = steered_generate(smollm2, prompts, [], max_new_tokens=6, batch_size=8, progress=False)
+    gated = steered_generate(smollm2, prompts, ivs, max_new_tokens=6, batch_size=8, progress=False)
+    assert all((p != g) == o for p, g, o in zip(plain, gated, opened))
+    with pytest.raises(ValueError, match="subtract or add"):
+        RS.steering_interventions(directions, [10], 1.0, "project_out", gate)
+
+    vec = V.SteeringVector(directions=directions, method="rmd", layers=[10], operation="add", alpha=-1.0,
+                           positions="last", model_spec=smollm2.spec, fingerprint="x", extra={"gate": gate.to_json()})
+    vec.save(tmp_path / "v")
+    back = RS.interventions_of(V.SteeringVector.load(tmp_path / "v"))
+    assert isinstance(back[0], RS.TopicGatedAdd) and back[0].alpha == -1.0 and back[0].gate_layer == gate.layer
+    assert steered_generate(smollm2, prompts, back, max_new_tokens=6, batch_size=8, progress=False) == gated
+    plain_vec = V.SteeringVector(directions=directions, method="rmd", layers=[10], operation="add", alpha=-1.0,
+                                 positions="last", model_spec=smollm2.spec, fingerprint="y")
+    assert not isinstance(RS.interventions_of(plain_vec)[0], RS.TopicGatedAdd)
