@@ -32,7 +32,7 @@ def train_lora_steps(model: torch.nn.Module, batches: Iterable[dict], loss_of: C
             loss = loss_of(model, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{desc}: training diverged at step {len(losses) + 1} "
-                                         f"(loss {float(loss)}); lower lr={lr}")
+                                         f"(loss {float(loss.detach())}); lower lr={lr}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
