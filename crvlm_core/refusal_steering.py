@@ -59,7 +59,9 @@ __all__ = [
     "validation_objective",
     "search_alpha",
     "TopicGatedAdd",
-    "fit_topic_gate",
+    "best_topic_gate",
+    "interventions_of",
+    "TopicGate",
     "principal_directions_needed",
     "layer_profile",
     "RefusalSteeringFit",
@@ -575,14 +577,6 @@ def _mean_diff_gate(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, flo
     thr = float((pa.mean() + pb.mean()) / 2)
     acc = float(((pa > thr).sum() + (pb <= thr).sum()) / (len(pa) + len(pb)))
     return d.float(), thr, acc
-
-
-def fit_topic_gate(handle: ModelHandle, topic: Sequence[Sample], others: Sequence[Sample], layer: int,
-                   batch_size: int = 8) -> tuple[torch.Tensor, float, float]:
-    """Topic direction (mean difference of last-token states, topic − others) at ``layer`` and the threshold
-    halfway between the two classes' mean projections. Returns ``(direction, threshold, training accuracy)``."""
-    gate = best_topic_gate(handle, topic, others, [layer], batch_size)
-    return gate.direction, gate.threshold, gate.accuracy
 
 
 @dataclass
