@@ -67,6 +67,29 @@ def test_quick_capture_run_writes_valid_json(tmp_path):
     common.validate_result(json.loads((out / "end_to_end.json").read_text()))
 
 
+def test_notebook_memory_profile_attributes_memory_to_cells(tmp_path):
+    """The per-cell memory profiler on notebook 00 (smoke, SmolLM2): one row per code cell, the resident set split
+    into anonymous and file-backed memory, and the model's load visible as a rise."""
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_notebook_memory.py"), "00", "--quick",
+                           "--model", "smollm2-135m", "--out", str(out), "--param", f"OUT_ROOT={tmp_path / 'outputs'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads((out / "memory_00.json").read_text())
+    common.validate_result(doc)
+    cells = doc["results"]["cells"]
+    import nbformat
+
+    nb = nbformat.read(ROOT / "workbook" / "00_setup_and_data.ipynb", as_version=4)
+    assert len(cells) == sum(c.cell_type == "code" for c in nb.cells)
+    for c in cells:
+        assert c["rss_peak_mb"] >= c["rss_end_mb"] > 0
+        assert abs(c["anon_end_mb"]) > 0 and c["file_peak_mb"] > 0
+    # SmolLM2's weights (135 M float32 parameters, ~0.5 GB) are resident after the cell that loads it
+    assert max(c["rss_end_mb"] for c in cells) - cells[0]["rss_start_mb"] > 300
+    assert (tmp_path / "outputs" / "memprofile" / "00_setup_and_data" / "metrics.json").exists()
+
+
 @pytest.fixture(scope="module")
 def tiny():
     from crvlm_core.models import load_model
