@@ -170,6 +170,23 @@ def _report_failure(name: str, err: Exception, executed: Path) -> dict:
     return record
 
 
+def _slowest_cells(executed: Path, k: int = 3) -> list[dict]:
+    """The ``k`` longest code cells of an executed notebook (papermill's per-cell ``duration``): where its time went."""
+    try:
+        cells = json.loads(executed.read_text())["cells"]
+    except (OSError, ValueError, KeyError):
+        return []
+    rows = []
+    for i, cell in enumerate(cells):
+        duration = cell.get("metadata", {}).get("papermill", {}).get("duration")
+        if cell.get("cell_type") != "code" or not isinstance(duration, (int, float)):
+            continue
+        src = "".join(cell.get("source", ""))
+        first = next((line for line in src.splitlines() if line.strip() and not line.lstrip().startswith("#")), "")
+        rows.append({"cell": i, "seconds": round(float(duration), 2), "source": first.strip()[:80]})
+    return sorted(rows, key=lambda r: -r["seconds"])[:k]
+
+
 def _children_peak_rss_mb() -> float:
     """Peak resident memory (MB) of the largest finished child process so far: the notebook kernels run as
     children and are shut down after each notebook, so after notebook k this is the running maximum over
@@ -216,8 +233,8 @@ def run(params: dict | None = None, params_file: str | Path | None = None, smoke
     Returns:
         The summary written to ``<out_root>/<run_name>/summary.json``: ``ok``, and per notebook ``status``
         (``ok`` / ``failed`` / ``skipped``), ``seconds``, ``output`` (the executed notebook), ``metrics``
-        (scalar entries of its ``metrics.json``), ``peak_rss_mb`` (running maximum of the kernels' peak memory)
-        and, on failure, ``error`` (``ename``, ``evalue``, ``cell_index``); overall ``seconds`` (this invocation),
+        (scalar entries of its ``metrics.json``), ``peak_rss_mb`` (running maximum of the kernels' peak memory),
+        ``slowest_cells`` (its three longest code cells: index, seconds, first source line) and, on failure, ``error`` (``ename``, ``evalue``, ``cell_index``); overall ``seconds`` (this invocation),
         ``notebook_seconds`` (sum over the notebooks that are ok) and ``peak_rss_mb``. With ``only``, a notebook
         not selected keeps the record an earlier run of the same folder (same ``smoke``) wrote for it, with
         ``carried_over`` set to that run's start time; without one it is ``skipped``.
@@ -299,11 +316,15 @@ def run(params: dict | None = None, params_file: str | Path | None = None, smoke
         metrics_path = run_dir / name / "metrics.json"
         entry.update(status="ok" if error is None else "failed", seconds=seconds, output=str(out_nb),
                      peak_rss_mb=_children_peak_rss_mb(),
-                     metrics=_key_metrics(metrics_path) if metrics_path.exists() else None)
+                     metrics=_key_metrics(metrics_path) if metrics_path.exists() else None,
+                     slowest_cells=_slowest_cells(out_nb))
         if error is not None:
             entry["error"] = error
             failed = True
-        _say(f"{name} ... {entry['status']} ({seconds:.1f} s)")
+        slow = entry["slowest_cells"][:1]
+        _say(f"{name} ... {entry['status']} ({seconds:.1f} s"
+             + (f"; slowest cell {slow[0]['cell']}: {slow[0]['seconds']:.1f} s, {slow[0]['source'][:40]!r}" if slow else "")
+             + ")")
         atomic_write_json(summary_path, summary)  # a partial summary survives an interrupted run
     summary["ok"] = not failed
     summary["seconds"] = round(time.perf_counter() - started, 2)

@@ -208,6 +208,12 @@ def test_setup_notebook_smoke(tmp_path):
     assert metrics["model"] == "smollm2-135m" and (metrics["n_layers"], metrics["hidden_size"]) == (30, 576)
     assert metrics["answer_biology"] and metrics["answer_harmful"]
     assert entry["metrics"]["n_layers"] == 30
+    # where the time went: the longest cells, longest first, each pointing at a code cell of the notebook
+    slow = entry["slowest_cells"]
+    assert slow and [r["seconds"] for r in slow] == sorted((r["seconds"] for r in slow), reverse=True)
+    executed = nbformat.read(tmp_path / "smoke" / "notebooks" / "00_setup_and_data.ipynb", as_version=4)
+    assert all(executed.cells[r["cell"]].cell_type == "code" and r["source"] in executed.cells[r["cell"]].source
+               for r in slow)
     for fig in ("dataset_counts.png", "dataset_counts.svg", "mm_subjects_examples.png"):
         assert (tmp_path / "smoke" / "00_setup_and_data" / fig).stat().st_size > 0, fig
 
