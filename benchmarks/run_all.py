@@ -30,6 +30,7 @@ BENCHMARKS = {
     "generation": ("bench_generation.py", "generation"),
     "peers": ("bench_peers.py", "peers"),
     "fitting": ("bench_fitting.py", "fitting"),
+    "batching": ("bench_batching.py", "batching"),
     "end_to_end": ("bench_end_to_end.py", "end_to_end"),
     "serve": ("bench_serve.py", "serve"),
 }

@@ -283,6 +283,14 @@ class ModelHandle:
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special)
         return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in enc.items()}
 
+    def prompt_lengths(self, prompts: Sequence[str]) -> list[int]:
+        """Token counts of the prompts' own text (no chat template, no image tokens: those add the same to every
+        prompt of a batch): the key that groups prompts of similar length into a batch."""
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        return [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+
     def _add_special_tokens(self, text: str) -> bool:
         # As transformers' apply_chat_template: a text chat template is complete (no special tokens added);
         # a processor adds them unless the rendered text already starts with BOS; no template → add them.

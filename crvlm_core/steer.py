@@ -242,7 +242,7 @@ def steered_generate(handle: ModelHandle, prompts: Sequence[str], interventions:
                      backend: str | None = None) -> list[str]:
     """Greedy generation with the interventions applied at every step (the prompt pass and each new token).
 
-    Prompts are batched ``batch_size`` at a time with left padding. With no interventions this is the plain model.
+    Prompts are batched ``batch_size`` at a time, prompts of similar length together, with left padding. With no interventions this is the plain model.
     ``backend``: ``"hooks"`` (plain PyTorch forward hooks around ``generate``, the default: no per-module tracing
     cost) or ``"nnsight"`` (``tracer.all()``); both give the same tokens (tests/test_extract_steer.py).
     """
@@ -252,8 +252,8 @@ def steered_generate(handle: ModelHandle, prompts: Sequence[str], interventions:
     table = _validated(handle, interventions)
     images = list(images) if images is not None else [None] * len(prompts)
     texts: list[str] = [""] * len(prompts)
-    for has_img, idx in tqdm(image_batches([im is not None for im in images], batch_size), desc="generate",
-                             disable=not progress, unit="batch"):
+    batches = image_batches([im is not None for im in images], batch_size, lengths=handle.prompt_lengths(prompts))
+    for has_img, idx in tqdm(batches, desc="generate", disable=not progress, unit="batch"):
         imgs = [images[k] for k in idx] if has_img else None
         enc = handle.build_inputs([prompts[k] for k in idx], imgs, system)
         with _prepared(handle, interventions, enc):
@@ -341,7 +341,8 @@ def refusal_score(handle: ModelHandle, prompts: Sequence[str], interventions: Se
     token_ids = list(token_ids or refusal_token_ids(handle))
     images = list(images) if images is not None else [None] * len(prompts)
     scores = torch.empty(len(prompts))
-    for has_img, idx in image_batches([im is not None for im in images], batch_size):
+    batches = image_batches([im is not None for im in images], batch_size, lengths=handle.prompt_lengths(prompts))
+    for has_img, idx in batches:
         enc = handle.build_inputs([prompts[k] for k in idx], [images[k] for k in idx] if has_img else None, system)
         logits = steered_logits(handle, enc, interventions, last_only=True)[:, -1, :].double()
         logp = torch.log_softmax(logits, dim=-1)

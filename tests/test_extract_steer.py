@@ -27,6 +27,35 @@ def test_batched_extraction_equals_single_prompts(smollm2):
         assert torch.allclose(batched.acts[i], single.acts[0], atol=1e-4)
 
 
+def test_length_grouped_batches_keep_the_callers_order(smollm2):
+    """Batches group prompts of similar token length (less left padding) and every result lands on its own row:
+    batch 2 over mixed lengths equals one prompt at a time, for extraction, refusal scores and generation."""
+    from crvlm_core.extract import image_batches
+
+    prompts = [PROMPTS[1], PROMPTS[2], PROMPTS[1] + " Be brief.", PROMPTS[0]]
+    lengths = smollm2.prompt_lengths(prompts)
+    assert lengths[2] > lengths[0] > max(lengths[1], lengths[3]) and smollm2.prompt_lengths([]) == []
+    batches = image_batches([False] * 4, 2, lengths=lengths)
+    assert [sorted(idx) for _, idx in batches] == [[1, 3], [0, 2]]  # the two short, then the two long prompts
+    assert image_batches([True, False, True, False], 1, lengths=[5, 1, 2, 9]) == [(True, [2]), (True, [0]),
+                                                                                   (False, [1]), (False, [3])]
+    with pytest.raises(ValueError, match="lengths"):
+        image_batches([False] * 3, 2, lengths=[1, 2])
+    with pytest.raises(ValueError, match="batch_size"):
+        image_batches([False], 0)
+    padded = lambda order: sum(max(lengths[k] for k in order[i:i + 2]) * 2 for i in range(0, 4, 2))
+    assert padded([k for _, idx in batches for k in idx]) < padded([0, 1, 2, 3])
+
+    samples = _samples(prompts)
+    batched = extract(smollm2, samples, cache=False, progress=False, batch_size=2)
+    scores = refusal_score(smollm2, prompts, batch_size=2)
+    texts = steered_generate(smollm2, prompts, max_new_tokens=4, batch_size=2)
+    for i, s in enumerate(samples):
+        assert torch.allclose(batched.acts[i], extract(smollm2, [s], cache=False, progress=False).acts[0], atol=1e-4)
+        assert torch.allclose(scores[i], refusal_score(smollm2, [s.prompt])[0], atol=1e-3)
+        assert texts[i] == steered_generate(smollm2, [s.prompt], max_new_tokens=4)[0]
+
+
 def test_teacher_forced_read_is_the_prefix_last_token(smollm2):
     s = _samples()[:1]
     tf = extract(smollm2, s, assistant_prefix="Sorry, I cannot", layers=[5], cache=False, progress=False)
