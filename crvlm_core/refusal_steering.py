@@ -401,12 +401,11 @@ def steering_interventions(directions: torch.Tensor, layers: Sequence[int], alph
 
 
 def _neutral_logits(handle: ModelHandle, prompts: Sequence[str], interventions: Sequence[Intervention],
-                    batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    out = []
+                    batch_size: int):
+    """``(logits [b, seq, vocab], attention mask)`` per batch of the neutral prompts, one batch at a time."""
     for i in range(0, len(prompts), batch_size):
         enc = handle.build_inputs(prompts[i:i + batch_size])
-        out.append((steered_logits(handle, enc, interventions), enc["attention_mask"].cpu()))
-    return out
+        yield steered_logits(handle, enc, interventions), enc["attention_mask"].cpu()
 
 
 def evaluate_condition(handle: ModelHandle, samples: Sequence[Sample], interventions: Sequence[Intervention] = (),
@@ -419,9 +418,9 @@ def evaluate_condition(handle: ModelHandle, samples: Sequence[Sample], intervent
     :func:`crvlm_core.steer.refusal_score`; refused = log-odds > 0): ~10× cheaper, used for the strength search
     on CPU; responses are then empty and ``unchanged_neutral`` is NaN.
 
-    Returns ``refusal_rate_by_subject``, ``responses``, ``refused``, the neutral prompts' logits (``_logits``, kept
-    for later comparisons) and, when ``unsteered`` (this function's result without interventions) is given,
-    ``kl_neutral`` (mean KL(P_unsteered ‖ P_steered) over every token of the chat-formatted neutral prompts, the
+    Returns ``refusal_rate_by_subject``, ``responses``, ``refused``; without ``unsteered`` (the reference) the
+    neutral prompts' logits (``_logits``, kept for later comparisons); and when ``unsteered`` (this function's
+    result without interventions) is given, ``kl_neutral`` (mean KL(P_unsteered ‖ P_steered) over every token of the chat-formatted neutral prompts, the
     first answer token's distribution included) and ``unchanged_neutral`` (fraction of neutral answers whose
     first 20 tokens are unchanged).
     """
@@ -440,10 +439,12 @@ def evaluate_condition(handle: ModelHandle, samples: Sequence[Sample], intervent
            "refused": refused, "n_by_subject": {k: sum(s.subject == k for s in samples)
                                                 for k in sorted({s.subject for s in samples})}}
     neutral_idx = [i for i, s in enumerate(samples) if s.subject == neutral]
-    res["_logits"] = _neutral_logits(handle, [prompts[i] for i in neutral_idx], interventions, batch_size)
+    batches = _neutral_logits(handle, [prompts[i] for i in neutral_idx], interventions, batch_size)
     if unsteered is not None:
+        # compared batch by batch and dropped: full-vocabulary logits of every position are large (151 936 floats
+        # per token on Qwen), so only the unsteered reference keeps them
         kls, weights = [], []
-        for (ls, m), (lu, _) in zip(res["_logits"], unsteered["_logits"]):
+        for (ls, m), (lu, _) in zip(batches, unsteered["_logits"]):
             kls.append(kl_to_unsteered(ls, lu, m.bool()))
             weights.append(int(m.sum()))
         res["kl_neutral"] = float(np.average(kls, weights=weights)) if kls else float("nan")
@@ -451,6 +452,7 @@ def evaluate_condition(handle: ModelHandle, samples: Sequence[Sample], intervent
                                                              [unsteered["responses"][i] for i in neutral_idx],
                                                              handle.tokenizer) if neutral_idx and responses else float("nan")
     else:
+        res["_logits"] = list(batches)
         res["kl_neutral"], res["unchanged_neutral"] = 0.0, 1.0
     return res
 

@@ -69,6 +69,23 @@ def test_mb_ci_resamples_each_scope():
     assert all(math.isnan(v) for v in mb_score_ci([], [True]))
 
 
+def test_kl_in_chunks_equals_the_direct_formula():
+    """More positions than one float64 chunk holds, with padding masked out: the same value as the whole-block
+    formula."""
+    from crvlm_core import metrics as M
+
+    g = torch.Generator().manual_seed(0)
+    s, u = torch.randn(3, 20, 50, generator=g), torch.randn(3, 20, 50, generator=g)
+    mask = torch.ones(3, 20, dtype=torch.bool)
+    mask[0, :7] = False
+    assert 3 * 20 > M._KL_ROWS
+    log_s, log_u = torch.log_softmax(s.double(), -1), torch.log_softmax(u.double(), -1)
+    direct = (log_u.exp() * (log_u - log_s)).sum(-1)
+    assert kl_to_unsteered(s, u) == pytest.approx(float(direct.mean()), rel=1e-12)
+    assert kl_to_unsteered(s, u, mask) == pytest.approx(float(direct[mask].mean()), rel=1e-12)
+    assert math.isnan(kl_to_unsteered(s, u, torch.zeros(3, 20)))
+
+
 def test_kl_to_unsteered_on_tiny_distributions():
     p_u = torch.tensor([0.5, 0.5])
     p_s = torch.tensor([0.25, 0.75])

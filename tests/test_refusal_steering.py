@@ -332,3 +332,20 @@ def test_topic_gate_steers_only_the_topic_and_round_trips_through_a_saved_vector
     plain_vec = V.SteeringVector(directions=directions, method="rmd", layers=[10], operation="add", alpha=-1.0,
                                  positions="last", model_spec=smollm2.spec, fingerprint="y")
     assert not isinstance(RS.interventions_of(plain_vec)[0], RS.TopicGatedAdd)
+
+
+def test_neutral_kl_keeps_only_the_reference_logits(smollm2):
+    """evaluate_condition: the unsteered reference keeps the neutral prompts' logits; a steered condition compares
+    against them batch by batch and keeps none (full-vocabulary logits are large); no steering → KL 0."""
+    from crvlm_core.steer import AddVector
+
+    samples = load_dataset("refusal-topics")
+    val = [s for s in samples if s.subject == "neutral"][:5] + [s for s in samples if s.subject == "harmful"][:2]
+    ref = RS.evaluate_condition(smollm2, val, [], mode="score", batch_size=2)
+    assert len(ref["_logits"]) == 3 and ref["kl_neutral"] == 0.0  # 5 neutral prompts in batches of 2
+    same = RS.evaluate_condition(smollm2, val, [], mode="score", batch_size=2, unsteered=ref)
+    assert "_logits" not in same and same["kl_neutral"] == pytest.approx(0.0, abs=1e-6)
+    vec = torch.randn(smollm2.n_layers, smollm2.hidden_size, generator=torch.Generator().manual_seed(0)) * 8
+    steered = RS.evaluate_condition(smollm2, val, [AddVector(vec, [10], 1.0)], mode="score", batch_size=2,
+                                    unsteered=ref)
+    assert "_logits" not in steered and steered["kl_neutral"] > 0.01
