@@ -35,6 +35,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None)
     args = p.parse_args(argv)
     setup_torch(args.threads)
+    from crvlm_core.extract import image_batches
     from crvlm_core.models import load_model
     from crvlm_core.refusal_vectors import default_layers, fit_vector
     from crvlm_core.steer import AddVector, steered_generate, steered_logits
@@ -66,13 +67,14 @@ def main(argv=None) -> None:
 
         sv = PeerVector(layer_activations={layer: v}, layer_type="decoder_block")
 
-        def run_peer():  # the same work as steered_generate: build each batch, generate, decode
-            texts = []
+        def run_peer():  # the same work as steered_generate: the same length-grouped batches, generate, decode
+            texts = [""] * n
             with torch.no_grad(), sv.apply(handle.hf_model, multiplier=alpha):
-                for i in range(0, n, batch):
-                    enc = handle.build_inputs(ps[i:i + batch])
+                for _, idx in image_batches([False] * n, batch, lengths=handle.prompt_lengths(ps)):
+                    enc = handle.build_inputs([ps[k] for k in idx])
                     ids = handle.hf_model.generate(**enc, **gen_kw).cpu()
-                    texts += handle.decode_new(ids, enc["input_ids"].shape[1])
+                    for k, text in zip(idx, handle.decode_new(ids, enc["input_ids"].shape[1])):
+                        texts[k] = text
             return texts
 
         texts_peer = run_peer()
