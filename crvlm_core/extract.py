@@ -134,14 +134,18 @@ def image_batches(has_image: Sequence[bool], batch_size: int,
     With ``lengths`` (the prompts' token counts, :meth:`ModelHandle.prompt_lengths`) each group is ordered by
     length first (stable), so a batch holds prompts of similar length and left padding costs little: on notebook
     02's MMLU split in batches of 8, padding inflates the prompt tokens by 55 % in the given order and by 3 %
-    sorted, and the prompt pass is compute-bound on a CPU. Callers scatter results back by row index, so the order of rows does not matter."""
+    sorted, and the prompt pass is compute-bound on a CPU. Callers scatter results back by row index, so the order
+    of rows does not matter. A group that fits in one batch keeps the given order."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     groups = {flag: [k for k, h in enumerate(has_image) if bool(h) == flag] for flag in (True, False)}
     if lengths is not None:
         if len(lengths) != len(has_image):
             raise ValueError(f"image_batches: {len(lengths)} lengths for {len(has_image)} rows")
-        groups = {flag: sorted(idx, key=lambda k: lengths[k]) for flag, idx in groups.items()}
+        # a group that fits one batch keeps its order: sorting it saves nothing, and per-row state set in the
+        # caller's order (a gate override of shape [batch]) stays aligned with the rows
+        groups = {flag: sorted(idx, key=lambda k: lengths[k]) if len(idx) > batch_size else idx
+                  for flag, idx in groups.items()}
     return [(flag, idx[i:i + batch_size]) for flag, idx in groups.items() for i in range(0, len(idx), batch_size)]
 
 

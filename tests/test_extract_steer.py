@@ -39,6 +39,7 @@ def test_length_grouped_batches_keep_the_callers_order(smollm2):
     assert [sorted(idx) for _, idx in batches] == [[1, 3], [0, 2]]  # the two short, then the two long prompts
     assert image_batches([True, False, True, False], 1, lengths=[5, 1, 2, 9]) == [(True, [2]), (True, [0]),
                                                                                    (False, [1]), (False, [3])]
+    assert image_batches([False] * 3, 8, lengths=[3, 1, 2]) == [(False, [0, 1, 2])]  # one batch: order kept
     with pytest.raises(ValueError, match="lengths"):
         image_batches([False] * 3, 2, lengths=[1, 2])
     with pytest.raises(ValueError, match="batch_size"):
