@@ -31,6 +31,7 @@ BENCHMARKS = {
     "peers": ("bench_peers.py", "peers"),
     "fitting": ("bench_fitting.py", "fitting"),
     "batching": ("bench_batching.py", "batching"),
+    "kl_memory": ("bench_kl_memory.py", "kl_memory"),
     "end_to_end": ("bench_end_to_end.py", "end_to_end"),
     "serve": ("bench_serve.py", "serve"),
 }

@@ -115,23 +115,24 @@ def kl_to_unsteered(logits_steered: Any, logits_unsteered: Any, mask: Any = None
     u = torch.as_tensor(np.asarray(logits_unsteered)) if not torch.is_tensor(logits_unsteered) else logits_unsteered
     if s.shape != u.shape:
         raise ValueError(f"logit shapes differ: steered {tuple(s.shape)} vs unsteered {tuple(u.shape)}")
-    s, u = s.reshape(-1, s.shape[-1]), u.reshape(-1, u.shape[-1])
+    s, u = s.reshape(-1, s.shape[-1]), u.reshape(-1, u.shape[-1])  # views: no copy
+    rows = torch.arange(len(s))
     if mask is not None:
         m = torch.as_tensor(np.asarray(mask)) if not torch.is_tensor(mask) else mask
         if tuple(m.shape) != tuple(logits_steered.shape[:-1]):
             raise ValueError(f"mask shape {tuple(m.shape)} does not match positions {tuple(logits_steered.shape[:-1])}")
-        keep = m.reshape(-1).bool()
-        s, u = s[keep], u[keep]
-    if not len(s):
+        rows = m.reshape(-1).bool().nonzero().squeeze(1)
+    if not len(rows):
         return float("nan")
     # float64, a few positions at a time: a [batch, seq, vocab] block in float64 with its softmax temporaries is
-    # several GB for a 150 k-token vocabulary
+    # several GB for a 150 k-token vocabulary (measured: +3.9 GB for 8 prompts of 60 tokens on Qwen's vocabulary)
     total = 0.0
-    for i in range(0, len(s), _KL_ROWS):
-        log_s = torch.log_softmax(s[i:i + _KL_ROWS].double(), -1)
-        log_u = torch.log_softmax(u[i:i + _KL_ROWS].double(), -1)
+    for i in range(0, len(rows), _KL_ROWS):
+        chunk = rows[i:i + _KL_ROWS]
+        log_s = torch.log_softmax(s[chunk].double(), -1)
+        log_u = torch.log_softmax(u[chunk].double(), -1)
         total += float((log_u.exp() * (log_u - log_s)).sum())
-    return total / len(s)
+    return total / len(rows)
 
 
 #: positions per float64 chunk in :func:`kl_to_unsteered` (16 × 151 936 × 8 bytes ≈ 19 MB per temporary on Qwen)
