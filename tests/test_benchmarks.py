@@ -53,7 +53,7 @@ def test_quick_capture_run_writes_valid_json(tmp_path):
     """A real --quick run of the capture benchmark on a tiny random model, through the runner (no lock)."""
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--model",
-                           "tiny-llava", "--only", "capture,end_to_end", "--out", str(out), "--no-lock"],
+                           "tiny-llava", "--only", "capture,kl_memory,end_to_end", "--out", str(out), "--no-lock"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     doc = json.loads((out / "capture.json").read_text())
@@ -65,6 +65,9 @@ def test_quick_capture_run_writes_valid_json(tmp_path):
         assert res[key]["median"] > 0 and res[key]["runs"]
     assert "| capture | capture 8 prompts: extract / plain forward |" in proc.stdout
     common.validate_result(json.loads((out / "end_to_end.json").read_text()))
+    kl = json.loads((out / "kl_memory.json").read_text())
+    common.validate_result(kl)
+    assert kl["results"]["same_value"] is True  # the chunked KL equals the whole-block formula
 
 
 def test_notebook_memory_profile_attributes_memory_to_cells(tmp_path):
