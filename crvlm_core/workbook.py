@@ -215,6 +215,15 @@ def _earlier_entries(summary_path: Path, smoke: bool) -> dict[str, dict]:
     return out
 
 
+def _refresh_others(summary: dict, summary_path: Path, selected, smoke: bool) -> dict:
+    """Take into ``summary`` the records another run has written meanwhile for the notebooks this run does not
+    execute: two ``--only`` runs into the same folder at once (say 04 and 05) keep each other's results."""
+    for name, entry in _earlier_entries(summary_path, smoke).items():
+        if name not in selected and name in summary["notebooks"]:
+            summary["notebooks"][name] = entry
+    return summary
+
+
 def run(params: dict | None = None, params_file: str | Path | None = None, smoke: bool = False,
         only: list[str] | None = None, run_name: str = "default", kernel: str = DEFAULT_KERNEL,
         workbook_dir: str | Path | None = None, out_root: str | Path | None = None) -> dict:
@@ -325,7 +334,10 @@ def run(params: dict | None = None, params_file: str | Path | None = None, smoke
         _say(f"{name} ... {entry['status']} ({seconds:.1f} s"
              + (f"; slowest cell {slow[0]['cell']}: {slow[0]['seconds']:.1f} s, {slow[0]['source'][:40]!r}" if slow else "")
              + ")")
-        atomic_write_json(summary_path, summary)  # a partial summary survives an interrupted run
+        # a partial summary survives an interrupted run
+        atomic_write_json(summary_path, _refresh_others(summary, summary_path, selected, bool(smoke)) if only else summary)
+    if only:
+        _refresh_others(summary, summary_path, selected, bool(smoke))
     summary["ok"] = not failed
     summary["seconds"] = round(time.perf_counter() - started, 2)
     done = [e for e in summary["notebooks"].values() if e.get("status") == "ok"]

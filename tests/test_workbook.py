@@ -194,6 +194,21 @@ def _run_smoke(out_root):
     return summary, metrics, time.perf_counter() - start
 
 
+def test_concurrent_only_runs_keep_each_others_records(tmp_path):
+    """Two --only runs into one folder at once: before writing, a run takes the records the other wrote meanwhile
+    for the notebooks it does not execute, and leaves its own alone."""
+    path = tmp_path / "summary.json"
+    ours = {"notebooks": {"04_ablations": {"status": "skipped", "reason": "not selected (--only)"},
+                          "05_figures": {"status": "ok", "seconds": 10.0}}}
+    path.write_text(json.dumps({"smoke": False, "started": "T0", "notebooks": {
+        "04_ablations": {"status": "ok", "seconds": 99.0}, "05_figures": {"status": "failed"}}}))
+    workbook._refresh_others(ours, path, {"05_figures"}, smoke=False)
+    assert ours["notebooks"]["04_ablations"] == {"status": "ok", "seconds": 99.0, "carried_over": "T0"}
+    assert ours["notebooks"]["05_figures"] == {"status": "ok", "seconds": 10.0}
+    workbook._refresh_others(ours, path, {"05_figures"}, smoke=True)  # a smoke summary is not ours to take
+    assert ours["notebooks"]["04_ablations"]["seconds"] == 99.0
+
+
 def test_setup_notebook_smoke(tmp_path):
     """00_setup_and_data end to end through papermill with SmolLM2 (the default run's notebook check; the whole
     workbook runs in the slow test below)."""
