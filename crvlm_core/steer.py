@@ -242,7 +242,8 @@ def steered_generate(handle: ModelHandle, prompts: Sequence[str], interventions:
                      backend: str | None = None) -> list[str]:
     """Greedy generation with the interventions applied at every step (the prompt pass and each new token).
 
-    Prompts are batched ``batch_size`` at a time, prompts of similar length together, with left padding. With no interventions this is the plain model.
+    Prompts are batched ``batch_size`` at a time, prompts of similar length together, with left padding. With no
+    interventions this is the plain model.
     ``backend``: ``"hooks"`` (plain PyTorch forward hooks around ``generate``, the default: no per-module tracing
     cost) or ``"nnsight"`` (``tracer.all()``); both give the same tokens (tests/test_extract_steer.py).
     """

@@ -243,7 +243,8 @@ def run(params: dict | None = None, params_file: str | Path | None = None, smoke
         The summary written to ``<out_root>/<run_name>/summary.json``: ``ok``, and per notebook ``status``
         (``ok`` / ``failed`` / ``skipped``), ``seconds``, ``output`` (the executed notebook), ``metrics``
         (scalar entries of its ``metrics.json``), ``peak_rss_mb`` (running maximum of the kernels' peak memory),
-        ``slowest_cells`` (its three longest code cells: index, seconds, first source line) and, on failure, ``error`` (``ename``, ``evalue``, ``cell_index``); overall ``seconds`` (this invocation),
+        ``slowest_cells`` (its three longest code cells: index, seconds, first source line) and, on failure,
+        ``error`` (``ename``, ``evalue``, ``cell_index``); overall ``seconds`` (this invocation),
         ``notebook_seconds`` (sum over the notebooks that are ok) and ``peak_rss_mb``. With ``only``, a notebook
         not selected keeps the record an earlier run of the same folder (same ``smoke``) wrote for it, with
         ``carried_over`` set to that run's start time; without one it is ``skipped``.
