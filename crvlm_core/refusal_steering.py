@@ -421,8 +421,8 @@ def evaluate_condition(handle: ModelHandle, samples: Sequence[Sample], intervent
     Returns ``refusal_rate_by_subject``, ``responses``, ``refused``; without ``unsteered`` (the reference) the
     neutral prompts' logits (``_logits``, kept for later comparisons); and when ``unsteered`` (this function's
     result without interventions) is given, ``kl_neutral`` (mean KL(P_unsteered ‖ P_steered) over every token of
-    the chat-formatted neutral prompts, the first answer token's distribution included) and ``unchanged_neutral`` (fraction of neutral answers whose
-    first 20 tokens are unchanged).
+    the chat-formatted neutral prompts, the first answer token's distribution included) and ``unchanged_neutral``
+    (fraction of neutral answers whose first 20 tokens are unchanged).
     """
     if mode not in ("generate", "score"):
         raise ValueError(f"mode must be 'generate' or 'score', got {mode!r}")
