@@ -2,7 +2,8 @@
 forward without capture and against plain PyTorch forward hooks, on 64 and 256 prompts (8 and 16 with --quick;
 ``--sizes`` chooses).
 
-Every variant runs the same left-padded batches (``handle.build_inputs``, batch 8). Plain forwards are timed two
+Every variant runs the same left-padded batches (``handle.build_inputs``, batch 8), grouped by prompt length as
+``extract`` groups them. Plain forwards are timed two
 ways: the usual ``model(**enc)`` (vocabulary logits at every position) and with ``logits_to_keep=1`` (only the last
 position's logits — the strict baseline, since extraction skips the vocabulary projection). The goal (issue #9) is
 capture ≤ 1.05× a plain forward; it is judged against the strict baseline. One batch of every variant warms up first;
@@ -22,7 +23,7 @@ def main(argv=None) -> None:
     p.add_argument("--sizes", default=None, help="comma-separated prompt counts (default 64,256; 8,16 with --quick)")
     args = p.parse_args(argv)
     setup_torch(args.threads)
-    from crvlm_core.extract import extract
+    from crvlm_core.extract import extract, image_batches
     from crvlm_core.models import load_model
     from crvlm_core.steer import _accepts_logits_to_keep
 
@@ -73,7 +74,10 @@ def main(argv=None) -> None:
 
     for n in sizes:
         samples = prompts(n)
-        encs = [handle.build_inputs([s.prompt for s in samples[i:i + batch]]) for i in range(0, n, batch)]
+        # the batches extract() makes (prompts of similar length together), so every variant does the same work
+        lengths = handle.prompt_lengths([s.prompt for s in samples])
+        order = [idx for _, idx in image_batches([False] * n, batch, lengths=lengths)]
+        encs = [handle.build_inputs([samples[k].prompt for k in idx]) for idx in order]
         walls = {k: [] for k in fns}
         cpus = {k: [] for k in fns}
         peak = {k: 0.0 for k in fns}
@@ -90,8 +94,9 @@ def main(argv=None) -> None:
             bench.log(f"n={n} {name}: {t['median']:.2f} s (cpu {t['cpu_median']:.2f} s, +{peak[name]:.0f} MB)")
         # correctness: the library's reads equal the hook reads (same batches, last token, every layer)
         hook_reads, acts = last["plain_hooks"], last["crvlm_extract"].acts
-        per_batch = [torch.stack(hook_reads[b * len(layers):(b + 1) * len(layers)], 1) for b in range(len(encs))]
-        ref = torch.cat(per_batch).float()
+        ref = torch.empty_like(acts)
+        for b, idx in enumerate(order):
+            ref[idx] = torch.stack(hook_reads[b * len(layers):(b + 1) * len(layers)], 1).float()
         res["max_abs_diff_vs_hooks"] = float((acts - ref).abs().max())
         base = res["plain_forward"]["median"]
         res["ratio_extract_vs_plain_forward"] = res["crvlm_extract"]["median"] / base
