@@ -1,5 +1,5 @@
 """Benchmark 6 — batching by prompt length: the same prompts in batches of 8 in the order given vs grouped by token
-length (``image_batches(..., lengths=handle.prompt_lengths(prompts))``, what extraction, refusal scores and
+length (``crvlm_core.extract.prompt_batches``, what extraction, refusal scores and
 steered generation do). Left padding makes a batch as long as its longest prompt, and the prompt pass is
 compute-bound on a CPU, so padded tokens cost as much as real ones.
 
@@ -19,7 +19,7 @@ def main(argv=None) -> None:
     args = parser(__doc__.splitlines()[0]).parse_args(argv)
     setup_torch(args.threads)
     from crvlm_core.data import assign_scope, load_dataset, split
-    from crvlm_core.extract import image_batches
+    from crvlm_core.extract import image_batches, prompt_batches
     from crvlm_core.models import load_model
     from crvlm_core.steer import _accepts_logits_to_keep
 
@@ -36,7 +36,8 @@ def main(argv=None) -> None:
     keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(handle) else {}
 
     def encodings(texts, grouped):
-        order = image_batches([False] * len(texts), batch, lengths=handle.prompt_lengths(texts) if grouped else None)
+        has_image = [False] * len(texts)
+        order = prompt_batches(handle, texts, has_image, batch) if grouped else image_batches(has_image, batch)
         return [(idx, handle.build_inputs([texts[k] for k in idx])) for _, idx in order]
 
     encs = {g: encodings(prompts, g) for g in (False, True)}

@@ -23,7 +23,7 @@ def main(argv=None) -> None:
     p.add_argument("--sizes", default=None, help="comma-separated prompt counts (default 64,256; 8,16 with --quick)")
     args = p.parse_args(argv)
     setup_torch(args.threads)
-    from crvlm_core.extract import extract, image_batches
+    from crvlm_core.extract import extract, prompt_batches
     from crvlm_core.models import load_model
     from crvlm_core.steer import _accepts_logits_to_keep
 
@@ -75,8 +75,7 @@ def main(argv=None) -> None:
     for n in sizes:
         samples = prompts(n)
         # the batches extract() makes (prompts of similar length together), so every variant does the same work
-        lengths = handle.prompt_lengths([s.prompt for s in samples])
-        order = [idx for _, idx in image_batches([False] * n, batch, lengths=lengths)]
+        order = [idx for _, idx in prompt_batches(handle, [s.prompt for s in samples], [False] * n, batch)]
         encs = [handle.build_inputs([samples[k].prompt for k in idx]) for idx in order]
         walls = {k: [] for k in fns}
         cpus = {k: [] for k in fns}

@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None)
     args = p.parse_args(argv)
     setup_torch(args.threads)
-    from crvlm_core.extract import image_batches
+    from crvlm_core.extract import prompt_batches
     from crvlm_core.models import load_model
     from crvlm_core.refusal_vectors import default_layers, fit_vector
     from crvlm_core.steer import AddVector, steered_generate, steered_logits
@@ -70,7 +70,7 @@ def main(argv=None) -> None:
         def run_peer():  # the same work as steered_generate: the same length-grouped batches, generate, decode
             texts = [""] * n
             with torch.no_grad(), sv.apply(handle.hf_model, multiplier=alpha):
-                for _, idx in image_batches([False] * n, batch, lengths=handle.prompt_lengths(ps)):
+                for _, idx in prompt_batches(handle, ps, [False] * n, batch):
                     enc = handle.build_inputs([ps[k] for k in idx])
                     ids = handle.hf_model.generate(**enc, **gen_kw).cpu()
                     for k, text in zip(idx, handle.decode_new(ids, enc["input_ids"].shape[1])):

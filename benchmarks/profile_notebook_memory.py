@@ -94,6 +94,8 @@ def main(argv=None) -> None:
     setup_torch(args.threads)
     import yaml
 
+    from crvlm_core.workbook import first_code_line
+
     params = {"MODEL": args.model, "RUN": args.run}
     if args.quick:
         params["SMOKE"] = True
@@ -111,7 +113,7 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             exec(compile(src, f"<{name} cell {i}>", "exec"), ns)
             peak, end = sampler.take(), status_mb()
-            first = next((line for line in src.splitlines() if line.strip() and not line.startswith("#")), "")
+            first = first_code_line(src)
             rows.append({"cell": i, "first_line": first[:80], "seconds": round(time.perf_counter() - t0, 2),
                          "rss_start_mb": round(start["rss"], 1), "rss_peak_mb": round(peak["rss"], 1),
                          "anon_peak_mb": round(peak["anon"], 1), "file_peak_mb": round(peak["file"], 1),

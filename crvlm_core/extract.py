@@ -23,7 +23,7 @@ from .io import atomic_save_safetensors, atomic_write_json, sha256_hex
 from .models import ModelHandle
 from .paths import outputs_dir
 
-__all__ = ["POSITIONS", "Activations", "image_batches", "extract", "extract_token_states", "extraction_fingerprint", "position_weights",
+__all__ = ["POSITIONS", "Activations", "image_batches", "prompt_batches", "extract", "extract_token_states", "extraction_fingerprint", "position_weights",
            "read_last_token"]
 
 POSITIONS = ("last", "prefix-mean", "image-mean")
@@ -149,6 +149,13 @@ def image_batches(has_image: Sequence[bool], batch_size: int,
     return [(flag, idx[i:i + batch_size]) for flag, idx in groups.items() for i in range(0, len(idx), batch_size)]
 
 
+def prompt_batches(handle: ModelHandle, prompts: Sequence[str], has_image: Sequence[bool],
+                   batch_size: int) -> list[tuple[bool, list[int]]]:
+    """:func:`image_batches` keyed by the prompts' token counts: the batches extraction, refusal scores and steered
+    generation run (prompts of similar length together)."""
+    return image_batches(has_image, batch_size, lengths=handle.prompt_lengths(prompts))
+
+
 def read_last_token(handle: ModelHandle, enc: dict, layers: Sequence[int]) -> torch.Tensor:
     """Unsteered ``[batch, len(layers), d]`` states at the last input token of prepared inputs (one forward)."""
     w = torch.zeros(enc["input_ids"].shape)
@@ -253,8 +260,8 @@ def extract(handle: ModelHandle, samples: Sequence[Sample], *, position: str = "
             return hit
 
     out = torch.empty(len(samples), len(layers), handle.hidden_size)
-    batches = image_batches([use_images and s.image is not None for s in samples], batch_size,
-                            lengths=handle.prompt_lengths([s.prompt for s in samples]))
+    batches = prompt_batches(handle, [s.prompt for s in samples],
+                             [use_images and s.image is not None for s in samples], batch_size)
     for has_img, idx in tqdm(batches, desc=desc or f"extract {position}", disable=not progress, unit="batch"):
         prompts = [samples[k].prompt for k in idx]
         images = [samples[k].load_image() for k in idx] if has_img else None

@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .extract import image_batches, read_last_token
+from .extract import prompt_batches, read_last_token
 from .models import ModelHandle
 from .vectors import SteeringVector
 
@@ -253,7 +253,7 @@ def steered_generate(handle: ModelHandle, prompts: Sequence[str], interventions:
     table = _validated(handle, interventions)
     images = list(images) if images is not None else [None] * len(prompts)
     texts: list[str] = [""] * len(prompts)
-    batches = image_batches([im is not None for im in images], batch_size, lengths=handle.prompt_lengths(prompts))
+    batches = prompt_batches(handle, prompts, [im is not None for im in images], batch_size)
     for has_img, idx in tqdm(batches, desc="generate", disable=not progress, unit="batch"):
         imgs = [images[k] for k in idx] if has_img else None
         enc = handle.build_inputs([prompts[k] for k in idx], imgs, system)
@@ -342,7 +342,7 @@ def refusal_score(handle: ModelHandle, prompts: Sequence[str], interventions: Se
     token_ids = list(token_ids or refusal_token_ids(handle))
     images = list(images) if images is not None else [None] * len(prompts)
     scores = torch.empty(len(prompts))
-    batches = image_batches([im is not None for im in images], batch_size, lengths=handle.prompt_lengths(prompts))
+    batches = prompt_batches(handle, prompts, [im is not None for im in images], batch_size)
     for has_img, idx in batches:
         enc = handle.build_inputs([prompts[k] for k in idx], [images[k] for k in idx] if has_img else None, system)
         logits = steered_logits(handle, enc, interventions, last_only=True)[:, -1, :].double()

@@ -170,6 +170,11 @@ def _report_failure(name: str, err: Exception, executed: Path) -> dict:
     return record
 
 
+def first_code_line(src: str) -> str:
+    """A code cell's first line that is neither blank nor a comment (stripped): how a cell is named in reports."""
+    return next((line.strip() for line in src.splitlines() if line.strip() and not line.lstrip().startswith("#")), "")
+
+
 def _slowest_cells(executed: Path, k: int = 3) -> list[dict]:
     """The ``k`` longest code cells of an executed notebook (papermill's per-cell ``duration``): where its time went."""
     try:
@@ -181,9 +186,8 @@ def _slowest_cells(executed: Path, k: int = 3) -> list[dict]:
         duration = cell.get("metadata", {}).get("papermill", {}).get("duration")
         if cell.get("cell_type") != "code" or not isinstance(duration, (int, float)):
             continue
-        src = "".join(cell.get("source", ""))
-        first = next((line for line in src.splitlines() if line.strip() and not line.lstrip().startswith("#")), "")
-        rows.append({"cell": i, "seconds": round(float(duration), 2), "source": first.strip()[:80]})
+        rows.append({"cell": i, "seconds": round(float(duration), 2),
+                     "source": first_code_line("".join(cell.get("source", "")))[:80]})
     return sorted(rows, key=lambda r: -r["seconds"])[:k]
 
 
