@@ -33,6 +33,7 @@ __all__ = [
     "ModelHandle",
     "ModelLoadError",
     "load_model",
+    "unload_model",
     "list_specs",
     "qwen_gguf_path",
     "smollm2_gguf_path",
@@ -496,6 +497,20 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device | None = No
     handle.load_seconds = time.perf_counter() - start
     _CACHE[key] = handle
     return handle
+
+
+def unload_model(spec: str | None = None) -> int:
+    """Drop ``spec``'s handles (every device, dtype and seed; ``None``: all) from :func:`load_model`'s per-process
+    cache and collect garbage, so their weights are freed once the caller holds no reference either. Notebook 04
+    frees the text model this way before it loads the vision-language model. Returns how many handles were
+    dropped."""
+    import gc
+
+    keys = [k for k in _CACHE if spec is None or k[0] == spec]
+    for k in keys:
+        del _CACHE[k]
+    gc.collect()
+    return len(keys)
 
 
 def _load_parts(spec: str, dtype: torch.dtype, trust_remote_code: bool, seed: int):

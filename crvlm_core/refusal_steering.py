@@ -30,12 +30,13 @@ from tqdm.auto import tqdm
 from . import vectors as V
 from .data import Sample, fingerprint as data_fingerprint, load_dataset, split
 from .extract import extract, read_last_token
-from .io import atomic_write_json, sha256_hex
+from .io import atomic_write_json, cache_path, sha256_hex
 from .judge import Judge, aggregate_confidence, get_judge
 from .metrics import kl_to_unsteered, rates_by, unchanged_prefix_fraction
 from .models import ModelHandle
 from .paths import outputs_dir
-from .steer import AddVector, Intervention, ProjectOut, from_vector, refusal_score, steered_generate, steered_logits
+from .steer import (AddVector, Intervention, ProjectOut, from_vector, intervention_fingerprint, refusal_score,
+                    steered_generate, steered_logits)
 
 __all__ = [
     "METHODS",
@@ -143,6 +144,12 @@ def _cache_folder(kind: str) -> Path:
     return outputs_dir() / "cache" / kind
 
 
+def _activation_cache(handle: ModelHandle) -> Path:
+    """Where this model's (and organism adapter's) extracted activations are cached: extraction keys by the spec
+    only, so an adapter needs its own folder."""
+    return _cache_folder("activations") / sha256_hex(model_key(handle))[:12]
+
+
 # --------------------------------------------------------------------------------------- judge scoring
 
 
@@ -187,6 +194,11 @@ def _judge_obj(judge: str | Judge) -> Judge:
     return get_judge(judge) if isinstance(judge, str) else judge
 
 
+def _judge_key(judge: Judge) -> dict:
+    """What identifies a judge's verdicts in a cache key: its name and, for a trained judge, its weights' digest."""
+    return {"judge": getattr(judge, "name", str(judge)), "judge_fp": getattr(judge, "info", {}).get("fingerprint", "")}
+
+
 def score_prompts(handle: ModelHandle, samples: Sequence[Sample], judge: str | Judge = "learned", k: int = 3,
                   max_new_tokens: int = 24, temperature: float = 0.7, seed: int = 0, batch_size: int = 8,
                   cache: bool = True, progress: bool = True) -> list[ScoredPrompt]:
@@ -200,9 +212,8 @@ def score_prompts(handle: ModelHandle, samples: Sequence[Sample], judge: str | J
         raise ValueError("score_prompts: no samples")
     j = _judge_obj(judge)
     key = sha256_hex(json.dumps({"model": model_key(handle), "data": data_fingerprint(samples), "k": k,
-                                 "tokens": max_new_tokens, "t": temperature, "seed": seed,
-                                 "judge": getattr(j, "name", str(j)),
-                                 "judge_fp": getattr(j, "info", {}).get("fingerprint", "")}, sort_keys=True))[:20]
+                                 "tokens": max_new_tokens, "t": temperature, "seed": seed, **_judge_key(j)},
+                                sort_keys=True))[:20]
     path = _cache_folder("refusal_steering") / f"scores-{key}.json"
     if cache and path.exists():
         rows = json.loads(path.read_text())
@@ -411,7 +422,7 @@ def _neutral_logits(handle: ModelHandle, prompts: Sequence[str], interventions: 
 def evaluate_condition(handle: ModelHandle, samples: Sequence[Sample], interventions: Sequence[Intervention] = (),
                        judge: str | Judge = "learned", neutral: str = "neutral", max_new_tokens: int = 24,
                        batch_size: int = 8, unsteered: dict | None = None, progress: bool = False,
-                       mode: str = "generate") -> dict:
+                       mode: str = "generate", cache_dir: str | Path | None = None) -> dict:
     """Generate (steered), judge, and measure the change on the neutral prompts.
 
     ``mode="score"`` replaces generation + judge by the first-token refusal score (one forward per batch,
@@ -423,11 +434,29 @@ def evaluate_condition(handle: ModelHandle, samples: Sequence[Sample], intervent
     result without interventions) is given, ``kl_neutral`` (mean KL(P_unsteered ‖ P_steered) over every token of
     the chat-formatted neutral prompts, the first answer token's distribution included) and ``unchanged_neutral``
     (fraction of neutral answers whose first 20 tokens are unchanged).
+
+    ``cache_dir``: when given, the result is saved there under a key made of the model (and organism adapter), the
+    samples, the interventions' fingerprint, the judge, every setting and the reference's answers, and an unchanged
+    call returns it without running the model. A cached reference carries no logits; a steered call that is not
+    cached recomputes them once (one unsteered forward over the neutral prompts) and keeps them in the reference.
     """
     if mode not in ("generate", "score"):
         raise ValueError(f"mode must be 'generate' or 'score', got {mode!r}")
     samples = list(samples)
+    if not samples:
+        raise ValueError("evaluate_condition: no samples (empty split)")
     prompts = [s.prompt for s in samples]
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = cache_path(cache_dir, "condition", {
+            "model": model_key(handle), "samples": [[s.id, s.prompt, s.subject] for s in samples],
+            "interventions": intervention_fingerprint(list(interventions)), "neutral": neutral, "mode": mode,
+            "judge": _judge_key(_judge_obj(judge)) if mode == "generate" else None,
+            "max_new_tokens": max_new_tokens if mode == "generate" else None, "batch_size": batch_size,
+            "reference": None if unsteered is None else sha256_hex(json.dumps([unsteered["responses"],
+                                                                               unsteered["refused"]]))})
+        if cache_file.exists():
+            return json.loads(cache_file.read_text())
     if mode == "score":
         responses = []
         refused = [bool(x > 0) for x in refusal_score(handle, prompts, interventions, batch_size=batch_size)]
@@ -439,8 +468,11 @@ def evaluate_condition(handle: ModelHandle, samples: Sequence[Sample], intervent
            "refused": refused, "n_by_subject": {k: sum(s.subject == k for s in samples)
                                                 for k in sorted({s.subject for s in samples})}}
     neutral_idx = [i for i, s in enumerate(samples) if s.subject == neutral]
-    batches = _neutral_logits(handle, [prompts[i] for i in neutral_idx], interventions, batch_size)
+    neutral_prompts = [prompts[i] for i in neutral_idx]
+    batches = _neutral_logits(handle, neutral_prompts, interventions, batch_size)
     if unsteered is not None:
+        if "_logits" not in unsteered:  # a reference read from the cache
+            unsteered["_logits"] = list(_neutral_logits(handle, neutral_prompts, (), batch_size))
         # compared batch by batch and dropped: full-vocabulary logits of every position are large (151 936 floats
         # per token on Qwen), so only the unsteered reference keeps them
         kls, weights = [], []
@@ -454,6 +486,8 @@ def evaluate_condition(handle: ModelHandle, samples: Sequence[Sample], intervent
     else:
         res["_logits"] = list(batches)
         res["kl_neutral"], res["unchanged_neutral"] = 0.0, 1.0
+    if cache_file is not None:
+        atomic_write_json(cache_file, {k: v for k, v in res.items() if not k.startswith("_")})
     return res
 
 
@@ -469,7 +503,8 @@ def search_alpha(handle: ModelHandle, directions: torch.Tensor, layers: Sequence
                  operation: str = "subtract", patience: int = 2, judge: str | Judge = "learned",
                  max_new_tokens: int = 20, batch_size: int = 8, baseline: dict | None = None,
                  objective_kw: dict | None = None, progress: Callable[[dict], None] | None = None,
-                 mode: str = "generate", refine: int = 2, gate: "TopicGate | None" = None) -> tuple[float, list[dict]]:
+                 mode: str = "generate", refine: int = 2, gate: "TopicGate | None" = None,
+                 cache_dir: str | Path | None = None) -> tuple[float, list[dict]]:
     """Try strengths in increasing order on the validation prompts and keep the one with the lowest
     :func:`validation_objective`. Early stopping: stop after ``patience`` strengths without improvement, or as
     soon as the remove-topic refusal rate reaches 0 (a larger α can then only raise the KL and lower the kept
@@ -477,7 +512,8 @@ def search_alpha(handle: ModelHandle, directions: torch.Tensor, layers: Sequence
     overshot or did not help), so a grid that starts too strong still finds a useful α. ``mode``: ``"generate"``
     (default; generation + judge) or ``"score"`` (first-token refusal score with the fixed rule log-odds > 0, ~10×
     cheaper; on Qwen2.5-0.5B that rule called none of the refused harmful validation prompts a refusal, so the
-    search could not see the harmful refusals it must keep).
+    search could not see the harmful refusals it must keep). ``cache_dir``: each evaluation is cached there
+    (:func:`evaluate_condition`), so a repeated search runs no model.
 
     Returns:
         ``(best α, rows)``, one row per tried α (rates, KL, unchanged fraction, objective).
@@ -486,14 +522,15 @@ def search_alpha(handle: ModelHandle, directions: torch.Tensor, layers: Sequence
     if not alphas or alphas[0] <= 0:
         raise ValueError(f"alphas must be positive, got {alphas}")
     kw = dict(objective_kw or {})
-    baseline = baseline or evaluate_condition(handle, val, (), judge, neutral, max_new_tokens, batch_size, mode=mode)
+    baseline = baseline or evaluate_condition(handle, val, (), judge, neutral, max_new_tokens, batch_size, mode=mode,
+                                              cache_dir=cache_dir)
     base = baseline["refusal_rate_by_subject"]
     rows: list[dict] = []
 
     def trial(a: float) -> tuple[float, dict]:
         ivs = steering_interventions(directions, layers, a, operation, gate)
         r = evaluate_condition(handle, val, ivs, judge, neutral, max_new_tokens, batch_size, unsteered=baseline,
-                               mode=mode)
+                               mode=mode, cache_dir=cache_dir)
         j = validation_objective(r["refusal_rate_by_subject"], base, r["kl_neutral"], remove, keep, **kw)
         row = {"alpha": a, **{f"rate_{k}": v for k, v in r["refusal_rate_by_subject"].items()},
                "kl_neutral": r["kl_neutral"], "objective": j}
@@ -601,16 +638,18 @@ class TopicGate:
 
 
 def best_topic_gate(handle: ModelHandle, topic: Sequence[Sample], others: Sequence[Sample],
-                    layers: Sequence[int] | None = None, batch_size: int = 8) -> TopicGate:
+                    layers: Sequence[int] | None = None, batch_size: int = 8, cache: bool = True) -> TopicGate:
     """The mean-difference topic gate (topic − others) at the candidate layer where it separates the training
     prompts best (ties: the earlier layer). One forward per batch reads every candidate layer. Default candidates:
-    every layer from a quarter of the way up."""
+    every layer from a quarter of the way up. ``cache``: the activations are cached per model and organism adapter,
+    like :func:`confident_activations`."""
     if not topic or not others:
         raise ValueError("a topic gate needs samples of the topic and of other subjects")
     layers = sorted({handle.check_layer(int(l)) for l in (layers if layers is not None
                                                            else range(handle.n_layers // 4, handle.n_layers))})
-    a = extract(handle, list(topic), layers=layers, batch_size=batch_size, cache=False, progress=False).acts
-    b = extract(handle, list(others), layers=layers, batch_size=batch_size, cache=False, progress=False).acts
+    folder = _activation_cache(handle) if cache else False
+    a = extract(handle, list(topic), layers=layers, batch_size=batch_size, cache=folder, progress=False).acts
+    b = extract(handle, list(others), layers=layers, batch_size=batch_size, cache=folder, progress=False).acts
     best = None
     for i, layer in enumerate(layers):
         d, thr, acc = _mean_diff_gate(a[:, i], b[:, i])
@@ -680,7 +719,8 @@ def fit_refusal_steering(handle: ModelHandle, method: str = "rmd", remove: str =
                          operation: str = "subtract", val_tokens: int = 20, batch_size: int = 8, seed: int = 0,
                          scored: list[ScoredPrompt] | None = None, acts: dict | None = None,
                          baseline_val: dict | None = None, search_by: str = "generate", progress: bool = True,
-                         log: Callable[[str], None] = print, gate: bool | TopicGate = False) -> RefusalSteeringFit:
+                         log: Callable[[str], None] = print, gate: bool | TopicGate = False,
+                         cache_dir: str | Path | None = None) -> RefusalSteeringFit:
     """The whole fitting path for one method: score → confident sets → activations → layer ranking → λ → α.
 
     ``gate``: steer only the prompts a topic gate puts on the ``remove`` side of "``remove`` vs ``keep``" (fitted on
@@ -689,7 +729,8 @@ def fit_refusal_steering(handle: ModelHandle, method: str = "rmd", remove: str =
     ``extra["gate"]``; :func:`interventions_of` rebuilds it.
 
     ``scored``, ``acts`` (``{"pos", "neg", "pos_conf", "neg_conf"}``) and ``baseline_val`` can be passed in to share
-    the expensive steps between methods (the notebook does). Returns the saved-format vector (operation ``add``
+    the expensive steps between methods (the notebook does). ``cache_dir``: the strength search's evaluations are
+    cached there (:func:`evaluate_condition`); scores and activations are always cached. Returns the saved-format vector (operation ``add``
     with a negative α for subtraction, or ``project_out``) and the search logs.
     """
     if method not in METHODS:
@@ -724,7 +765,7 @@ def fit_refusal_steering(handle: ModelHandle, method: str = "rmd", remove: str =
     gate = gate or None
     alpha, rows = search_alpha(handle, directions, layers, splits.val, remove, keep, neutral, alphas, operation,
                                judge=judge, max_new_tokens=val_tokens, batch_size=batch_size, baseline=baseline_val,
-                               mode=search_by, gate=gate,
+                               mode=search_by, gate=gate, cache_dir=cache_dir,
                                progress=lambda r: log(f"[{method}] α={r['alpha']}: " + ", ".join(
                                    f"{k}={v:.3f}" for k, v in r.items() if k != "alpha")))
     signed = -alpha if operation == "subtract" and alpha else alpha
@@ -758,7 +799,7 @@ def confident_activations(handle: ModelHandle, refuse: Sequence[ScoredPrompt], c
                           batch_size: int = 8, progress: bool = True) -> dict:
     """Last-prompt-token states at every layer of the confident refusals and compliances, with their confidences
     (cached per model and organism adapter)."""
-    folder = _cache_folder("activations") / sha256_hex(model_key(handle))[:12]
+    folder = _activation_cache(handle)
     pos = extract(handle, [p.sample for p in refuse], batch_size=batch_size, cache=folder, progress=progress,
                   desc="activations (refuse)").acts
     neg = extract(handle, [p.sample for p in comply], batch_size=batch_size, cache=folder, progress=progress,

@@ -199,3 +199,28 @@ def test_local_vlm_folder_is_detected_as_llava(tmp_path):
         ref = parts.model(**enc).logits
         got = h.hf_model(**enc).logits
     assert torch.allclose(ref, got, atol=1e-5), "the saved-and-reloaded model computes the same function"
+
+
+def test_unload_model_frees_the_weights_after_tracing_and_steering():
+    """unload_model drops a spec from load_model's cache; once the caller's reference is gone too, nothing keeps the
+    weights alive (no cache in extract / steer holds the handle), so notebook 04 can free the text model before it
+    loads the VLM."""
+    import gc
+    import weakref
+
+    from crvlm_core.data import Sample
+    from crvlm_core.extract import extract
+    from crvlm_core.models import load_model, unload_model
+    from crvlm_core.steer import AddVector, steered_generate
+
+    handle = load_model("tiny-llava", seed=7)
+    assert load_model("tiny-llava", seed=7) is handle
+    extract(handle, [Sample("a", "Hello there", "x", None)], layers=[0], cache=False, progress=False)
+    steered_generate(handle, ["Hi"], [AddVector(torch.ones(handle.n_layers, handle.hidden_size), [0], 1.0)],
+                     max_new_tokens=2, progress=False)
+    weights = weakref.ref(handle.hf_model)
+    del handle
+    assert unload_model("tiny-llava") >= 1
+    gc.collect()
+    assert weights() is None, "something still holds the unloaded model"
+    assert unload_model("tiny-llava") == 0

@@ -349,3 +349,35 @@ def test_neutral_kl_keeps_only_the_reference_logits(smollm2):
     steered = RS.evaluate_condition(smollm2, val, [AddVector(vec, [10], 1.0)], mode="score", batch_size=2,
                                     unsteered=ref)
     assert "_logits" not in steered and steered["kl_neutral"] > 0.01
+
+
+def test_evaluate_condition_cache_reuses_results_and_recomputes_reference_logits(smollm2, tmp_path, monkeypatch):
+    """With ``cache_dir`` an unchanged evaluation is read back without running the model; another intervention is
+    another key; a steered call against a reference read from the cache (no logits) gives the same KL as against
+    the original reference."""
+    from crvlm_core.steer import AddVector
+
+    samples = load_dataset("refusal-topics")
+    val = [s for s in samples if s.subject == "neutral"][:3] + [s for s in samples if s.subject == "political"][:2]
+    vec = torch.randn(smollm2.n_layers, smollm2.hidden_size, generator=torch.Generator().manual_seed(1)) * 8
+    kw = dict(mode="score", batch_size=2, cache_dir=tmp_path)
+    ref = RS.evaluate_condition(smollm2, val, [], **kw)
+    steered = RS.evaluate_condition(smollm2, val, [AddVector(vec, [10], 1.0)], unsteered=ref, **kw)
+    assert len(list(tmp_path.glob("condition-*.json"))) == 2
+
+    def no_model(*a, **k):
+        raise AssertionError("the model ran although the result was cached")
+
+    monkeypatch.setattr(RS, "refusal_score", no_model)
+    ref2 = RS.evaluate_condition(smollm2, val, [], **kw)
+    assert "_logits" not in ref2 and ref2["refused"] == ref["refused"]
+    again = RS.evaluate_condition(smollm2, val, [AddVector(vec, [10], 1.0)], unsteered=ref2, **kw)
+    assert again["kl_neutral"] == steered["kl_neutral"] and again["refused"] == steered["refused"]
+    monkeypatch.undo()
+    other = RS.evaluate_condition(smollm2, val, [AddVector(vec, [10], 2.0)], unsteered=ref2, **kw)
+    fresh = RS.evaluate_condition(smollm2, val, [AddVector(vec, [10], 2.0)], unsteered=ref, mode="score",
+                                  batch_size=2)
+    assert len(list(tmp_path.glob("condition-*.json"))) == 3 and len(ref2["_logits"]) == 2
+    assert other["kl_neutral"] == pytest.approx(fresh["kl_neutral"], rel=1e-6) and other["kl_neutral"] > 0.01
+    with pytest.raises(ValueError, match="no samples"):
+        RS.evaluate_condition(smollm2, [], [], **kw)
