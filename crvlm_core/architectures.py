@@ -408,11 +408,13 @@ def build_llava_around(
 ) -> VLMParts:
     """Wrap a real causal LM as the language model of a LLaVA under a small seeded CLIP vision tower.
 
-    The LM's weights are copied (the embedding and output layer gain one zero row for the ``<image>``
-    token, which generation suppresses); its tied or untied output layer is kept as it was. With
+    The decoder shares the LM's weight tensors (float32: no copy, so a memory-mapped LM stays mapped and the two
+    models together hold one copy); the embedding and output layer are copies with one zero row more for the
+    ``<image>`` token, which generation suppresses; its tied or untied output layer is kept as it was. With
     ``vision_feature_select_strategy="default"`` the CLS feature is dropped, so an image becomes
     ``(image_size // patch_size) ** 2`` tokens (16 at 64/16). Text-only prompts give the LM's own
-    logits on the original vocabulary. Neither the LM nor the tokenizer passed in is changed.
+    logits on the original vocabulary. Neither the LM nor the tokenizer passed in is changed (both models are frozen
+    by :func:`~crvlm_core.models.load_model`; an in-place edit of a shared weight would show in both).
 
     Args:
         language_model: a decoder-only ``*ForCausalLM`` (e.g. SmolLM2 or Qwen2.5 loaded from GGUF).
@@ -473,7 +475,9 @@ def build_llava_around(
     decoder_state = {k: v.detach().float() for k, v in language_model.get_decoder().state_dict().items()}
     embed_key = next(k for k in decoder_state if k.endswith("embed_tokens.weight"))
     decoder_state[embed_key] = _pad_rows(decoder_state[embed_key], new_vocab)
-    missing, unexpected = model.model.language_model.load_state_dict(decoder_state, strict=False)
+    # assign: the LLaVA's decoder takes the LM's own tensors (no copy; for a model loaded from safetensors they stay
+    # memory-mapped), and the random ones built above are freed: one copy of the weights, shared with the LM
+    missing, unexpected = model.model.language_model.load_state_dict(decoder_state, strict=False, assign=True)
     missing = [k for k in missing if "rotary_emb" not in k]
     if missing or unexpected:
         raise RuntimeError(f"language model weights do not fit: missing {missing}, unexpected {unexpected}")

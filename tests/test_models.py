@@ -224,3 +224,18 @@ def test_unload_model_frees_the_weights_after_tracing_and_steering():
     gc.collect()
     assert weights() is None, "something still holds the unloaded model"
     assert unload_model("tiny-llava") == 0
+
+
+def test_composite_vlm_drops_a_base_it_loaded_only_to_copy():
+    """llava-smollm2 copies SmolLM2's weights: a base loaded just for that is not kept (one copy in memory, not
+    two); a base the caller had loaded stays cached and is the same handle."""
+    from crvlm_core.models import load_model, unload_model
+
+    cached = lambda spec: [k for k in models._CACHE if k[0] == spec]
+    unload_model("smollm2-135m")
+    vlm = load_model("llava-smollm2", seed=11, reload=True)
+    assert vlm.is_vlm and not cached("smollm2-135m")
+    base = load_model("smollm2-135m")
+    load_model("llava-smollm2", seed=12, reload=True)
+    assert cached("smollm2-135m") and load_model("smollm2-135m") is base
+    unload_model("llava-smollm2")
