@@ -304,7 +304,7 @@ def train_lora(handle: ModelHandle, train: Sequence[Sample], targets: Sequence[s
     if not present:
         raise ValueError(f"{handle.spec} has none of the LoRA target modules {list(modules)}")
     torch.manual_seed(seed)
-    base = copy.deepcopy(handle.hf_model)
+    base = _shared_copy(handle.hf_model)  # frozen weights shared; the adapter's own parameters are trained
     layers = sorted({handle.check_layer(int(l)) for l in (layers if layers is not None
                                                            else range(handle.n_layers // 2, handle.n_layers))})
     model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=present,
@@ -335,6 +335,28 @@ def train_lora(handle: ModelHandle, train: Sequence[Sample], targets: Sequence[s
     losses = train_lora_steps(model, batches(), loss_of, lr=lr, total=steps, desc="LoRA", progress=progress)
     history = [{"step": i + 1, "loss": v} for i, v in enumerate(losses)]
     return model, history
+
+
+def _shared_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model``'s module tree whose parameters and buffers are the original's tensors (no weight is
+    copied): peft can inject adapters into it without touching the original's modules. Weights must not be written
+    in place; :func:`_merge` gives the merged layers their own tensors first."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def _merge(peft_model) -> torch.nn.Module:
+    """``merge_and_unload`` of an adapter injected into a :func:`_shared_copy`: each adapted layer's base weight is
+    cloned first (merging adds to it in place), so the original model keeps its weights and the merged model
+    shares every weight the adapter does not change. For the default LoRA (seven projections in half the layers)
+    that copies ~0.7 GB on Qwen2.5-0.5B instead of deep-copying all 2.4 GB."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            base.weight = torch.nn.Parameter(base.weight.detach().clone(), requires_grad=False)
+    return peft_model.merge_and_unload()
 
 
 def _adapted_handle(handle: ModelHandle, merged, tag: str) -> ModelHandle:
@@ -426,7 +448,7 @@ def fit_baseline(handle: ModelHandle, train: Sequence[Sample], method: str, out_
                     target_tokens=lora_target_tokens, refusal=REFUSAL_TEXT, final_loss=history[-1]["loss"],
                     lora_layers=sorted(model.peft_config["default"].layers_to_transform),
                     history=history)
-        used = _adapted_handle(handle, model.merge_and_unload(), _adapter_tag(out_dir / ADAPTER_DIR))
+        used = _adapted_handle(handle, _merge(model), _adapter_tag(out_dir / ADAPTER_DIR))
     info["fit_seconds"] = time.perf_counter() - start
     atomic_write_json(out_dir / BASELINE_JSON, info)
     return Baseline(method, used, ivs, system, info)
@@ -451,8 +473,8 @@ def load_baseline(directory: str | Path, handle: ModelHandle, alpha: float | Non
         from peft import PeftModel
 
         adapter = directory / ADAPTER_DIR
-        model = PeftModel.from_pretrained(copy.deepcopy(handle.hf_model), str(adapter))
-        return Baseline(method, _adapted_handle(handle, model.merge_and_unload(), _adapter_tag(adapter)), [], None, info)
+        model = PeftModel.from_pretrained(_shared_copy(handle.hf_model), str(adapter))
+        return Baseline(method, _adapted_handle(handle, _merge(model), _adapter_tag(adapter)), [], None, info)
     vector = SteeringVector.load(directory)
     vector.check_compatible(handle.n_layers, handle.hidden_size)
     if method == "cast":

@@ -32,6 +32,7 @@ def scoped():
 def test_round_trip(method, tiny, scoped, tmp_path):
     train, test = scoped
     before = steered_logits(tiny, tiny.build_inputs([s.prompt for s in test]), [], last_only=True)
+    weights = {n: p.detach().clone() for n, p in tiny.hf_model.named_parameters()}
     fitted = fit_baseline(tiny, train, method, tmp_path, in_scope=["biology"], layers=[1], alpha=2.0, lora_steps=2,
                           lora_target_tokens=4, progress=False)
     assert json.loads((tmp_path / "baseline.json").read_text())["method"] == method
@@ -48,8 +49,15 @@ def test_round_trip(method, tiny, scoped, tmp_path):
         assert (tmp_path / "lora_adapter" / "adapter_config.json").exists()
         assert not torch.allclose(same, plain, atol=1e-6)
         assert torch.equal(plain, before)
+        # the merged copy shares the weights the adapter leaves alone and owns the merged ones
+        ptrs = {n: p.data_ptr() for n, p in tiny.hf_model.named_parameters()}
+        adapted = dict(loaded.handle.hf_model.named_parameters())
+        shared = [n for n, p in adapted.items() if ptrs.get(n) == p.data_ptr()]
+        assert 0 < len(shared) < len(adapted)
+        assert not [n for n in shared if "language_model.layers.1." in n and n.endswith("proj.weight")]  # LoRA's layer
     else:
         assert loaded.interventions[0].alpha == 2.0 and loaded.interventions[0].layers == (1,)
+    assert all(torch.equal(p, weights[n]) for n, p in tiny.hf_model.named_parameters())  # the base is untouched
     if method == "cast":
         assert loaded.info["condition_layer"] == loaded.interventions[0].gate_layer
         assert isinstance(loaded.interventions[0], ConditionalSteering)
