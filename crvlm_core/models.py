@@ -525,8 +525,8 @@ def _load_parts(spec: str, dtype: torch.dtype, trust_remote_code: bool, seed: in
         model, tok = load_organism_model(spec, dtype=dtype)
         return model, tok, None, "causal", "model.layers"
     if spec in COMPOSITES:
-        # the LLaVA holds its own copy of the language model's weights: a base loaded only to be copied is dropped
-        # again (a base the caller had loaded stays cached), so the process keeps one copy, not two
+        # the LLaVA takes the base's decoder tensors and copies its embedding: a base loaded only for that is dropped
+        # from the cache again (a base the caller had loaded stays cached), so no second handle lingers
         had_base = any(k[0] == COMPOSITES[spec] for k in _CACHE)
         base = load_model(COMPOSITES[spec], device="cpu", dtype=torch.float32)
         parts = architectures.build_llava_around(base.hf_model, base.tokenizer, seed=seed)
