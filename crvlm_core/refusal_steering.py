@@ -446,12 +446,13 @@ def evaluate_condition(handle: ModelHandle, samples: Sequence[Sample], intervent
     if not samples:
         raise ValueError("evaluate_condition: no samples (empty split)")
     prompts = [s.prompt for s in samples]
+    j = _judge_obj(judge) if mode == "generate" else None  # the score mode judges nothing
     cache_file = None
     if cache_dir is not None:
         cache_file = cache_path(cache_dir, "condition", {
             "model": model_key(handle), "samples": [[s.id, s.prompt, s.subject] for s in samples],
             "interventions": intervention_fingerprint(list(interventions)), "neutral": neutral, "mode": mode,
-            "judge": _judge_key(_judge_obj(judge)) if mode == "generate" else None,
+            "judge": _judge_key(j) if j is not None else None,
             "max_new_tokens": max_new_tokens if mode == "generate" else None, "batch_size": batch_size,
             "reference": None if unsteered is None else sha256_hex(json.dumps([unsteered["responses"],
                                                                                unsteered["refused"]]))})
@@ -463,7 +464,7 @@ def evaluate_condition(handle: ModelHandle, samples: Sequence[Sample], intervent
     else:
         responses = steered_generate(handle, prompts, interventions, max_new_tokens=max_new_tokens,
                                      batch_size=batch_size, progress=progress)
-        refused = [v.refused for v in _judge_obj(judge).judge(prompts, responses)]
+        refused = [v.refused for v in j.judge(prompts, responses)]
     res = {"refusal_rate_by_subject": rates_by(refused, [s.subject for s in samples]), "responses": responses,
            "refused": refused, "n_by_subject": {k: sum(s.subject == k for s in samples)
                                                 for k in sorted({s.subject for s in samples})}}
