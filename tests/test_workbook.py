@@ -187,7 +187,9 @@ def _untimed(obj):
 
 def _run_smoke(out_root):
     start = time.perf_counter()
-    summary = workbook.run(params={"MODEL": "smollm2-135m"}, smoke=True, run_name="smoke", out_root=out_root)
+    # ORGANISM="auto" (off by default) so 06 also runs on SmolLM2's refusal organism
+    summary = workbook.run(params={"MODEL": "smollm2-135m", "ORGANISM": "auto"}, smoke=True, run_name="smoke",
+                           out_root=out_root)
     failed = {n: e.get("error") for n, e in summary["notebooks"].items() if e["status"] != "ok"}
     assert summary["ok"] is True and not failed, failed
     metrics = {n: json.loads((out_root / "smoke" / n / "metrics.json").read_text()) for n in summary["notebooks"]}
@@ -253,6 +255,7 @@ def test_whole_workbook_smoke_and_cached_rerun(tmp_path):
     assert setup["answer_biology"] and setup["answer_harmful"]
     assert all(isinstance(n, int) and n > 0 for c in setup["dataset_counts"].values() for n in c.values())
     assert (tmp_path / "smoke" / "00_setup_and_data" / "mm_subjects_examples.png").stat().st_size > 0
+    assert metrics["06_refusal_steering"]["organism"] == "smollm2-135m+censored"
     executed = nbformat.read(tmp_path / "smoke" / "notebooks" / "00_setup_and_data.ipynb", as_version=4)
     assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
     assert json.loads((tmp_path / "smoke" / "summary.json").read_text())["ok"] is True
