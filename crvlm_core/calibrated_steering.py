@@ -282,11 +282,13 @@ def finetune_behavioural(steering: CalibratedSteering, handle: ModelHandle, trai
     def hook(layer):
         return lambda _m, _i, output: cal.apply_hidden(layer, output)
 
-    def forward_with_calibrator(enc: dict, gate_enc: dict) -> torch.Tensor:
+    def forward_with_calibrator(enc: dict, gate_enc: dict, keep: int) -> torch.Tensor:
+        """Logits of the last ``keep`` positions only: the vocabulary projection of every prompt position (and its
+        backward) is most of a step's work and memory with a 150k vocabulary, and no loss reads it."""
         steering.prepare(handle, gate_enc)
         hooks = [handle.torch_layers[l].register_forward_hook(hook(l)) for l in steering.layers]
         try:
-            return handle.hf_model(**enc).logits
+            return handle.hf_model(**enc, logits_to_keep=keep).logits
         finally:
             for h in hooks:
                 h.remove()
@@ -307,15 +309,15 @@ def finetune_behavioural(steering: CalibratedSteering, handle: ModelHandle, trai
             plain = handle.build_inputs([s.prompt for s in b_out])
             forced = handle.build_inputs([s.prompt for s in b_out], assistant_prefix=refusal_text)
             n_ref = int(forced["input_ids"].shape[1] - plain["input_ids"].shape[1])
-            logits = forward_with_calibrator(forced, plain)
+            logits = forward_with_calibrator(forced, plain, keep=n_ref + 1)
             targets = forced["input_ids"][:, -n_ref:]
-            ce = torch.nn.functional.cross_entropy(logits[:, -n_ref - 1:-1].reshape(-1, logits.shape[-1]).float(),
+            ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                                    targets.reshape(-1))
             # in scope: keep the next-token distribution of the unsteered model
             enc_in = handle.build_inputs([s.prompt for s in b_in])
             with torch.no_grad():
                 ref = torch.log_softmax(handle.hf_model(**enc_in, logits_to_keep=1).logits[:, -1].float(), -1)
-            cur = torch.log_softmax(forward_with_calibrator(enc_in, enc_in)[:, -1].float(), -1)
+            cur = torch.log_softmax(forward_with_calibrator(enc_in, enc_in, keep=1)[:, -1].float(), -1)
             kl = torch.nn.functional.kl_div(cur, ref, log_target=True, reduction="batchmean")
             loss = w_ce * ce + w_kl * kl
             opt.zero_grad(set_to_none=True)
