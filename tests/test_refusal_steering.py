@@ -4,6 +4,7 @@ clear errors for bad inputs, and the refusal organism's adapter (tiny model by d
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -229,6 +230,8 @@ def test_organism_adapter_builds_loads_and_round_trips(tiny_base, tmp_path):
     assert {"adapter_model.safetensors", "adapter_config.json", "organism.json", "examples.jsonl"} <= {
         p.name for p in folder.iterdir()}
     stamp = (folder / "adapter_model.safetensors").stat().st_mtime_ns
+    weights = tiny_base / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     m1, tok = load_organism_model("tiny+censored", cfg, root=tmp_path)
     m2, _ = load_organism_model("tiny+censored", cfg, root=tmp_path)
     assert (folder / "adapter_model.safetensors").stat().st_mtime_ns == stamp  # reused, not retrained
@@ -238,6 +241,8 @@ def test_organism_adapter_builds_loads_and_round_trips(tiny_base, tmp_path):
         l1, l2, lb = m1(ids).logits, m2(ids).logits, base(ids).logits
     assert torch.equal(l1, l2)
     assert not torch.allclose(l1, lb)  # the merged LoRA changed the model
+    # ... in memory only: the merge into the memory-mapped base did not write through to the base's file
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == digest
     assert m1.config.crvlm_organism == folder.name
     other = OrganismConfig(**{**cfg.__dict__, "rank": 4})
     assert adapter_dir("tiny+censored", other, root=tmp_path) != folder  # a config change gives a new adapter
