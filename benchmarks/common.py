@@ -129,21 +129,36 @@ def rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
+def anon_bytes() -> int:
+    """Resident anonymous memory (``RssAnon``: tensors, not the model's memory-mapped weight pages, which count in
+    RSS the first time a pass touches them); the full RSS where /proc is not available."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return rss_bytes()
+
+
 class PeakRSS:
     """``with PeakRSS() as m: ...`` samples this process's resident memory every ``interval`` s in a thread;
-    ``m.peak`` is the highest RSS seen and ``m.delta`` its rise over the RSS at entry (bytes)."""
+    ``m.peak`` is the highest RSS seen and ``m.delta`` its rise over the RSS at entry (bytes). ``anon=True``
+    samples the anonymous part only (:func:`anon_bytes`)."""
 
-    def __init__(self, interval: float = 0.02):
+    def __init__(self, interval: float = 0.02, anon: bool = False):
         self.interval, self.start, self.peak = interval, 0, 0
+        self._read = anon_bytes if anon else rss_bytes
         self._stop = threading.Event()
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
+            self.peak = max(self.peak, self._read())
             self._stop.wait(self.interval)
 
     def __enter__(self):
-        self.start = self.peak = rss_bytes()
+        self.start = self.peak = self._read()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -151,7 +166,7 @@ class PeakRSS:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
+        self.peak = max(self.peak, self._read())
         return False
 
     @property

@@ -283,8 +283,8 @@ def finetune_behavioural(steering: CalibratedSteering, handle: ModelHandle, trai
         return lambda _m, _i, output: cal.apply_hidden(layer, output)
 
     def forward_with_calibrator(enc: dict, gate_enc: dict, keep: int) -> torch.Tensor:
-        """Logits of the last ``keep`` positions only: the vocabulary projection of every prompt position (and its
-        backward) is most of a step's work and memory with a 150k vocabulary, and no loss reads it."""
+        """Logits of the last ``keep`` positions only (the losses read no others; with a 150k vocabulary the
+        projection of every position is work and memory for nothing)."""
         steering.prepare(handle, gate_enc)
         hooks = [handle.torch_layers[l].register_forward_hook(hook(l)) for l in steering.layers]
         try:
@@ -305,6 +305,9 @@ def finetune_behavioural(steering: CalibratedSteering, handle: ModelHandle, trai
         for step in bar:
             b_out = [out[order_out[(step * batch_size + j) % len(out)]] for j in range(batch_size)]
             b_in = [inn[order_in[(step * batch_size + j) % len(inn)]] for j in range(batch_size)]
+            # each loss is backpropagated as soon as it is computed, so the two graphs (the layers above the steered
+            # ones, for a batch of prompts each) are never held at once; the summed gradient is the same
+            opt.zero_grad(set_to_none=True)
             # out of scope: teacher-forced refusal, CE on its tokens (logits at t predict token t + 1)
             plain = handle.build_inputs([s.prompt for s in b_out])
             forced = handle.build_inputs([s.prompt for s in b_out], assistant_prefix=refusal_text)
@@ -313,15 +316,15 @@ def finetune_behavioural(steering: CalibratedSteering, handle: ModelHandle, trai
             targets = forced["input_ids"][:, -n_ref:]
             ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                                    targets.reshape(-1))
+            (w_ce * ce).backward()
+            del logits
             # in scope: keep the next-token distribution of the unsteered model
             enc_in = handle.build_inputs([s.prompt for s in b_in])
             with torch.no_grad():
                 ref = torch.log_softmax(handle.hf_model(**enc_in, logits_to_keep=1).logits[:, -1].float(), -1)
             cur = torch.log_softmax(forward_with_calibrator(enc_in, enc_in, keep=1)[:, -1].float(), -1)
             kl = torch.nn.functional.kl_div(cur, ref, log_target=True, reduction="batchmean")
-            loss = w_ce * ce + w_kl * kl
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (w_kl * kl).backward()
             opt.step()
             sums["ce_out"] += ce.item()
             sums["kl_in"] += kl.item()
