@@ -29,7 +29,10 @@ bench-quick: setup
 	@$(PY) -c "import steering_vectors" 2>/dev/null || $(PY) -m pip -q install --no-deps "steering-vectors==0.12.2"
 	@$(PY) benchmarks/run_all.py --quick
 
+# The per-user `crvlm` kernel the notebooks name is re-pointed at this checkout's venv first (another checkout's
+# set-up may have registered its own).
 lab: setup
+	@$(PY) -c "from crvlm_core.workbook import ensure_kernel; ensure_kernel()"
 	@.venv/bin/jupyter lab workbook/
 
 clean-outputs:

@@ -8,6 +8,7 @@ failure and leaves ``outputs/<run>/summary.json`` with each notebook's status, w
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import re
@@ -30,6 +31,7 @@ __all__ = [
     "notebooks",
     "run",
     "run_from_args",
+    "venv_kernel",
 ]
 
 DEFAULT_KERNEL = "crvlm"
@@ -90,6 +92,33 @@ def _same_interpreter(a: str, b: str) -> bool:
         return Path(a).parent.resolve() == Path(b).parent.resolve()
     except OSError:
         return False
+
+
+def venv_kernel() -> str:
+    """The kernel a headless run of the default kernel uses: this interpreter's own, registered inside its
+    environment (``<sys.prefix>/share/jupyter/kernels/crvlm-<hash of sys.prefix>``) on first use.
+
+    The per-user ``crvlm`` kernel (for JupyterLab) is one name shared by every checkout on the machine: a run that
+    re-pointed it at its own venv made the notebooks of another checkout's run, started later, execute in that venv.
+    A name of its own per environment cannot be taken over, and Jupyter finds it from this interpreter.
+
+    Raises:
+        WorkbookError: ipykernel could not register it (the message says to run ``make setup``).
+    """
+    name = f"{DEFAULT_KERNEL}-{hashlib.sha256(sys.prefix.encode()).hexdigest()[:8]}"
+    spec = Path(sys.prefix) / "share" / "jupyter" / "kernels" / name / "kernel.json"
+    try:
+        argv = json.loads(spec.read_text()).get("argv") or [""]
+    except (OSError, ValueError, AttributeError):
+        argv = [""]
+    if not _same_interpreter(argv[0], sys.executable):
+        proc = subprocess.run([sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", name,
+                               "--display-name", "crvlm (.venv, headless runs)"], capture_output=True, text=True)
+        if proc.returncode != 0 or not spec.exists():
+            detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
+            raise WorkbookError(f"could not register the Jupyter kernel {name!r} in {sys.prefix} ({detail[0]}); "
+                                f"run `make setup`")
+    return name
 
 
 def ensure_kernel(kernel: str = DEFAULT_KERNEL) -> str:
@@ -239,7 +268,8 @@ def run(params: dict | None = None, params_file: str | Path | None = None, smoke
         smoke: passed as ``SMOKE``: notebooks use tiny sample counts.
         only: NN prefixes (``["00", "02"]``) of the notebooks to run; the others are marked skipped.
         run_name: the run's folder under ``out_root`` (passed as ``RUN``).
-        kernel: Jupyter kernel name.
+        kernel: Jupyter kernel name; the default ``crvlm`` runs this interpreter's own kernel (:func:`venv_kernel`),
+            any other name must be registered.
         workbook_dir: folder of the notebooks (default ``<repo>/workbook``).
         out_root: root of the outputs (default :func:`crvlm_core.paths.outputs_dir`; passed as ``OUT_ROOT``).
 
@@ -280,7 +310,10 @@ def run(params: dict | None = None, params_file: str | Path | None = None, smoke
         if missing:
             raise WorkbookError(f"--only {','.join(missing)} matches no notebook; known: {', '.join(names)}")
         selected = {n for n in names if any(n.startswith(o) for o in prefixes)}
-    ensure_kernel(kernel)
+    if kernel == DEFAULT_KERNEL:
+        kernel = venv_kernel()
+    else:
+        ensure_kernel(kernel)
 
     root = Path(out_root).resolve() if out_root is not None else outputs_dir()
     run_dir = root / run_name

@@ -278,6 +278,29 @@ def test_whole_workbook_smoke_and_cached_rerun(tmp_path):
         assert views, f"{name}: the layer explorer displayed no widget"
 
 
+def test_headless_runs_use_this_environments_kernel_and_leave_the_users_alone(tmp_path, monkeypatch):
+    """The runner executes in a kernel of this venv's own (named after it, registered inside it), never through the
+    per-user `crvlm` kernel: re-pointing that one made a concurrent run from another checkout switch venvs."""
+    import sys
+
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "user"))
+    stale = tmp_path / "user" / "kernels" / "crvlm" / "kernel.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"argv": ["/nonexistent/.venv/bin/python", "-m", "ipykernel_launcher", "-f",
+                                          "{connection_file}"], "display_name": "crvlm (.venv)", "language": "python"}))
+    before = stale.read_text()
+    wb = tmp_path / "wb"
+    wb.mkdir()
+    _write_nb(wb / "00_where.ipynb", 'RUN = "x"\nSMOKE = False\nOUT_ROOT = None',
+              "import json, pathlib, sys\nd = pathlib.Path(OUT_ROOT) / RUN / '00_where'\nd.mkdir(parents=True)\n"
+              "(d / 'metrics.json').write_text(json.dumps({'prefix': sys.prefix}))")
+    summary = workbook.run(run_name="k", workbook_dir=wb, out_root=tmp_path / "out")
+    assert summary["ok"] is True, summary["notebooks"]["00_where"].get("error")
+    assert summary["kernel"] == workbook.venv_kernel() != workbook.DEFAULT_KERNEL
+    assert json.loads((tmp_path / "out" / "k" / "00_where" / "metrics.json").read_text())["prefix"] == sys.prefix
+    assert stale.read_text() == before  # the user's kernel, stale here, was neither used nor re-pointed
+
+
 def test_default_kernel_is_repointed_at_this_interpreter(tmp_path, monkeypatch):
     """A per-user `crvlm` kernel left by another checkout (or a deleted venv) is re-registered for this one."""
     import json
