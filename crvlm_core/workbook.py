@@ -112,13 +112,24 @@ def venv_kernel() -> str:
     except (OSError, ValueError, AttributeError):
         argv = [""]
     if not _same_interpreter(argv[0], sys.executable):
-        proc = subprocess.run([sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", name,
-                               "--display-name", "crvlm (.venv, headless runs)"], capture_output=True, text=True)
-        if proc.returncode != 0 or not spec.exists():
-            detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
-            raise WorkbookError(f"could not register the Jupyter kernel {name!r} in {sys.prefix} ({detail[0]}); "
+        error = _install_kernel(name, "--sys-prefix", "crvlm (.venv, headless runs)")
+        if error is not None or not spec.exists():
+            raise WorkbookError(f"could not register the Jupyter kernel {name!r} in {sys.prefix} ({error or 'not found after registering'}); "
                                 f"run `make setup`")
     return name
+
+
+def _install_kernel(name: str, where: str, display_name: str) -> str | None:
+    """Register this interpreter as the Jupyter kernel ``name`` (``where``: ``--user`` or ``--sys-prefix``).
+
+    Returns:
+        None, or the last line of ipykernel's error.
+    """
+    proc = subprocess.run([sys.executable, "-m", "ipykernel", "install", where, "--name", name,
+                           "--display-name", display_name], capture_output=True, text=True)
+    if proc.returncode == 0:
+        return None
+    return ((proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""])[0]
 
 
 def ensure_kernel(kernel: str = DEFAULT_KERNEL) -> str:
@@ -143,15 +154,13 @@ def ensure_kernel(kernel: str = DEFAULT_KERNEL) -> str:
         if kernel == DEFAULT_KERNEL:
             _say(f"Jupyter kernel {kernel!r} is not registered: registering it for {sys.executable}")
     if kernel == DEFAULT_KERNEL:
-        proc = subprocess.run([sys.executable, "-m", "ipykernel", "install", "--user", "--name", kernel,
-                               "--display-name", "crvlm (.venv)"], capture_output=True, text=True)
-        if proc.returncode == 0:
+        error = _install_kernel(kernel, "--user", "crvlm (.venv)")
+        if error is None:
             try:
                 return KernelSpecManager().get_kernel_spec(kernel).resource_dir
             except NoSuchKernel:
                 pass
-        detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
-        raise WorkbookError(f"could not register the Jupyter kernel {kernel!r} ({detail[0]}); run `make setup`")
+        raise WorkbookError(f"could not register the Jupyter kernel {kernel!r} ({error or 'not found after registering'}); run `make setup`")
     raise WorkbookError(f"no Jupyter kernel named {kernel!r}; list them with `jupyter kernelspec list`, "
                         f"or run `make setup` and use the default kernel {DEFAULT_KERNEL!r}")
 
