@@ -114,8 +114,8 @@ def venv_kernel() -> str:
     if not _same_interpreter(argv[0], sys.executable):
         error = _install_kernel(name, "--sys-prefix", "crvlm (.venv, headless runs)")
         if error is not None or not spec.exists():
-            raise WorkbookError(f"could not register the Jupyter kernel {name!r} in {sys.prefix} ({error or 'not found after registering'}); "
-                                f"run `make setup`")
+            raise WorkbookError(f"could not register the Jupyter kernel {name!r} in {sys.prefix} "
+                                f"({error or 'not found after registering'}); run `make setup`")
     return name
 
 
@@ -160,7 +160,8 @@ def ensure_kernel(kernel: str = DEFAULT_KERNEL) -> str:
                 return KernelSpecManager().get_kernel_spec(kernel).resource_dir
             except NoSuchKernel:
                 pass
-        raise WorkbookError(f"could not register the Jupyter kernel {kernel!r} ({error or 'not found after registering'}); run `make setup`")
+        raise WorkbookError(f"could not register the Jupyter kernel {kernel!r} "
+                            f"({error or 'not found after registering'}); run `make setup`")
     raise WorkbookError(f"no Jupyter kernel named {kernel!r}; list them with `jupyter kernelspec list`, "
                         f"or run `make setup` and use the default kernel {DEFAULT_KERNEL!r}")
 
