@@ -213,12 +213,17 @@ def sweep(handle: ModelHandle, vector: V.SteeringVector, test: Sequence[Sample],
 
     Returns one row per (layer, alpha) with ``layer, alpha, refusal_score_in/out`` and, when generating,
     ``refusal_rate_out, over_refusal_in, mb_score`` and an example answer of each scope. With ``cache_dir``, each
-    generating cell is an :func:`evaluate` call cached there.
+    generating cell is an :func:`evaluate` call cached there, and a score-only sweep is one
+    :func:`refusal_score_grid` cached there.
     """
     rows = []
     test = list(test)
-    scopes = [s.scope for s in test]
     grid = [(l, a) for l in layers for a in alphas]
+    scores: dict[tuple[int, float], list[dict]] = {}
+    if not generate:
+        for r in refusal_score_grid(handle, vector, test, layers, alphas, batch_size=batch_size, cache_dir=cache_dir,
+                                    progress=False):
+            scores.setdefault((r["layer"], r["alpha"]), []).append(r)
     for layer, alpha in grid:
         iv = [AddVector(vector.directions, (handle.check_layer(layer),), alpha)]
         row = {"layer": layer, "alpha": alpha}
@@ -231,9 +236,9 @@ def sweep(handle: ModelHandle, vector: V.SteeringVector, test: Sequence[Sample],
             row["example_out"] = next((r["response"] for r in res.rows if r["scope"] == "out"), "")
             row["example_in"] = next((r["response"] for r in res.rows if r["scope"] == "in"), "")
         else:
-            scores = refusal_score(handle, [s.prompt for s in test], iv, batch_size=batch_size)
-            row.update({"refusal_score_out": _mean([float(x) for x, sc in zip(scores, scopes) if sc == "out"]),
-                        "refusal_score_in": _mean([float(x) for x, sc in zip(scores, scopes) if sc == "in"])})
+            cell = scores[(handle.check_layer(layer), float(alpha))]
+            row.update({"refusal_score_out": _mean([r["score"] for r in cell if r["scope"] == "out"]),
+                        "refusal_score_in": _mean([r["score"] for r in cell if r["scope"] == "in"])})
         rows.append(row)
         if progress:
             progress(row)

@@ -78,6 +78,12 @@ def test_sweep_generates_through_the_cached_evaluation(smollm2, tmp_path):
     steered = {r["layer"]: r["score"] for r in grid if r["alpha"] == 1.0 and r["id"] == test[0].id}
     assert steered[3] != steered[5]
     assert refusal_score_grid(smollm2, vec, test, [3, 5], [0.0, 1.0], cache_dir=tmp_path, progress=False) == grid
+    # a score-only sweep reads the same cached grid: its means are the grid's, and it adds no cache file
+    files = set(tmp_path.iterdir())
+    scored = sweep(smollm2, vec, test, [3, 5], [0.0, 1.0], generate=False, cache_dir=tmp_path)
+    assert set(tmp_path.iterdir()) == files
+    out = [r["score"] for r in grid if r["layer"] == 5 and r["alpha"] == 1.0 and r["scope"] == "out"]
+    assert scored[3]["refusal_score_out"] == pytest.approx(sum(out) / len(out))
 
 
 def test_calibrated_states_match_the_calibrator_on_extracted_states(smollm2):
