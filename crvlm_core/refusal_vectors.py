@@ -225,9 +225,9 @@ def sweep(handle: ModelHandle, vector: V.SteeringVector, test: Sequence[Sample],
                                     progress=False):
             scores.setdefault((r["layer"], r["alpha"]), []).append(r)
     for layer, alpha in grid:
-        iv = [AddVector(vector.directions, (handle.check_layer(layer),), alpha)]
         row = {"layer": layer, "alpha": alpha}
         if generate:
+            iv = [AddVector(vector.directions, (handle.check_layer(layer),), alpha)]
             res = evaluate(handle, test, iv, max_new_tokens=max_new_tokens, batch_size=batch_size, judge=judge,
                            progress=False, cache_dir=cache_dir)
             row.update({"refusal_score_out": res.metrics["mean_refusal_score_out"],
