@@ -231,13 +231,87 @@ def _slowest_cells(executed: Path, k: int = 3) -> list[dict]:
 
 
 def _children_peak_rss_mb() -> float:
-    """Peak resident memory (MB) of the largest finished child process so far: the notebook kernels run as
-    children and are shut down after each notebook, so after notebook k this is the running maximum over
-    notebooks 1..k (a notebook's own peak where the value rises)."""
+    """Peak resident memory (MB) of the largest finished child process so far (``RUSAGE_CHILDREN``): a running
+    maximum over the kernels of this process's notebooks, the fallback where ``/proc`` cannot be read."""
     import resource
 
     kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # kilobytes on Linux
     return round(kb / 1024, 1)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Process ids below ``pid`` (children, grandchildren, ...), read from ``/proc/<pid>/stat``."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            parent[int(d.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [c for c, p in parent.items() if p in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
+def _high_water_kb(pid: int) -> int:
+    """``VmHWM`` (peak resident set, kB) of a live process, 0 if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+class _KernelPeak:
+    """Peak resident memory (MB) of one notebook's kernel: a thread reads the high-water mark (``VmHWM``) of this
+    process's descendants every ``interval`` seconds while the notebook runs, so each notebook gets its own peak
+    (``RUSAGE_CHILDREN`` only keeps the largest since the start). ``VmHWM`` is itself a maximum, so sampling
+    misses only growth in the last interval before the kernel exits. ``mb`` is None where ``/proc`` is absent
+    (the caller falls back to ``RUSAGE_CHILDREN``) or no sample was taken."""
+
+    def __init__(self, interval: float = 0.25):
+        import threading
+
+        self.interval = interval
+        self.kb = 0
+        self._usable = Path(f"/proc/{__import__('os').getpid()}/status").exists()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _sample(self) -> None:
+        import os
+
+        for pid in _descendants(os.getpid()):
+            self.kb = max(self.kb, _high_water_kb(pid))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> "_KernelPeak":
+        if self._usable:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._usable:
+            self._stop.set()
+            self._thread.join()
+
+    @property
+    def usable(self) -> bool:
+        return self._usable
+
+    @property
+    def mb(self) -> float | None:
+        return round(self.kb / 1024, 1) if self.kb else None
 
 
 def _earlier_entries(summary_path: Path, smoke: bool) -> dict[str, dict]:
@@ -286,10 +360,10 @@ def run(params: dict | None = None, params_file: str | Path | None = None, smoke
     Returns:
         The summary written to ``<out_root>/<run_name>/summary.json``: ``ok``, and per notebook ``status``
         (``ok`` / ``failed`` / ``skipped``), ``seconds``, ``output`` (the executed notebook), ``metrics``
-        (scalar entries of its ``metrics.json``), ``peak_rss_mb`` (running maximum of the kernels' peak memory),
+        (scalar entries of its ``metrics.json``), ``peak_rss_mb`` (its kernel's peak resident memory, :class:`_KernelPeak`),
         ``slowest_cells`` (its three longest code cells: index, seconds, first source line) and, on failure,
         ``error`` (``ename``, ``evalue``, ``cell_index``); overall ``seconds`` (this invocation),
-        ``notebook_seconds`` (sum over the notebooks that are ok) and ``peak_rss_mb``. With ``only``, a notebook
+        ``notebook_seconds`` (sum over the notebooks that are ok) and ``peak_rss_mb`` (the largest of theirs). With ``only``, a notebook
         not selected keeps the record an earlier run of the same folder (same ``smoke``) wrote for it, with
         ``carried_over`` set to that run's start time; without one it is ``skipped``.
     """
@@ -361,18 +435,19 @@ def run(params: dict | None = None, params_file: str | Path | None = None, smoke
         nb_params = {**common, **per_nb.get(name, {}), **params, **fixed}
         _say(f"{name} ... running")
         t0 = time.perf_counter()
-        try:
-            papermill.execute_notebook(
-                str(nb), str(out_nb), parameters=nb_params, kernel_name=kernel, cwd=str(repo_root()),
-                progress_bar=False, log_output=False, stdout_file=sys.stdout, stderr_file=sys.stderr,
-            )
-            error = None
-        except Exception as err:  # PapermillExecutionError, a dead kernel, a kernel that never starts, ...
-            error = _report_failure(name, err, out_nb)
+        with _KernelPeak() as peak:
+            try:
+                papermill.execute_notebook(
+                    str(nb), str(out_nb), parameters=nb_params, kernel_name=kernel, cwd=str(repo_root()),
+                    progress_bar=False, log_output=False, stdout_file=sys.stdout, stderr_file=sys.stderr,
+                )
+                error = None
+            except Exception as err:  # PapermillExecutionError, a dead kernel, a kernel that never starts, ...
+                error = _report_failure(name, err, out_nb)
         seconds = round(time.perf_counter() - t0, 2)
         metrics_path = run_dir / name / "metrics.json"
         entry.update(status="ok" if error is None else "failed", seconds=seconds, output=str(out_nb),
-                     peak_rss_mb=_children_peak_rss_mb(),
+                     peak_rss_mb=peak.mb if peak.usable else _children_peak_rss_mb(),
                      metrics=_key_metrics(metrics_path) if metrics_path.exists() else None,
                      slowest_cells=_slowest_cells(out_nb))
         if error is not None:
@@ -390,8 +465,7 @@ def run(params: dict | None = None, params_file: str | Path | None = None, smoke
     summary["seconds"] = round(time.perf_counter() - started, 2)
     done = [e for e in summary["notebooks"].values() if e.get("status") == "ok"]
     summary["notebook_seconds"] = round(sum(float(e.get("seconds") or 0) for e in done), 2)
-    summary["peak_rss_mb"] = max([_children_peak_rss_mb()] + [float(e["peak_rss_mb"]) for e in done
-                                                             if e.get("carried_over") and e.get("peak_rss_mb")])
+    summary["peak_rss_mb"] = max([float(e["peak_rss_mb"]) for e in done if e.get("peak_rss_mb")], default=None)
     summary["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     atomic_write_json(summary_path, summary)
     n_ok = sum(summary["notebooks"][n]["status"] == "ok" for n in selected)

@@ -319,3 +319,18 @@ def test_default_kernel_is_repointed_at_this_interpreter(tmp_path, monkeypatch):
     argv = json.loads((stale / "kernel.json").read_text())["argv"]
     assert workbook._same_interpreter(argv[0], sys.executable)
 
+
+
+def test_each_notebook_reports_its_own_kernel_peak(tmp_path):
+    """A notebook that holds 400 MB then a small one: the small one's peak is its own, not the running maximum
+    (``RUSAGE_CHILDREN`` would give both the big one's)."""
+    wb = tmp_path / "wb"
+    wb.mkdir()
+    params = 'RUN = "x"\nSMOKE = False\nOUT_ROOT = None'
+    _write_nb(wb / "00_big.ipynb", params, "import time\nblock = bytearray(400 * 2**20)\nblock[::4096] = b'x' * len(block[::4096])\ntime.sleep(2.5)")
+    _write_nb(wb / "01_small.ipynb", params, "x = 1")
+    summary = workbook.run(run_name="m", workbook_dir=wb, out_root=tmp_path / "out")
+    big, small = (summary["notebooks"][n]["peak_rss_mb"] for n in ("00_big", "01_small"))
+    assert big > 400
+    assert 10 < small < big - 300
+    assert summary["peak_rss_mb"] == big
