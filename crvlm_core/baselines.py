@@ -18,12 +18,13 @@ import torch
 from .data import Sample
 from .extract import extract
 from .lora_training import train_lora_steps
-from .io import atomic_save_safetensors, atomic_write_json, sha256_hex
+from .io import atomic_save_safetensors, atomic_write_json, cache_path, sha256_hex
 from .metrics import kl_to_unsteered, scope_metrics, unchanged_prefix_fraction
 from .models import ModelHandle
 from .paths import outputs_dir
 from .refusal_vectors import evaluate, fit_vector
-from .steer import AddVector, Intervention, PrefillGate, from_vector, steered_generate, steered_logits
+from .steer import (AddVector, Intervention, PrefillGate, from_vector, intervention_fingerprint, steered_generate,
+                    steered_logits)
 from .vectors import SteeringVector
 
 __all__ = [
@@ -497,12 +498,25 @@ def load_baseline(directory: str | Path, handle: ModelHandle, alpha: float | Non
 
 
 @torch.no_grad()
-def in_scope_kl(base: ModelHandle, method: Baseline, samples: Sequence[Sample], batch_size: int = 8) -> float:
+def in_scope_kl(base: ModelHandle, method: Baseline, samples: Sequence[Sample], batch_size: int = 8,
+                cache_dir: str | Path | None = None) -> float:
     """Mean KL(P_unsteered ‖ P_method) of the first answer token's distribution over ``samples`` (one forward per
-    batch each; the method's system prompt, interventions and adapted weights are applied on its side)."""
+    batch each; the method's system prompt, interventions and adapted weights are applied on its side).
+
+    ``cache_dir``: when given, the value is saved there (``kl-<key>.json``) under a key made of both models' specs,
+    the method's system prompt and interventions' fingerprint, the samples and the batch size, and an unchanged
+    call returns it without running the models (as :func:`~crvlm_core.refusal_vectors.evaluate` does)."""
     samples = list(samples)
     if not samples:
         return float("nan")
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = cache_path(cache_dir, "kl", {
+            "base": base.spec, "model": method.handle.spec, "system": method.system,
+            "interventions": intervention_fingerprint(list(method.interventions)),
+            "samples": [[s.id, s.prompt] for s in samples], "batch_size": batch_size})
+        if cache_file.exists():
+            return float(json.loads(cache_file.read_text())["kl_in"])
     total = 0.0
     for i in range(0, len(samples), batch_size):
         prompts = [s.prompt for s in samples[i:i + batch_size]]
@@ -510,7 +524,10 @@ def in_scope_kl(base: ModelHandle, method: Baseline, samples: Sequence[Sample], 
         steered = steered_logits(method.handle, method.handle.build_inputs(prompts, system=method.system),
                                  method.interventions, last_only=True)[:, -1]
         total += kl_to_unsteered(steered, plain) * len(prompts)
-    return total / len(samples)
+    kl = total / len(samples)
+    if cache_file is not None:
+        atomic_write_json(cache_file, {"kl_in": kl})
+    return kl
 
 
 def comparison_row(name: str, result, unsteered_rows: Sequence[dict], tokenizer, kl_in: float,

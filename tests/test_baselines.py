@@ -65,8 +65,18 @@ def test_round_trip(method, tiny, scoped, tmp_path):
                    progress=False)
     assert res.metrics["n_in"] == 1 and res.metrics["n_out"] == 1
     base = evaluate(tiny, test, [], max_new_tokens=3, judge="keyword", progress=False)
-    row = comparison_row(method, res, base.rows, tiny.tokenizer, in_scope_kl(tiny, loaded, test), 1.0, n_tokens=3)
+    kl = in_scope_kl(tiny, loaded, test)
+    row = comparison_row(method, res, base.rows, tiny.tokenizer, kl, 1.0, n_tokens=3)
     assert 0 <= row["mb_lo"] <= row["mb_score"] <= row["mb_hi"] <= 1 and row["kl_in"] >= 0
+    # cached: the first call stores the value, an unchanged call reads it (a planted value proves the read), and
+    # other samples are a new entry
+    cache = tmp_path / "kl_cache"
+    assert in_scope_kl(tiny, loaded, test, cache_dir=cache) == pytest.approx(kl, abs=1e-6)
+    (stored,) = cache.glob("kl-*.json")
+    stored.write_text(json.dumps({"kl_in": 123.0}))
+    assert in_scope_kl(tiny, loaded, test, cache_dir=cache) == 123.0
+    assert in_scope_kl(tiny, loaded, test[:1], cache_dir=cache) != 123.0
+    assert len(list(cache.glob("kl-*.json"))) == 2
 
 
 @pytest.mark.slow
