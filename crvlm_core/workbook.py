@@ -342,7 +342,7 @@ def _refresh_others(summary: dict, summary_path: Path, selected, smoke: bool) ->
 
 
 def run(params: dict | None = None, params_file: str | Path | None = None, smoke: bool = False,
-        only: list[str] | None = None, run_name: str = "default", kernel: str = DEFAULT_KERNEL,
+        only: list[str] | None = None, run_name: str | None = None, kernel: str = DEFAULT_KERNEL,
         workbook_dir: str | Path | None = None, out_root: str | Path | None = None) -> dict:
     """Execute the workbook notebooks in order; stop at the first failure.
 
@@ -351,7 +351,8 @@ def run(params: dict | None = None, params_file: str | Path | None = None, smoke
         params_file: YAML file: top-level keys go to every notebook, ``notebooks: {NN_name: {...}}`` to one.
         smoke: passed as ``SMOKE``: notebooks use tiny sample counts.
         only: NN prefixes (``["00", "02"]``) of the notebooks to run; the others are marked skipped.
-        run_name: the run's folder under ``out_root`` (passed as ``RUN``).
+        run_name: the run's folder under ``out_root`` (passed as ``RUN``); default ``smoke`` for a smoke run and
+            ``default`` otherwise, so a smoke run never overwrites the full run's results and cached artifacts.
         kernel: Jupyter kernel name; the default ``crvlm`` runs this interpreter's own kernel (:func:`venv_kernel`),
             any other name must be registered.
         workbook_dir: folder of the notebooks (default ``<repo>/workbook``).
@@ -370,6 +371,8 @@ def run(params: dict | None = None, params_file: str | Path | None = None, smoke
     import papermill
     from papermill.exceptions import PapermillExecutionError  # noqa: F401  (import errors surface here, early)
 
+    if run_name is None:
+        run_name = "smoke" if smoke else "default"
     if not isinstance(run_name, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$", run_name):
         raise WorkbookError(f"run name must be a plain folder name (letters, digits, . _ -), got {run_name!r}")
     common, per_nb = _read_params_file(params_file) if params_file else ({}, {})
@@ -498,7 +501,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one parameter for every notebook (YAML value), e.g. -p MODEL=smollm2-135m; repeatable")
     parser.add_argument("--smoke", action="store_true", help="tiny sample counts, to check the plumbing")
     parser.add_argument("--only", metavar="NN[,NN]", help="run only these notebooks, by number prefix")
-    parser.add_argument("--run", default="default", metavar="NAME", help="run name: outputs go to outputs/NAME/")
+    parser.add_argument("--run", default=None, metavar="NAME",
+                        help="run name: outputs go to outputs/NAME/ (default: default, or smoke with --smoke)")
     parser.add_argument("--kernel", default=DEFAULT_KERNEL, metavar="NAME", help="Jupyter kernel (default: crvlm)")
 
 

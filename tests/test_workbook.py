@@ -334,3 +334,17 @@ def test_each_notebook_reports_its_own_kernel_peak(tmp_path):
     assert big > 400
     assert 10 < small < big - 300
     assert summary["peak_rss_mb"] == big
+
+
+def test_a_smoke_run_has_its_own_folder_by_default(tmp_path):
+    """`make smoke` after `make workbook` must not overwrite the full run's summary, metrics and artifacts."""
+    wb = tmp_path / "wb"
+    wb.mkdir()
+    _write_nb(wb / "00_run.ipynb", 'RUN = "x"\nSMOKE = False\nOUT_ROOT = None',
+              "import pathlib\n(pathlib.Path(OUT_ROOT) / RUN / 'mark').write_text(str(SMOKE))")
+    out = tmp_path / "out"
+    full = workbook.run(workbook_dir=wb, out_root=out)
+    smoke = workbook.run(smoke=True, workbook_dir=wb, out_root=out)
+    assert (full["run"], smoke["run"]) == ("default", "smoke")
+    assert (out / "default" / "mark").read_text() == "False" and (out / "smoke" / "mark").read_text() == "True"
+    assert json.loads((out / "default" / "summary.json").read_text())["smoke"] is False
