@@ -212,8 +212,8 @@ def test_concurrent_only_runs_keep_each_others_records(tmp_path):
 
 
 def test_setup_notebook_smoke(tmp_path):
-    """00_setup_and_data end to end through papermill with SmolLM2 (the default run's notebook check; the whole
-    workbook runs in the slow test below)."""
+    """00_setup_and_data end to end through papermill with SmolLM2, alone: its summary entry (slowest cells, peak)
+    and metrics; the whole workbook runs in the test below."""
     summary = workbook.run(params={"MODEL": "smollm2-135m"}, smoke=True, only=["00"], run_name="smoke",
                            out_root=tmp_path)
     entry = summary["notebooks"]["00_setup_and_data"]
@@ -235,7 +235,6 @@ def test_setup_notebook_smoke(tmp_path):
         assert (tmp_path / "smoke" / "00_setup_and_data" / fig).stat().st_size > 0, fig
 
 
-@pytest.mark.slow
 def test_whole_workbook_smoke_and_cached_rerun(tmp_path):
     """Every notebook end to end through papermill with --smoke on SmolLM2 (and tiny VLMs), then again: the second
     run reuses the cached artifacts, so it is faster and writes the same metrics."""
