@@ -11,9 +11,11 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -277,37 +279,25 @@ class _KernelPeak:
     (the caller falls back to ``RUSAGE_CHILDREN``) or no sample was taken."""
 
     def __init__(self, interval: float = 0.25):
-        import threading
-
         self.interval = interval
         self.kb = 0
-        self._usable = Path(f"/proc/{__import__('os').getpid()}/status").exists()
+        self.usable = Path(f"/proc/{os.getpid()}/status").exists()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def _sample(self) -> None:
-        import os
-
-        for pid in _descendants(os.getpid()):
-            self.kb = max(self.kb, _high_water_kb(pid))
-
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            self._sample()
+            self.kb = max([self.kb] + [_high_water_kb(pid) for pid in _descendants(os.getpid())])
 
     def __enter__(self) -> "_KernelPeak":
-        if self._usable:
+        if self.usable:
             self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._usable:
+        if self.usable:
             self._stop.set()
             self._thread.join()
-
-    @property
-    def usable(self) -> bool:
-        return self._usable
 
     @property
     def mb(self) -> float | None:
@@ -361,12 +351,12 @@ def run(params: dict | None = None, params_file: str | Path | None = None, smoke
     Returns:
         The summary written to ``<out_root>/<run_name>/summary.json``: ``ok``, and per notebook ``status``
         (``ok`` / ``failed`` / ``skipped``), ``seconds``, ``output`` (the executed notebook), ``metrics``
-        (scalar entries of its ``metrics.json``), ``peak_rss_mb`` (its kernel's peak resident memory, :class:`_KernelPeak`),
-        ``slowest_cells`` (its three longest code cells: index, seconds, first source line) and, on failure,
-        ``error`` (``ename``, ``evalue``, ``cell_index``); overall ``seconds`` (this invocation),
-        ``notebook_seconds`` (sum over the notebooks that are ok) and ``peak_rss_mb`` (the largest of theirs). With ``only``, a notebook
-        not selected keeps the record an earlier run of the same folder (same ``smoke``) wrote for it, with
-        ``carried_over`` set to that run's start time; without one it is ``skipped``.
+        (scalar entries of its ``metrics.json``), ``peak_rss_mb`` (its kernel's peak resident memory,
+        :class:`_KernelPeak`), ``slowest_cells`` (its three longest code cells: index, seconds, first source line)
+        and, on failure, ``error`` (``ename``, ``evalue``, ``cell_index``); overall ``seconds`` (this invocation),
+        ``notebook_seconds`` (sum over the notebooks that are ok) and ``peak_rss_mb`` (the largest of theirs).
+        With ``only``, a notebook not selected keeps the record an earlier run of the same folder (same ``smoke``)
+        wrote for it, with ``carried_over`` set to that run's start time; without one it is ``skipped``.
     """
     import papermill
     from papermill.exceptions import PapermillExecutionError  # noqa: F401  (import errors surface here, early)
