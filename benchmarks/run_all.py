@@ -32,6 +32,7 @@ BENCHMARKS = {
     "fitting": ("bench_fitting.py", "fitting"),
     "batching": ("bench_batching.py", "batching"),
     "kl_memory": ("bench_kl_memory.py", "kl_memory"),
+    "llava_memory": ("bench_llava_memory.py", "llava_memory"),
     "end_to_end": ("bench_end_to_end.py", "end_to_end"),
     "serve": ("bench_serve.py", "serve"),
 }

@@ -70,6 +70,24 @@ def test_quick_capture_run_writes_valid_json(tmp_path):
     assert kl["results"]["same_value"] is True  # the chunked KL equals the whole-block formula
 
 
+def test_llava_memory_stages(tmp_path):
+    """The text-then-vision memory sequence of notebook 04 on the SmolLM2 LLaVA (--quick): every stage recorded, the
+    unload visible as a drop, and the composite's vocabulary one row longer than the tokenizer's base length."""
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_llava_memory.py"), "--quick", "--out",
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads((out / "llava_memory.json").read_text())
+    common.validate_result(doc)
+    st = doc["results"]["stages"]
+    assert set(st) == {"text model in use", "text model unloaded", "composite built",
+                       "composite after a forward on image prompts"}
+    assert st["text model unloaded"]["VmRSS"] < st["text model in use"]["VmRSS"]
+    assert all(s["VmRSS"] <= s["VmHWM"] + 1e-3 for s in st.values())
+    assert doc["results"]["embedding_rows"] >= doc["results"]["tokenizer_length"]
+    assert doc["results"]["embedding_and_output_bytes_gb"] > 0
+
+
 def test_notebook_memory_profile_attributes_memory_to_cells(tmp_path):
     """The per-cell memory profiler on notebook 00 (smoke, SmolLM2): one row per code cell, the resident set split
     into anonymous and file-backed memory, and the model's load visible as a rise."""
