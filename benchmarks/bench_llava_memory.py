@@ -10,20 +10,13 @@ Default ``--model llava-qwen2.5-0.5b`` (base ``qwen2.5-0.5b``); ``--quick`` uses
 from __future__ import annotations
 
 import gc
-from pathlib import Path
 
-from common import Bench, PeakRSS, parser, setup_torch
+from common import Bench, PeakRSS, parser, proc_status_kb, setup_torch
 
 
 def _status_gb() -> dict:
     """VmRSS, VmHWM, RssAnon and RssFile of this process, in GiB."""
-    keys = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        k = line.split(":")[0]
-        if k in keys:
-            out[k] = round(int(line.split()[1]) / 2**20, 3)
-    return out
+    return {k: round(kb / 2**20, 3) for k, kb in proc_status_kb("VmRSS", "VmHWM", "RssAnon", "RssFile").items()}
 
 
 def main(argv=None) -> None:

@@ -129,16 +129,27 @@ def rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
-def anon_bytes() -> int:
-    """Resident anonymous memory (``RssAnon``: tensors, not the model's memory-mapped weight pages, which count in
-    RSS the first time a pass touches them); the full RSS where /proc is not available."""
+def proc_status_kb(*keys: str) -> dict[str, int]:
+    """Fields of ``/proc/self/status`` in kB (e.g. ``VmRSS``, ``VmHWM``, ``RssAnon``, ``RssFile``); the ones not
+    found are absent, and all are where /proc is not available."""
+    out = {}
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
+                key = line.split(":", 1)[0]
+                if key in keys:
+                    out[key] = int(line.split()[1])
     except OSError:
         pass
+    return out
+
+
+def anon_bytes() -> int:
+    """Resident anonymous memory (``RssAnon``: tensors, not the model's memory-mapped weight pages, which count in
+    RSS the first time a pass touches them); the full RSS where /proc is not available."""
+    anon = proc_status_kb("RssAnon")
+    if anon:
+        return anon["RssAnon"] * 1024
     return rss_bytes()
 
 

@@ -19,20 +19,14 @@ import os
 import threading
 import time
 
-from common import ROOT, Bench, parser, setup_torch
+from common import ROOT, Bench, parser, proc_status_kb, setup_torch
 
 FIELDS = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file"}
 
 
 def status_mb() -> dict[str, float]:
     """Resident, anonymous and file-backed memory of this process now (MB), from ``/proc/self/status``."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key = line.split(":", 1)[0]
-            if key in FIELDS:
-                out[FIELDS[key]] = int(line.split()[1]) / 1024
-    return out
+    return {FIELDS[k]: kb / 1024 for k, kb in proc_status_kb(*FIELDS).items()}
 
 
 class Sampler:
