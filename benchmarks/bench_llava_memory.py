@@ -48,9 +48,9 @@ def main(argv=None) -> None:
     hf = vlm.hf_model
     emb, out = hf.get_input_embeddings().weight, hf.get_output_embeddings().weight
     tied = emb.data_ptr() == out.data_ptr()
-    copy_bytes = emb.numel() * emb.element_size() + (0 if tied else out.numel() * out.element_size())
+    size_bytes = emb.numel() * emb.element_size() + (0 if tied else out.numel() * out.element_size())
     rows = {"embedding_rows": int(emb.shape[0]), "tokenizer_length": len(vlm.tokenizer), "output_tied": tied,
-            "embedding_and_output_bytes_gb": round(copy_bytes / 2**30, 3)}
+            "embedding_and_output_bytes_gb": round(size_bytes / 2**30, 3)}
     bench.results.update(stages=stages, peak_rss_gb=round(peak.peak / 2**30, 3), **rows)
     for name, st in stages.items():
         bench.log(f"{name:45s} {st}")

@@ -211,30 +211,6 @@ def test_concurrent_only_runs_keep_each_others_records(tmp_path):
     assert ours["notebooks"]["04_ablations"]["seconds"] == 99.0
 
 
-def test_setup_notebook_smoke(tmp_path):
-    """00_setup_and_data end to end through papermill with SmolLM2, alone: its summary entry (slowest cells, peak)
-    and metrics; the whole workbook runs in the test below."""
-    summary = workbook.run(params={"MODEL": "smollm2-135m"}, smoke=True, only=["00"], run_name="smoke",
-                           out_root=tmp_path)
-    entry = summary["notebooks"]["00_setup_and_data"]
-    assert summary["ok"] is True, entry.get("error")
-    metrics = json.loads((tmp_path / "smoke" / "00_setup_and_data" / "metrics.json").read_text())
-    for key in EXPECTED_KEYS["00_setup_and_data"]:
-        assert key in metrics, key
-    assert not [(p, v) for p, v in _numbers(metrics) if not math.isfinite(v)]
-    assert metrics["model"] == "smollm2-135m" and (metrics["n_layers"], metrics["hidden_size"]) == (30, 576)
-    assert metrics["answer_biology"] and metrics["answer_harmful"]
-    assert entry["metrics"]["n_layers"] == 30
-    # where the time went: the longest cells, longest first, each pointing at a code cell of the notebook
-    slow = entry["slowest_cells"]
-    assert slow and [r["seconds"] for r in slow] == sorted((r["seconds"] for r in slow), reverse=True)
-    executed = nbformat.read(tmp_path / "smoke" / "notebooks" / "00_setup_and_data.ipynb", as_version=4)
-    assert all(executed.cells[r["cell"]].cell_type == "code" and r["source"] in executed.cells[r["cell"]].source
-               for r in slow)
-    for fig in ("dataset_counts.png", "dataset_counts.svg", "mm_subjects_examples.png"):
-        assert (tmp_path / "smoke" / "00_setup_and_data" / fig).stat().st_size > 0, fig
-
-
 def test_whole_workbook_smoke_and_cached_rerun(tmp_path):
     """Every notebook end to end through papermill with --smoke on SmolLM2 (and tiny VLMs), then again: the second
     run reuses the cached artifacts, so it is faster and writes the same metrics."""
@@ -253,10 +229,17 @@ def test_whole_workbook_smoke_and_cached_rerun(tmp_path):
     assert setup["model"] == "smollm2-135m" and (setup["n_layers"], setup["hidden_size"]) == (30, 576)
     assert setup["answer_biology"] and setup["answer_harmful"]
     assert all(isinstance(n, int) and n > 0 for c in setup["dataset_counts"].values() for n in c.values())
-    assert (tmp_path / "smoke" / "00_setup_and_data" / "mm_subjects_examples.png").stat().st_size > 0
+    for fig in ("dataset_counts.png", "dataset_counts.svg", "mm_subjects_examples.png"):
+        assert (tmp_path / "smoke" / "00_setup_and_data" / fig).stat().st_size > 0, fig
+    assert summary["notebooks"]["00_setup_and_data"]["metrics"]["n_layers"] == 30  # scalars reach the summary
     assert metrics["06_refusal_steering"]["organism"] == "smollm2-135m+censored"
     executed = nbformat.read(tmp_path / "smoke" / "notebooks" / "00_setup_and_data.ipynb", as_version=4)
     assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+    # where the time went: the longest cells, longest first, each pointing at a code cell of the notebook
+    slow = summary["notebooks"]["00_setup_and_data"]["slowest_cells"]
+    assert slow and [r["seconds"] for r in slow] == sorted((r["seconds"] for r in slow), reverse=True)
+    assert all(executed.cells[r["cell"]].cell_type == "code" and r["source"] in executed.cells[r["cell"]].source
+               for r in slow)
     assert json.loads((tmp_path / "smoke" / "summary.json").read_text())["ok"] is True
 
     rerun, again, second = _run_smoke(tmp_path)
@@ -319,14 +302,14 @@ def test_default_kernel_is_repointed_at_this_interpreter(tmp_path, monkeypatch):
     assert workbook._same_interpreter(argv[0], sys.executable)
 
 
-
 def test_each_notebook_reports_its_own_kernel_peak(tmp_path):
     """A notebook that holds 400 MB then a small one: the small one's peak is its own, not the running maximum
     (``RUSAGE_CHILDREN`` would give both the big one's)."""
     wb = tmp_path / "wb"
     wb.mkdir()
     params = 'RUN = "x"\nSMOKE = False\nOUT_ROOT = None'
-    _write_nb(wb / "00_big.ipynb", params, "import time\nblock = bytearray(400 * 2**20)\nblock[::4096] = b'x' * len(block[::4096])\ntime.sleep(2.5)")
+    _write_nb(wb / "00_big.ipynb", params, "import time\nblock = bytearray(400 * 2**20)\n"
+              "block[::4096] = b'x' * len(block[::4096])\ntime.sleep(2.5)")
     _write_nb(wb / "01_small.ipynb", params, "x = 1")
     summary = workbook.run(run_name="m", workbook_dir=wb, out_root=tmp_path / "out")
     big, small = (summary["notebooks"][n]["peak_rss_mb"] for n in ("00_big", "01_small"))
