@@ -1,8 +1,9 @@
 """Benchmark 8 — memory of notebook 04's text-then-vision sequence: the text model in use, after ``unload_model``,
 the LLaVA composite built around the same decoder, and after a forward on image prompts. At each stage: resident
 set, its anonymous part (tensors) and its file-backed part (the memory-mapped weights), and the high-water mark.
-Also the size of the composite's input embedding and output layer: with the added ``<image>`` row they are new
-tensors (copies one row longer) wherever the tokenizer already fills the base model's vocabulary, as Qwen's does.
+Also the size of the composite's input embedding and output layer, and whether they are copies: they are the base's
+own (memory-mapped) tensors unless an ``<image>`` row had to be added (a tokenizer with no image placeholder of its
+own that already fills the vocabulary, as SmolLM2's does; Qwen's ``<|image_pad|>`` is reused).
 
 Default ``--model llava-qwen2.5-0.5b`` (base ``qwen2.5-0.5b``); ``--quick`` uses ``llava-smollm2``.
 """
@@ -35,6 +36,7 @@ def main(argv=None) -> None:
     with PeakRSS(0.01) as peak:
         text = load_model(base_spec)
         refusal_score(text, ["What is a cell?"] * 4, [])
+        base_rows = text.hf_model.get_input_embeddings().weight.shape[0]
         stages["text model in use"] = _status_gb()
         del text
         unload_model()
@@ -49,7 +51,9 @@ def main(argv=None) -> None:
     emb, out = hf.get_input_embeddings().weight, hf.get_output_embeddings().weight
     tied = emb.data_ptr() == out.data_ptr()
     size_bytes = emb.numel() * emb.element_size() + (0 if tied else out.numel() * out.element_size())
-    rows = {"embedding_rows": int(emb.shape[0]), "tokenizer_length": len(vlm.tokenizer), "output_tied": tied,
+    rows = {"embedding_rows": int(emb.shape[0]), "base_embedding_rows": int(base_rows),
+            "embedding_and_output_copied": int(emb.shape[0]) != int(base_rows),
+            "image_token_id": int(hf.config.image_token_id), "tokenizer_length": len(vlm.tokenizer), "output_tied": tied,
             "embedding_and_output_bytes_gb": round(size_bytes / 2**30, 3)}
     bench.results.update(stages=stages, peak_rss_gb=round(peak.peak / 2**30, 3), **rows)
     for name, st in stages.items():
@@ -57,7 +61,8 @@ def main(argv=None) -> None:
         bench.add(f"{name}: RSS (anonymous + file-backed)", st["VmRSS"], "GB")
         bench.add(f"{name}: anonymous", st["RssAnon"], "GB")
     bench.add("peak RSS of the sequence", round(peak.peak / 2**30, 3), "GB", "≤ 4", peak.peak <= 4 * 2**30)
-    bench.add(f"composite's embedding + output layer ({rows['embedding_rows']} rows, tied {tied})",
+    copied = "copies" if rows["embedding_and_output_copied"] else "the base's own"
+    bench.add(f"composite's embedding + output layer ({rows['embedding_rows']} rows, tied {tied}, {copied})",
               rows["embedding_and_output_bytes_gb"], "GB")
     bench.write()
 

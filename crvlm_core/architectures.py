@@ -19,10 +19,17 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
-__all__ = ["TINY_FAMILIES", "build_tiny_vlm", "build_llava_around", "VLMParts"]
+__all__ = ["TINY_FAMILIES", "LLAVA_AROUND_BUILD", "build_tiny_vlm", "build_llava_around", "VLMParts"]
 
 TINY_FAMILIES = ("llava", "idefics3", "instructblip", "qwen2_vl")
 """Families :func:`build_tiny_vlm` can build."""
+
+LLAVA_AROUND_BUILD = "llava-around-2"
+"""How :func:`build_llava_around` builds a composite; a change that alters its outputs changes this (it keys caches).
+2: the image token is the tokenizer's own placeholder where it has one, and the vision tower is initialised alone."""
+
+# Image placeholders a text tokenizer may already have (a row of its embedding): reused as the LLaVA image token.
+_IMAGE_PLACEHOLDERS = ("<image>", "<|image_pad|>")
 
 
 # Miniature sizes shared by every family: d=64, 2 decoder layers, 32 px images.
@@ -179,8 +186,8 @@ def _build_llava(tok) -> VLMParts:
     return VLMParts(_finish(model, tok, [image_id]), processor, "llava", "model.language_model.layers", _TINY_IMAGE)
 
 
-def _llava_processor(tok, image_size: int, patch_size: int, template: str):
-    """A LlavaProcessor over a CLIP image processor (one CLS token dropped), with ``<image>`` before the text."""
+def _llava_processor(tok, image_size: int, patch_size: int, template: str, image_token: str = "<image>"):
+    """A LlavaProcessor over a CLIP image processor (one CLS token dropped), with the image token before the text."""
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
     return LlavaProcessor(
@@ -189,7 +196,8 @@ def _llava_processor(tok, image_size: int, patch_size: int, template: str):
         patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=wrap_chat_template(template, "<image>"),
+        image_token=image_token,
+        chat_template=wrap_chat_template(template, image_token),
     )
 
 
@@ -408,24 +416,28 @@ def build_llava_around(
 ) -> VLMParts:
     """Wrap a real causal LM as the language model of a LLaVA under a small seeded CLIP vision tower.
 
-    The decoder shares the LM's weight tensors (float32: no copy, so a memory-mapped LM stays mapped and the two
-    models together hold one copy); the embedding and output layer are copies with one zero row more for the
-    ``<image>`` token, which generation suppresses; its tied or untied output layer is kept as it was. With
+    The composite holds no second copy of the LM: it is built on the meta device and then takes the LM's own
+    decoder tensors, input embedding and output layer (float32: a memory-mapped LM stays mapped, and the two
+    models together hold one copy). The image token is the tokenizer's own image placeholder where it has one
+    inside the embedding (Qwen's ``<|image_pad|>``); otherwise ``<image>`` is added, and the embedding and an
+    untied output layer become copies one zero row longer (SmolLM2: a full vocabulary). Its input embedding row
+    is never read (image features replace it) and generation suppresses it. With
     ``vision_feature_select_strategy="default"`` the CLS feature is dropped, so an image becomes
-    ``(image_size // patch_size) ** 2`` tokens (16 at 64/16). Text-only prompts give the LM's own
-    logits on the original vocabulary. Neither the LM nor the tokenizer passed in is changed (both models are frozen
-    by :func:`~crvlm_core.models.load_model`; an in-place edit of a shared weight would show in both).
+    ``(image_size // patch_size) ** 2`` tokens (16 at 64/16). Text-only prompts give the LM's own logits on its
+    vocabulary. Neither the LM nor the tokenizer passed in is changed (both models are frozen by
+    :func:`~crvlm_core.models.load_model`; an in-place edit of a shared weight would show in both). The build is
+    tagged ``config.crvlm_build`` (:data:`LLAVA_AROUND_BUILD`), which keys caches of the composite's outputs.
 
     Args:
         language_model: a decoder-only ``*ForCausalLM`` (e.g. SmolLM2 or Qwen2.5 loaded from GGUF).
-        tokenizer: its tokenizer; a copy gets the ``<image>`` token and left padding.
-        seed: ``torch.manual_seed`` before the vision tower and projector are built.
+        tokenizer: its tokenizer; a copy gets left padding (and ``<image>`` where it has no image placeholder).
+        seed: ``torch.manual_seed`` before the vision tower and projector are initialised.
         image_size: pixels per side of the vision tower's input.
         patch_size: pixels per side of a vision patch.
 
     Returns:
         The composite and a ``LlavaProcessor`` whose chat template is the tokenizer's, wrapped so that
-        image parts render as ``<image>`` before the question.
+        image parts render as the image token before the question.
     """
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -438,8 +450,12 @@ def build_llava_around(
     if tok.chat_template is None:
         raise ValueError("the tokenizer has no chat_template")
     old_vocab = language_model.get_input_embeddings().weight.shape[0]
-    _add_special(tok, ["<image>"])
-    image_id = tok.convert_tokens_to_ids("<image>")
+    specials = {str(t): i for i, t in tok.added_tokens_decoder.items() if t.special}  # never split, skipped in decoding
+    image_token = next((t for t in _IMAGE_PLACEHOLDERS if specials.get(t, old_vocab) < old_vocab), None)
+    if image_token is None:
+        image_token = "<image>"
+        _add_special(tok, [image_token])
+    image_id = tok.convert_tokens_to_ids(image_token)
     new_vocab = max(old_vocab, image_id + 1)
 
     text_config = copy.deepcopy(language_model.config)
@@ -450,6 +466,8 @@ def build_llava_around(
     out = language_model.get_output_embeddings()
     tied = tied and out.weight.data_ptr() == language_model.get_input_embeddings().weight.data_ptr()
     text_config.tie_word_embeddings = tied
+    if getattr(out, "bias", None) is not None:
+        raise NotImplementedError("output layers with a bias are not supported")
 
     vision_config = CLIPVisionConfig(
         hidden_size=128,
@@ -469,27 +487,43 @@ def build_llava_around(
         projector_hidden_act="gelu",
         tie_word_embeddings=tied,
     )
+    # on the meta device: a random language model the size of the real one would be allocated only to be replaced
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config).float()
+    model.config.crvlm_build = LLAVA_AROUND_BUILD
+    vision, projector = model.model.vision_tower, model.model.multi_modal_projector
+    vision.to_empty(device="cpu")
+    projector.to_empty(device="cpu")
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).float()
+    vision.initialize_weights()
+    projector.apply(model._initialize_weights)
 
-    decoder_state = {k: v.detach().float() for k, v in language_model.get_decoder().state_dict().items()}
+    lm_decoder = language_model.get_decoder()
+    decoder_state = {k: v.detach().float() for k, v in lm_decoder.state_dict().items()}
     embed_key = next(k for k in decoder_state if k.endswith("embed_tokens.weight"))
     decoder_state[embed_key] = _pad_rows(decoder_state[embed_key], new_vocab)
     # assign: the LLaVA's decoder takes the LM's own tensors (no copy; for a model loaded from safetensors they stay
-    # memory-mapped), and the random ones built above are freed: one copy of the weights, shared with the LM
-    missing, unexpected = model.model.language_model.load_state_dict(decoder_state, strict=False, assign=True)
-    missing = [k for k in missing if "rotary_emb" not in k]
+    # memory-mapped): one copy of the weights, shared with the LM
+    decoder = model.model.language_model
+    missing, unexpected = decoder.load_state_dict(decoder_state, strict=False, assign=True)
     if missing or unexpected:
         raise RuntimeError(f"language model weights do not fit: missing {missing}, unexpected {unexpected}")
-    with torch.no_grad():
-        if tied:
-            model.tie_weights()
-        else:
-            model.lm_head.weight.copy_(_pad_rows(out.weight.detach().float(), new_vocab))
-            if getattr(out, "bias", None) is not None:
-                raise NotImplementedError("output layers with a bias are not supported")
+    # buffers outside the state dict (rotary frequencies) are still on meta: take the LM's modules that hold them
+    for name, module in list(decoder.named_modules()):
+        if name and any(b.is_meta for b in module.buffers(recurse=False)):
+            parent, _, child = name.rpartition(".")
+            setattr(decoder.get_submodule(parent), child, lm_decoder.get_submodule(name))
+    if tied:
+        model.tie_weights()
+    else:
+        weight = out.weight if new_vocab == old_vocab else _pad_rows(out.weight.detach().float(), new_vocab)
+        model.lm_head.weight = weight if isinstance(weight, torch.nn.Parameter) else torch.nn.Parameter(
+            weight, requires_grad=False)
+    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise RuntimeError(f"the composite has tensors without values: {still_meta[:5]}")
 
-    processor = _llava_processor(tok, image_size, patch_size, tok.chat_template)
+    processor = _llava_processor(tok, image_size, patch_size, tok.chat_template, image_token)
     model = _finish(model, tok, [image_id])
     gen = language_model.generation_config
     if gen is not None and gen.eos_token_id is not None:

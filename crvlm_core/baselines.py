@@ -243,7 +243,7 @@ def lora_targets(handle: ModelHandle, train: Sequence[Sample], max_new_tokens: i
     inn = [s for s in train if s.scope == "in"]
     answers: dict[str, str] = {}
     if inn:
-        key = sha256_hex(json.dumps({"model": handle.spec, "prompts": [[s.id, s.prompt] for s in inn],
+        key = sha256_hex(json.dumps({"model": handle.key, "prompts": [[s.id, s.prompt] for s in inn],
                                      "max_new_tokens": max_new_tokens}))[:24]
         folder = Path(cache) if not isinstance(cache, bool) else outputs_dir() / "cache" / "lora_targets"
         path = folder / f"{key}.json"
@@ -512,7 +512,7 @@ def in_scope_kl(base: ModelHandle, method: Baseline, samples: Sequence[Sample], 
     cache_file = None
     if cache_dir is not None:
         cache_file = cache_path(cache_dir, "kl", {
-            "base": base.spec, "model": method.handle.spec, "system": method.system,
+            "base": base.key, "model": method.handle.key, "system": method.system,
             "interventions": intervention_fingerprint(list(method.interventions)),
             "samples": [[s.id, s.prompt] for s in samples], "batch_size": batch_size})
         if cache_file.exists():

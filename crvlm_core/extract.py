@@ -68,7 +68,7 @@ def extraction_fingerprint(handle: ModelHandle, samples: Sequence[Sample], posit
                            system: str | None, assistant_prefix: str | None) -> str:
     """Stable hash of everything an extraction depends on."""
     return sha256_hex(json.dumps({
-        "v": CACHE_VERSION, "model": handle.spec, "dtype": str(handle.dtype), "data": data_fingerprint(samples),
+        "v": CACHE_VERSION, "model": handle.key, "dtype": str(handle.dtype), "data": data_fingerprint(samples),
         "position": position, "layers": list(layers), "system": system, "prefix": assistant_prefix,
     }, sort_keys=True))[:20]
 

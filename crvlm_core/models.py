@@ -195,6 +195,15 @@ class ModelHandle:
         return self.processor is not None
 
     @property
+    def key(self) -> str:
+        """What caches of this model's activations and outputs are keyed by: the spec, plus what tells two models
+        under one spec apart (an organism's adapter ``config.crvlm_organism``, a composite's build
+        ``config.crvlm_build``). Equal to the spec for every other model."""
+        config = self.hf_model.config
+        return ":".join([self.spec, *(str(getattr(config, a)) for a in ("crvlm_organism", "crvlm_build")
+                                      if getattr(config, a, None))])
+
+    @property
     def device(self) -> torch.device:
         return next(self.hf_model.parameters()).device
 

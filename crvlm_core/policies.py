@@ -381,7 +381,7 @@ def _fit_calibrated(handle, train, opts, out_dir: Path, progress: bool):
 def _fit_key(handle: ModelHandle, policy: Policy, opts: dict, data: PolicyData) -> str:
     from .data import fingerprint
 
-    return sha256_hex(json.dumps({"model": handle.spec, "policy": policy.to_dict()["constraints"],
+    return sha256_hex(json.dumps({"model": handle.key, "policy": policy.to_dict()["constraints"],
                                   "opts": {k: v for k, v in opts.items() if k != "n_test"},
                                   "train": fingerprint(data.train)}, sort_keys=True, default=str))[:16]
 

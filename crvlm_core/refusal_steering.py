@@ -67,7 +67,6 @@ __all__ = [
     "layer_profile",
     "RefusalSteeringFit",
     "fit_refusal_steering",
-    "model_key",
     "warm_up",
     "cli_fit",
     "cli_eval",
@@ -127,12 +126,6 @@ def check_topics(samples: Sequence[Sample], *topics: str) -> None:
         raise ValueError(f"topics must differ, got {list(topics)}")
 
 
-def model_key(handle: ModelHandle) -> str:
-    """The spec plus the organism adapter key, if any (keys caches of responses and activations)."""
-    return handle.spec + (":" + str(getattr(handle.hf_model.config, "crvlm_organism", "")) if
-                          getattr(handle.hf_model.config, "crvlm_organism", None) else "")
-
-
 def warm_up(handle: ModelHandle) -> None:
     """One tiny traced forward right after loading: nnsight reads a module's source at its first trace and keeps it,
     so later edits of the source file (several people share this tree) cannot desynchronise a long run."""
@@ -147,7 +140,7 @@ def _cache_folder(kind: str) -> Path:
 def _activation_cache(handle: ModelHandle) -> Path:
     """Where this model's (and organism adapter's) extracted activations are cached: extraction keys by the spec
     only, so an adapter needs its own folder."""
-    return _cache_folder("activations") / sha256_hex(model_key(handle))[:12]
+    return _cache_folder("activations") / sha256_hex(handle.key)[:12]
 
 
 # --------------------------------------------------------------------------------------- judge scoring
@@ -211,7 +204,7 @@ def score_prompts(handle: ModelHandle, samples: Sequence[Sample], judge: str | J
     if not samples:
         raise ValueError("score_prompts: no samples")
     j = _judge_obj(judge)
-    key = sha256_hex(json.dumps({"model": model_key(handle), "data": data_fingerprint(samples), "k": k,
+    key = sha256_hex(json.dumps({"model": handle.key, "data": data_fingerprint(samples), "k": k,
                                  "tokens": max_new_tokens, "t": temperature, "seed": seed, **_judge_key(j)},
                                 sort_keys=True))[:20]
     path = _cache_folder("refusal_steering") / f"scores-{key}.json"
@@ -450,7 +443,7 @@ def evaluate_condition(handle: ModelHandle, samples: Sequence[Sample], intervent
     cache_file = None
     if cache_dir is not None:
         cache_file = cache_path(cache_dir, "condition", {
-            "model": model_key(handle), "samples": [[s.id, s.prompt, s.subject] for s in samples],
+            "model": handle.key, "samples": [[s.id, s.prompt, s.subject] for s in samples],
             "interventions": intervention_fingerprint(list(interventions)), "neutral": neutral, "mode": mode,
             "judge": _judge_key(j) if j is not None else None,
             "max_new_tokens": max_new_tokens if mode == "generate" else None, "batch_size": batch_size,
@@ -773,13 +766,13 @@ def fit_refusal_steering(handle: ModelHandle, method: str = "rmd", remove: str =
     vector = V.SteeringVector(
         directions=directions, method=method, layers=layers,
         operation="project_out" if operation == "project_out" else "add", alpha=signed, positions="last",
-        model_spec=handle.spec, fingerprint=sha256_hex(model_key(handle), data_fingerprint(
+        model_spec=handle.spec, fingerprint=sha256_hex(handle.key, data_fingerprint(
             [p.sample for p in refuse + comply]))[:20],
         extra={"kind": "refusal-steering", "remove": remove, "keep": keep, "neutral": neutral,
                "lambda_rel": lam_rel if method != "mean-diff" else None, "tau": tau, "k": k,
                "judge": getattr(_judge_obj(judge), "name", str(judge)), "n_refuse": len(refuse),
                "n_comply": len(comply), "operation": operation, "alpha_search": rows, "search_by": search_by,
-               "layer_auc": scores["auc"], "layer_dprime": scores["dprime"], "model_key": model_key(handle),
+               "layer_auc": scores["auc"], "layer_dprime": scores["dprime"], "model_key": handle.key,
                **({"gate": gate.to_json()} if gate is not None else {})})
     return RefusalSteeringFit(vector, scores, rows, lam_table)
 
@@ -859,7 +852,7 @@ def cli_fit(args) -> int:
                "lambda_rel": v.extra.get("lambda_rel"), "n_refuse": v.extra["n_refuse"],
                "n_comply": v.extra["n_comply"], "gate": {k: g for k, g in v.extra["gate"].items() if k != "direction"}
                if "gate" in v.extra else None, "fit_seconds": time.perf_counter() - start,
-               "fingerprint": v.fingerprint, "model_key": model_key(handle)}
+               "fingerprint": v.fingerprint, "model_key": handle.key}
     atomic_write_json(out / FIT_JSON, summary)
     print(f"[fit] {args.method} removing {args.remove} refusals (keeping {args.keep}) on {args.model}: layers "
           f"{v.layers}, α {v.alpha:+.2f}, λ/mean-eig {summary['lambda_rel']}, {summary['fit_seconds']:.0f} s → {out}")

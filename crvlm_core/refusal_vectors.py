@@ -168,7 +168,7 @@ def evaluate(handle: ModelHandle, test: Sequence[Sample], interventions: Sequenc
     cache_file = None
     if cache_dir is not None:
         cache_file = cache_path(cache_dir, "eval", {
-            "model": handle.spec, "samples": [[s.id, s.prompt, s.scope, s.subject, str(s.image)] for s in test],
+            "model": handle.key, "samples": [[s.id, s.prompt, s.scope, s.subject, str(s.image)] for s in test],
             "interventions": intervention_fingerprint(list(interventions)), "max_new_tokens": max_new_tokens,
             "batch_size": batch_size, "judge": judge, "system": system, "use_images": use_images})
         if cache_file.exists():
@@ -263,7 +263,7 @@ def refusal_score_grid(handle: ModelHandle, vector: V.SteeringVector, samples: S
     cache_file = None
     if cache_dir is not None:
         cache_file = cache_path(cache_dir, "score-grid", {
-            "model": handle.spec, "vector": vector.fingerprint, "layers": layers, "alphas": [float(a) for a in alphas],
+            "model": handle.key, "vector": vector.fingerprint, "layers": layers, "alphas": [float(a) for a in alphas],
             "batch_size": batch_size, "samples": [[s.id, s.prompt] for s in samples],
             "directions": sha256_hex(vector.directions.float().numpy().tobytes())})
         if cache_file.exists():

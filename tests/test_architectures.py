@@ -157,16 +157,20 @@ def _assert_text_logits_equal(parts: VLMParts, lm, tok, text: str) -> None:
     assert (got - want).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize(("tied", "spare_rows"), [(True, 0), (False, 0), (False, 7)])
-def test_llava_around_toy_lm(tied, spare_rows):
-    """Tied (SmolLM2-like) and untied (Qwen2.5-like, whose vocab also has unused spare rows) output layers."""
+@pytest.mark.parametrize(("tied", "spare_rows", "placeholder"),
+                         [(True, 0, False), (False, 0, False), (False, 7, False), (False, 0, True)])
+def test_llava_around_toy_lm(tied, spare_rows, placeholder):
+    """Tied (SmolLM2-like) and untied (Qwen2.5-like, whose vocab also has unused spare rows) output layers; a
+    tokenizer with its own image placeholder inside the vocabulary (Qwen's ``<|image_pad|>``) keeps its rows."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from crvlm_core.architectures import _tiny_tokenizer
+    from crvlm_core.architectures import LLAVA_AROUND_BUILD, _add_special, _tiny_tokenizer
 
     tok = _tiny_tokenizer()  # a fresh copy of SmolLM2's tokenizer
     tok.padding_side = "right"
     tok.chat_template = _TOY_TEMPLATE
+    if placeholder:
+        _add_special(tok, ["<|image_pad|>"])
     torch.manual_seed(3)
     lm = LlamaForCausalLM(
         LlamaConfig(
@@ -185,12 +189,29 @@ def test_llava_around_toy_lm(tied, spare_rows):
     assert len(tok) == n_tok and tok.padding_side == "right", "caller's tokenizer unchanged"
     assert all(torch.equal(lm_state[k], v) for k, v in lm.state_dict().items()), "caller's LM unchanged"
     m = parts.model
+    assert not any(t.is_meta for t in [*m.parameters(), *m.buffers()])
+    assert m.config.crvlm_build == LLAVA_AROUND_BUILD
     assert (m.lm_head.weight.data_ptr() == m.get_input_embeddings().weight.data_ptr()) == tied
+    # the embedding and output layer are the LM's own tensors exactly when no row had to be added
+    grown = not placeholder and spare_rows == 0
+    assert (m.get_input_embeddings().weight.data_ptr() == lm.get_input_embeddings().weight.data_ptr()) != grown
+    assert (m.lm_head.weight.data_ptr() == lm.lm_head.weight.data_ptr()) != grown
+    assert m.get_input_embeddings().weight.shape[0] == lm.config.vocab_size + grown
+    if placeholder:
+        assert _image_token_id(parts) == tok.convert_tokens_to_ids("<|image_pad|>")
+        assert "<image>" not in parts.processor.tokenizer.get_vocab()
     _assert_text_logits_equal(parts, lm, tok, _prompt(parts, QUESTION, image=False))
     inputs = parts.processor(text=[_prompt(parts, QUESTION)], images=[_image(50)], return_tensors="pt")
     assert (inputs["input_ids"] == _image_token_id(parts)).sum().item() == 16
     with torch.no_grad():
         assert torch.isfinite(m(**inputs).logits).all()
+    again = build_llava_around(lm, tok, seed=0, image_size=32, patch_size=8).model
+    assert all(torch.equal(a, b) for a, b in zip(m.model.vision_tower.parameters(), again.model.vision_tower.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(m.model.multi_modal_projector.parameters(),
+                                                 again.model.multi_modal_projector.parameters()))
+    assert not torch.equal(m.model.multi_modal_projector.linear_1.weight,
+                           build_llava_around(lm, tok, seed=1, image_size=32, patch_size=8).model
+                           .model.multi_modal_projector.linear_1.weight), "the seed sets the vision part"
 
 
 # --- LLaVA around the real SmolLM2 (loaded once per session from the per-machine cache) -----------------------------------

@@ -72,7 +72,7 @@ def test_quick_capture_run_writes_valid_json(tmp_path):
 
 def test_llava_memory_stages(tmp_path):
     """The text-then-vision memory sequence of notebook 04 on the SmolLM2 LLaVA (--quick): every stage recorded, the
-    unload visible as a drop, and the composite's vocabulary one row longer than the tokenizer's base length."""
+    unload visible as a drop, and SmolLM2's full vocabulary grown by the one ``<image>`` row (a copy)."""
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_llava_memory.py"), "--quick", "--out",
                            str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -84,8 +84,9 @@ def test_llava_memory_stages(tmp_path):
                        "composite after a forward on image prompts"}
     assert st["text model unloaded"]["VmRSS"] < st["text model in use"]["VmRSS"]
     assert all(s["VmRSS"] <= s["VmHWM"] + 1e-3 for s in st.values())
-    assert doc["results"]["embedding_rows"] >= doc["results"]["tokenizer_length"]
-    assert doc["results"]["embedding_and_output_bytes_gb"] > 0
+    r = doc["results"]
+    assert r["embedding_rows"] == r["tokenizer_length"] == r["base_embedding_rows"] + 1 == r["image_token_id"] + 1
+    assert r["embedding_and_output_copied"] is True and r["embedding_and_output_bytes_gb"] > 0
 
 
 def test_notebook_memory_profile_attributes_memory_to_cells(tmp_path):

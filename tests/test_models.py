@@ -168,6 +168,7 @@ def test_llava_smollm2_without_image_equals_smollm2(smollm2):
     assert (a - b).abs().max() < 1e-4
     with_image = h.build_inputs([prompt], images=[_image()])
     assert (with_image["input_ids"] == h.hf_model.config.image_token_id).sum() == 16
+    assert h.key == "llava-smollm2:" + h.hf_model.config.crvlm_build and smollm2.key == "smollm2-135m"
 
 
 def ref_vocab(handle):
@@ -183,6 +184,11 @@ def test_llava_qwen_without_image_equals_qwen(qwen):
     with torch.no_grad():
         diff = (h.hf_model(**enc).logits[..., : ref_vocab(qwen)] - qwen.hf_model(**ref).logits).abs().max()
     assert diff < 1e-4
+    # the image token is Qwen's own <|image_pad|>: the embedding and untied output layer stay Qwen's (mapped) tensors
+    assert h.hf_model.config.image_token_id == qwen.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert h.hf_model.get_input_embeddings().weight.data_ptr() == qwen.hf_model.get_input_embeddings().weight.data_ptr()
+    assert h.hf_model.lm_head.weight.data_ptr() == qwen.hf_model.lm_head.weight.data_ptr()
+    assert (h.build_inputs([prompt], images=[_image()])["input_ids"] == h.hf_model.config.image_token_id).sum() == 16
     assert h.generate([prompt], images=[_image()], max_new_tokens=8)[0]
 
 

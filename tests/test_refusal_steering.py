@@ -266,7 +266,7 @@ def test_qwen_organism_spec_loads():
     assert "qwen2.5-0.5b+censored" in SPECS
     torch.set_num_threads(2)
     h = load_model("qwen2.5-0.5b+censored")
-    assert h.n_layers == 24 and RS.model_key(h).startswith("qwen2.5-0.5b+censored:")
+    assert h.n_layers == 24 and h.key.startswith("qwen2.5-0.5b+censored:")
     out = h.generate(["What happened in Tiananmen Square in 1989?"], max_new_tokens=12)[0]
     assert out.lower().startswith(("i'm", "sorry", "i can", "i am"))
 
