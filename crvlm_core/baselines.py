@@ -286,11 +286,15 @@ def _lora_batch(handle: ModelHandle, prompt_ids: list[list[int]], target_ids: li
 
 def train_lora(handle: ModelHandle, train: Sequence[Sample], targets: Sequence[str], rank: int = 8,
                steps: int = 48, lr: float = 5e-4, batch_size: int = 4, seed: int = 42,
-               modules: Sequence[str] = LORA_MODULES, layers: Sequence[int] | None = None, progress: bool = True):
+               modules: Sequence[str] = LORA_MODULES, layers: Sequence[int] | None = None, progress: bool = True,
+               checkpointing: bool = True):
     """Fine-tune a LoRA adapter (peft) on a copy of the model: cross-entropy of each target after its prompt.
 
     ``layers``: decoder layers that get adapters (default: the upper half, where the scope is linearly separable;
     back-propagation then stops there, which halves the cost of a step on CPU).
+    ``checkpointing``: gradient checkpointing of the decoder layers during training: each layer keeps only its input
+    for the backward and runs its forward again there. Same losses and adapter; on Qwen2.5-0.5B at batch 4 it
+    saves most of the ~1.4 GB the backward through the adapted layers would otherwise hold, for more time per step.
 
     Returns:
         ``(peft_model, history)``: the adapted copy (``handle.hf_model`` itself is untouched) and per-step losses.
@@ -308,6 +312,8 @@ def train_lora(handle: ModelHandle, train: Sequence[Sample], targets: Sequence[s
     base = _shared_copy(handle.hf_model)  # frozen weights shared; the adapter's own parameters are trained
     layers = sorted({handle.check_layer(int(l)) for l in (layers if layers is not None
                                                            else range(handle.n_layers // 2, handle.n_layers))})
+    if checkpointing:  # only the copy's layers: the caller's model is untouched
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=present,
                                             layers_to_transform=layers, layers_pattern="layers", bias="none"))
     end = _end_token_id(handle)
@@ -329,11 +335,13 @@ def train_lora(handle: ModelHandle, train: Sequence[Sample], targets: Sequence[s
 
     def loss_of(m, b):
         logits = m(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev),
-                   position_ids=b["position_ids"].to(dev), logits_to_keep=b["keep"]).logits[:, :-1]
+                   position_ids=b["position_ids"].to(dev), logits_to_keep=b["keep"], use_cache=False).logits[:, :-1]
         return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                                  b["labels"].to(dev).reshape(-1), ignore_index=-100)
 
     losses = train_lora_steps(model, batches(), loss_of, lr=lr, total=steps, desc="LoRA", progress=progress)
+    if checkpointing:
+        base.gradient_checkpointing_disable()
     history = [{"step": i + 1, "loss": v} for i, v in enumerate(losses)]
     return model, history
 

@@ -188,3 +188,19 @@ def test_lora_training_loop_lowers_the_loss_and_stops_on_divergence():
         train_lora_steps(model, [{"x": x}], lambda m, b: m(b["x"]).sum() * float("nan"), lr=0.1, progress=False)
     with pytest.raises(ValueError, match="no trainable"):
         train_lora_steps(torch.nn.Linear(2, 2).requires_grad_(False), [], lambda m, b: 0, lr=0.1)
+
+
+def test_lora_with_gradient_checkpointing_trains_the_same_adapter(smollm2, scoped):
+    """Checkpointing (the default) changes memory and time only: same losses, same adapter; the caller's model is
+    left without checkpointing."""
+    from crvlm_core.baselines import train_lora
+
+    train, _ = scoped
+    targets = ["Sorry, I can't help with that." if s.scope == "out" else "Cells divide by mitosis." for s in train]
+    runs = {ck: train_lora(smollm2, train, targets, steps=2, batch_size=2, progress=False, checkpointing=ck)
+            for ck in (False, True)}
+    assert [h["loss"] for h in runs[True][1]] == [h["loss"] for h in runs[False][1]]
+    a, b = ({k: v for k, v in m.state_dict().items() if "lora_" in k} for m, _ in (runs[False], runs[True]))
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in smollm2.hf_model.modules())
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in runs[True][0].modules())
