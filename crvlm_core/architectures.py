@@ -516,9 +516,8 @@ def build_llava_around(
     if tied:
         model.tie_weights()
     else:
-        weight = out.weight if new_vocab == old_vocab else _pad_rows(out.weight.detach().float(), new_vocab)
-        model.lm_head.weight = weight if isinstance(weight, torch.nn.Parameter) else torch.nn.Parameter(
-            weight, requires_grad=False)
+        model.lm_head.weight = out.weight if new_vocab == old_vocab else torch.nn.Parameter(
+            _pad_rows(out.weight.detach().float(), new_vocab), requires_grad=False)
     still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_meta:
         raise RuntimeError(f"the composite has tensors without values: {still_meta[:5]}")

@@ -293,8 +293,8 @@ def train_lora(handle: ModelHandle, train: Sequence[Sample], targets: Sequence[s
     ``layers``: decoder layers that get adapters (default: the upper half, where the scope is linearly separable;
     back-propagation then stops there, which halves the cost of a step on CPU).
     ``checkpointing``: gradient checkpointing of the decoder layers during training: each layer keeps only its input
-    for the backward and runs its forward again there. Same losses and adapter; on Qwen2.5-0.5B at batch 4 it
-    saves most of the ~1.4 GB the backward through the adapted layers would otherwise hold, for more time per step.
+    for the backward and runs its forward again there. Same losses and adapter; on Qwen2.5-0.5B at batch 4 the
+    training's anonymous-memory rise fell from 2.14 to 1.66 GB, and a step took about 60 % longer.
 
     Returns:
         ``(peft_model, history)``: the adapted copy (``handle.hf_model`` itself is untouched) and per-step losses.
