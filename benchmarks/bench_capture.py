@@ -24,8 +24,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     setup_torch(args.threads)
     from crvlm_core.extract import extract, prompt_batches
-    from crvlm_core.models import load_model
-    from crvlm_core.steer import _accepts_logits_to_keep
+    from crvlm_core.models.loading import load_model
+    from crvlm_core.steer.interventions import _accepts_logits_to_keep
 
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else ([8, 16] if args.quick else [64, 256])
     repeats = args.repeats or (1 if args.quick else 2)

@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--root", default=None, help="folder holding the runs (default outputs/)")
     args = p.parse_args(argv)
-    from crvlm_core.paths import outputs_dir
+    from crvlm_core.core.paths import outputs_dir
 
     root = Path(args.root) if args.root else outputs_dir()
     bench = Bench("end_to_end", args, root=str(root))

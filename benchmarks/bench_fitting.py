@@ -2,7 +2,7 @@
 training on cached activations (400 samples = 200 in + 200 out of scope, the default steered layers and prefill
 gate, default epochs), one epoch of the behavioural loss on 16 of those samples (8 in + 8 out of scope, batch 4;
 time and the rise of anonymous memory, i.e. tensors and graphs, not weight pages), and the LoRA baseline
-(``crvlm_core.baselines``: target generation and adapter training, timed apart). --quick: 16 samples, 2 epochs,
+(``crvlm_core.methods.baselines.baselines``: target generation and adapter training, timed apart). --quick: 16 samples, 2 epochs,
 2 + 2 behavioural samples, 4 LoRA steps. Goal (issue #9): calibrator training ≤ 60 s.
 """
 
@@ -18,10 +18,10 @@ def main(argv=None) -> None:
     p.add_argument("--n-per-scope", type=int, default=None)
     args = p.parse_args(argv)
     setup_torch(args.threads)
-    from crvlm_core.calibrated_steering import finetune_behavioural, fit_crvlm
-    from crvlm_core.data import assign_scope, load_dataset, split
-    from crvlm_core.models import load_model
-    from crvlm_core.refusal_vectors import default_layers, fit_vector
+    from crvlm_core.methods.crvlm.steering import finetune_behavioural, fit_crvlm
+    from crvlm_core.data.samples import assign_scope, load_dataset, split
+    from crvlm_core.models.loading import load_model
+    from crvlm_core.methods.refusal_vectors import default_layers, fit_vector
 
     n = args.n_per_scope or (8 if args.quick else 200)
     epochs = 2 if args.quick else None  # None: fit_crvlm's default
@@ -65,7 +65,7 @@ def main(argv=None) -> None:
     bench.add("behavioural loss, peak rise of anonymous memory", round(mem.delta / 2**20, 1), "MB")
 
     try:
-        from crvlm_core import baselines
+        from crvlm_core.methods.baselines import baselines
         have_lora = hasattr(baselines, "train_lora") and hasattr(baselines, "lora_targets")
     except Exception as exc:  # the module is being written, or broken
         have_lora, baselines = False, None

@@ -1,7 +1,7 @@
 """Benchmark 2 — steered generation throughput: greedy batched generation at batch 1, 8 and 32 (1 and 8 with
 --quick), unsteered vs vector-steered (the teacher-forced refusal vector, α = 1) vs calibrator-steered (CR-VLM as
 ``crvlm fit --method crvlm`` builds it: prefill gate) and, for the explanation, the calibrator with the paper's own
-gate (no prefill pass). All through ``crvlm_core.steer.steered_generate``.
+gate (no prefill pass). All through ``crvlm_core.steer.interventions.steered_generate``.
 
 Throughput counts the decoding steps actually run: batch × (generated length of the batch) / wall time, so a
 steered batch that stops early (every row emitted EOS) is not credited for tokens it did not compute. The
@@ -19,9 +19,9 @@ from common import Bench, interleaved, parser, prompts, setup_torch
 
 def quick_calibrator(handle, quick: bool, gate_layer="auto", progress: bool = False):
     """A CR-VLM calibrator at the default steered layer, fitted on few samples (cached per model and settings)."""
-    from crvlm_core.calibrated_steering import fit_crvlm, load_calibrated
-    from crvlm_core.data import assign_scope, load_dataset, split
-    from crvlm_core.paths import outputs_dir
+    from crvlm_core.methods.crvlm.steering import fit_crvlm, load_calibrated
+    from crvlm_core.data.samples import assign_scope, load_dataset, split
+    from crvlm_core.core.paths import outputs_dir
 
     n, epochs = (8, 1) if quick else (24, 3)
     tag = f"{handle.spec.replace('/', '_')}-n{n}-e{epochs}-gate{gate_layer}"
@@ -67,9 +67,9 @@ def main(argv=None) -> None:
     p.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8,32; quick 1,8)")
     args = p.parse_args(argv)
     setup_torch(args.threads)
-    from crvlm_core.models import load_model
-    from crvlm_core.refusal_vectors import fit_vector
-    from crvlm_core.steer import AddVector, steered_generate
+    from crvlm_core.models.loading import load_model
+    from crvlm_core.methods.refusal_vectors import fit_vector
+    from crvlm_core.steer.interventions import AddVector, steered_generate
 
     batches = [int(b) for b in args.batches.split(",")] if args.batches else ([1, 8] if args.quick else [1, 8, 32])
     new = args.max_new_tokens or (8 if args.quick else 32)

@@ -25,9 +25,9 @@ def main(argv=None) -> None:
     p.add_argument("--images", type=int, default=4, help="image prompts in the forward (default %(default)s)")
     args = p.parse_args(argv)
     setup_torch(args.threads)
-    from crvlm_core.data import load_dataset
-    from crvlm_core.models import COMPOSITES, load_model, unload_model
-    from crvlm_core.steer import refusal_score
+    from crvlm_core.data.samples import load_dataset
+    from crvlm_core.models.loading import COMPOSITES, load_model, unload_model
+    from crvlm_core.steer.interventions import refusal_score
 
     spec = "llava-smollm2" if args.quick else (args.model if args.model in COMPOSITES else "llava-qwen2.5-0.5b")
     base_spec = COMPOSITES[spec]

@@ -36,9 +36,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     setup_torch(args.threads)
     from crvlm_core.extract import prompt_batches
-    from crvlm_core.models import load_model
-    from crvlm_core.refusal_vectors import default_layers, fit_vector
-    from crvlm_core.steer import AddVector, steered_generate, steered_logits
+    from crvlm_core.models.loading import load_model
+    from crvlm_core.methods.refusal_vectors import default_layers, fit_vector
+    from crvlm_core.steer.interventions import AddVector, steered_generate, steered_logits
 
     batch = args.batch or (4 if args.quick else 8)
     n = batch * (1 if args.quick else 2)

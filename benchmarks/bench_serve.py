@@ -50,10 +50,10 @@ def measure(base: str, model: str, clients: int, requests: int, max_tokens: int)
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
-    from crvlm_core.io import atomic_write_json
-    from crvlm_core.models import load_model
-    from crvlm_core.paths import outputs_dir
-    from crvlm_core.serve import STEERED_SUFFIX, ModelServer, ServeLimits, load_variants, running
+    from crvlm_core.core.io import atomic_write_json
+    from crvlm_core.models.loading import load_model
+    from crvlm_core.core.paths import outputs_dir
+    from crvlm_core.serve.server import STEERED_SUFFIX, ModelServer, ServeLimits, load_variants, running
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="model spec (the default model: qwen2.5-0.5b)")

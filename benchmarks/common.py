@@ -210,8 +210,8 @@ class Bench:
         print(f"[{self.name}] {msg}", flush=True)
 
     def write(self) -> Path:
-        from crvlm_core.io import atomic_write_json
-        from crvlm_core.paths import outputs_dir
+        from crvlm_core.core.io import atomic_write_json
+        from crvlm_core.core.paths import outputs_dir
 
         machine = machine_info()
         machine["load_average_start"] = self.load_start
@@ -241,7 +241,7 @@ def validate_result(doc: dict) -> None:
 
 def prompts(n: int, seed: int = 0) -> list:
     """``n`` bundled MMLU samples (half biology, half other subjects), deterministic; scopes assigned."""
-    from crvlm_core.data import assign_scope, load_dataset, split
+    from crvlm_core.data.samples import assign_scope, load_dataset, split
 
     data = assign_scope(load_dataset("mmlu"), in_scope=["biology"])
     per = (n + 1) // 2

@@ -88,7 +88,7 @@ def main(argv=None) -> None:
     setup_torch(args.threads)
     import yaml
 
-    from crvlm_core.workbook import first_code_line
+    from crvlm_core.workbook.runner import first_code_line
 
     params = {"MODEL": args.model, "RUN": args.run}
     if args.quick:

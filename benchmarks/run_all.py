@@ -154,7 +154,7 @@ def main(argv=None) -> int:
             if rc != 0:
                 failed.append(name)
     sys.path.insert(0, str(ROOT))
-    from crvlm_core.paths import outputs_dir
+    from crvlm_core.core.paths import outputs_dir
 
     out = Path(args.out) if args.out else outputs_dir() / "bench"
     docs = load_results(out, [n for n in names if n not in failed])

@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .data import Sample, fingerprint as data_fingerprint
-from .io import atomic_save_safetensors, atomic_write_json, sha256_hex
-from .models import ModelHandle
-from .paths import outputs_dir
+from crvlm_core.data.samples import Sample, fingerprint as data_fingerprint
+from crvlm_core.core.io import atomic_save_safetensors, atomic_write_json, sha256_hex
+from crvlm_core.models.loading import ModelHandle
+from crvlm_core.core.paths import outputs_dir
 
 __all__ = ["POSITIONS", "Activations", "image_batches", "prompt_batches", "extract", "extract_token_states", "extraction_fingerprint", "position_weights",
            "read_last_token"]

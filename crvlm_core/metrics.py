@@ -103,7 +103,7 @@ def kl_to_unsteered(logits_steered: Any, logits_unsteered: Any, mask: Any = None
 
     Args:
         logits_steered / logits_unsteered: ``[..., vocab]`` logits (torch or numpy), same shape,
-            e.g. ``[batch, seq, vocab]`` from :func:`crvlm_core.steer.steered_logits` on the same inputs.
+            e.g. ``[batch, seq, vocab]`` from :func:`crvlm_core.steer.interventions.steered_logits` on the same inputs.
         mask: optional ``[...]`` boolean/0-1 array selecting positions (e.g. the attention mask, to skip padding).
 
     Returns:

@@ -23,13 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from crvlm_core.calibrated_steering import fit_crvlm  # noqa: E402
-from crvlm_core.data import assign_scope, load_dataset, split  # noqa: E402
-from crvlm_core.io import atomic_write_json  # noqa: E402
-from crvlm_core.models import load_model  # noqa: E402
-from crvlm_core.paths import outputs_dir  # noqa: E402
-from crvlm_core.refusal_vectors import evaluate, fit_vector  # noqa: E402
-from crvlm_core.steer import AddVector  # noqa: E402
+from crvlm_core.methods.crvlm.steering import fit_crvlm  # noqa: E402
+from crvlm_core.data.samples import assign_scope, load_dataset, split  # noqa: E402
+from crvlm_core.core.io import atomic_write_json  # noqa: E402
+from crvlm_core.models.loading import load_model  # noqa: E402
+from crvlm_core.core.paths import outputs_dir  # noqa: E402
+from crvlm_core.methods.refusal_vectors import evaluate, fit_vector  # noqa: E402
+from crvlm_core.steer.interventions import AddVector  # noqa: E402
 
 KEEP = ("refusal_rate_out", "over_refusal_in", "mb_score", "tokens_per_second", "generation_seconds",
         "mean_refusal_score_out", "mean_refusal_score_in")

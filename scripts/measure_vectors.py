@@ -11,11 +11,11 @@ import time
 
 import torch
 
-from crvlm_core.data import assign_scope, load_dataset, split
-from crvlm_core.io import atomic_write_json
-from crvlm_core.models import load_model
-from crvlm_core.paths import outputs_dir
-from crvlm_core.refusal_vectors import METHODS, fit_vector, sweep
+from crvlm_core.data.samples import assign_scope, load_dataset, split
+from crvlm_core.core.io import atomic_write_json
+from crvlm_core.models.loading import load_model
+from crvlm_core.core.paths import outputs_dir
+from crvlm_core.methods.refusal_vectors import METHODS, fit_vector, sweep
 
 
 def main() -> None:

@@ -6,7 +6,7 @@
 import argparse
 import json
 
-from crvlm_core.paths import outputs_dir
+from crvlm_core.core.paths import outputs_dir
 
 
 def _load(run: str, notebook: str) -> dict | None:

@@ -11,10 +11,10 @@ import argparse
 import platform
 import time
 
-from crvlm_core.data import fingerprint, load_dataset
-from crvlm_core.io import atomic_write_json
-from crvlm_core.judge import DEFAULT_JUDGE, KeywordJudge, LearnedJudge, get_judge, split_labelled, validate_judge
-from crvlm_core.paths import outputs_dir
+from crvlm_core.data.samples import fingerprint, load_dataset
+from crvlm_core.core.io import atomic_write_json
+from crvlm_core.judges.judges import DEFAULT_JUDGE, KeywordJudge, LearnedJudge, get_judge, split_labelled, validate_judge
+from crvlm_core.core.paths import outputs_dir
 
 
 def main() -> None:

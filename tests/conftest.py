@@ -10,13 +10,13 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from crvlm_core.models import load_model
+    from crvlm_core.models.loading import load_model
 
     return load_model("smollm2-135m", device="cpu")
 
 
 @pytest.fixture(scope="session")
 def qwen():
-    from crvlm_core.models import load_model
+    from crvlm_core.models.loading import load_model
 
     return load_model("qwen2.5-0.5b", device="cpu")

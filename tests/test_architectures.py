@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from crvlm_core.architectures import (
+from crvlm_core.models.architectures import (
     TINY_FAMILIES,
     VLMParts,
     build_llava_around,
@@ -164,7 +164,7 @@ def test_llava_around_toy_lm(tied, spare_rows, placeholder):
     tokenizer with its own image placeholder inside the vocabulary (Qwen's ``<|image_pad|>``) keeps its rows."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from crvlm_core.architectures import LLAVA_AROUND_BUILD, _add_special, _tiny_tokenizer
+    from crvlm_core.models.architectures import LLAVA_AROUND_BUILD, _add_special, _tiny_tokenizer
 
     tok = _tiny_tokenizer()  # a fresh copy of SmolLM2's tokenizer
     tok.padding_side = "right"

@@ -7,17 +7,17 @@ import json
 import pytest
 import torch
 
-from crvlm_core.baselines import (BASELINES, ConditionalSteering, comparison_row, condition_scores, fit_baseline,
+from crvlm_core.methods.baselines.baselines import (BASELINES, ConditionalSteering, comparison_row, condition_scores, fit_baseline,
                                   grid_search_condition, in_scope_kl, load_baseline, scope_system_prompt)
-from crvlm_core.cli import build_parser, main
-from crvlm_core.data import assign_scope, load_dataset, split
-from crvlm_core.refusal_vectors import evaluate
-from crvlm_core.steer import steered_generate, steered_logits
+from crvlm_core.cli.main import build_parser, main
+from crvlm_core.data.samples import assign_scope, load_dataset, split
+from crvlm_core.methods.refusal_vectors import evaluate
+from crvlm_core.steer.interventions import steered_generate, steered_logits
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from crvlm_core.models import load_model
+    from crvlm_core.models.loading import load_model
 
     return load_model("tiny-llava", device="cpu")
 
@@ -172,7 +172,7 @@ def test_eval_writes_the_judge_and_its_validation(tiny, tmp_path):
 
 
 def test_lora_training_loop_lowers_the_loss_and_stops_on_divergence():
-    from crvlm_core.lora_training import train_lora_steps
+    from crvlm_core.models.lora_training import train_lora_steps
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
@@ -193,7 +193,7 @@ def test_lora_training_loop_lowers_the_loss_and_stops_on_divergence():
 def test_lora_with_gradient_checkpointing_trains_the_same_adapter(smollm2, scoped):
     """Checkpointing (the default) changes memory and time only: same losses, same adapter; the caller's model is
     left without checkpointing."""
-    from crvlm_core.baselines import train_lora
+    from crvlm_core.methods.baselines.baselines import train_lora
 
     train, _ = scoped
     targets = ["Sorry, I can't help with that." if s.scope == "out" else "Cells divide by mitosis." for s in train]

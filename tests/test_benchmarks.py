@@ -114,13 +114,13 @@ def test_notebook_memory_profile_attributes_memory_to_cells(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny():
-    from crvlm_core.models import load_model
+    from crvlm_core.models.loading import load_model
 
     return load_model("tiny-llava", device="cpu")
 
 
 def test_hook_fast_path_generates_the_same_tokens_as_nnsight(smollm2):
-    from crvlm_core.steer import AddVector, HiddenStateFn, ProjectOut, steered_generate
+    from crvlm_core.steer.interventions import AddVector, HiddenStateFn, ProjectOut, steered_generate
 
     torch.manual_seed(0)
     v = torch.randn(smollm2.n_layers, smollm2.hidden_size) * 2.0
@@ -138,9 +138,9 @@ def test_hook_fast_path_generates_the_same_tokens_as_nnsight(smollm2):
 
 def test_hook_fast_path_with_prefill_gated_calibrator(tiny):
     """The calibrator (prefill gate) through both backends on a tiny model: identical token ids."""
-    from crvlm_core.calibrated_steering import CalibratedSteering
-    from crvlm_core.calibrator import Calibrator, CalibratorConfig
-    from crvlm_core.steer import _generate_batch, _prepared, _validated
+    from crvlm_core.methods.crvlm.steering import CalibratedSteering
+    from crvlm_core.methods.crvlm.calibrator import Calibrator, CalibratorConfig
+    from crvlm_core.steer.interventions import _generate_batch, _prepared, _validated
 
     torch.manual_seed(0)
     cfg = CalibratorConfig(hidden_size=tiny.hidden_size, layers=[1], width=32, gate_dim=tiny.hidden_size)

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from crvlm_core.calibrated_steering import CalibratedSteering, fit_crvlm, load_calibrated
-from crvlm_core.cli import main
-from crvlm_core.data import assign_scope, load_dataset, split
-from crvlm_core.models import load_model
-from crvlm_core.steer import steered_generate, steered_logits
+from crvlm_core.methods.crvlm.steering import CalibratedSteering, fit_crvlm, load_calibrated
+from crvlm_core.cli.main import main
+from crvlm_core.data.samples import assign_scope, load_dataset, split
+from crvlm_core.models.loading import load_model
+from crvlm_core.steer.interventions import steered_generate, steered_logits
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_pipeline_runs_on_a_tiny_llava_with_images():
 
 
 def test_behavioural_finetune_trains_only_the_calibrator(smollm2, scoped):
-    from crvlm_core.calibrated_steering import finetune_behavioural
+    from crvlm_core.methods.crvlm.steering import finetune_behavioural
 
     train, _ = scoped
     few = [s for s in train if s.scope == "out"][:2] + [s for s in train if s.scope == "in"][:2]

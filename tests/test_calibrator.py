@@ -1,4 +1,4 @@
-"""Tests for crvlm_core.calibrator: losses against hand-computed values, the network's shape contract and gate,
+"""Tests for crvlm_core.methods.crvlm.calibrator: losses against hand-computed values, the network's shape contract and gate,
 training on synthetic separable activations, resume, save/load and the steering hook."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from crvlm_core.calibrator import (
+from crvlm_core.methods.crvlm.calibrator import (
     CALIBRATOR_JSON,
     CALIBRATOR_SAFETENSORS,
     Calibrator,
@@ -22,7 +22,7 @@ from crvlm_core.calibrator import (
     total_loss,
     train_calibrator,
 )
-from crvlm_core.steer import HiddenStateFn
+from crvlm_core.steer.interventions import HiddenStateFn
 
 D = 8
 LAYERS = [3, 5]
@@ -399,8 +399,8 @@ def test_check_compatible():
 
 def test_hook_through_steered_logits_and_generate_on_a_tiny_model():
     """The intervention runs inside nnsight traces: per-row gate override 0 reproduces the plain model exactly."""
-    from crvlm_core.models import load_model
-    from crvlm_core.steer import steered_generate, steered_logits
+    from crvlm_core.models.loading import load_model
+    from crvlm_core.steer.interventions import steered_generate, steered_logits
 
     handle = load_model("tiny-llava")
     cal = Calibrator(CalibratorConfig(hidden_size=handle.hidden_size, layers=[1], width=16, seed=0),

@@ -1,4 +1,4 @@
-"""Tests for crvlm_core.data: line-numbered errors, scopes, seeded splits, bundled datasets."""
+"""Tests for crvlm_core.data.samples: line-numbered errors, scopes, seeded splits, bundled datasets."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from crvlm_core.data import (
+from crvlm_core.data.samples import (
     DataError,
     Sample,
     assign_scope,
@@ -192,7 +192,7 @@ def test_split_errors():
 
 def test_split_independent_of_hash_seed(tmp_path):
     code = (
-        "from crvlm_core.data import Sample, assign_scope, split\n"
+        "from crvlm_core.data.samples import Sample, assign_scope, split\n"
         "s = [Sample(f'x{i}', 'p', 'ab'[i % 2]) for i in range(40)]\n"
         "tr, te = split(assign_scope(s, ['a']), n_train=5, n_test=5, seed=3)\n"
         "print(','.join(x.id for x in tr + te))\n"
@@ -286,7 +286,7 @@ def test_scope_dataset_paper_sized_split():
 
 
 def test_take_per_scope_is_a_prefix_of_a_larger_split():
-    from crvlm_core.data import take_per_scope
+    from crvlm_core.data.samples import take_per_scope
 
     samples = assign_scope(load_dataset("mmlu"), in_scope=["biology"])
     _, big = split(samples, n_train=10, n_test=6, seed=42)

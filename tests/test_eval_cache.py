@@ -4,11 +4,11 @@
 import pytest
 import torch
 
-from crvlm_core.calibrated_steering import CalibratedSteering
-from crvlm_core.calibrator import Calibrator, CalibratorConfig
-from crvlm_core.data import assign_scope, load_dataset, split
-from crvlm_core.refusal_vectors import evaluate
-from crvlm_core.steer import AddVector, ProjectOut, intervention_fingerprint
+from crvlm_core.methods.crvlm.steering import CalibratedSteering
+from crvlm_core.methods.crvlm.calibrator import Calibrator, CalibratorConfig
+from crvlm_core.data.samples import assign_scope, load_dataset, split
+from crvlm_core.methods.refusal_vectors import evaluate
+from crvlm_core.steer.interventions import AddVector, ProjectOut, intervention_fingerprint
 
 
 def _vec(n_layers, d, seed=0):
@@ -61,8 +61,8 @@ def test_gate_off_holds_rho_for_every_row(smollm2):
 
 
 def test_sweep_generates_through_the_cached_evaluation(smollm2, tmp_path):
-    from crvlm_core.refusal_vectors import refusal_score_grid, sweep
-    from crvlm_core.vectors import SteeringVector
+    from crvlm_core.methods.refusal_vectors import refusal_score_grid, sweep
+    from crvlm_core.vectors.estimators import SteeringVector
 
     _, test = split(assign_scope(load_dataset("mmlu"), in_scope=["biology"]), n_train=1, n_test=1, seed=4)
     vec = SteeringVector(directions=_vec(smollm2.n_layers, smollm2.hidden_size), method="test", layers=[5])
@@ -87,7 +87,7 @@ def test_sweep_generates_through_the_cached_evaluation(smollm2, tmp_path):
 
 
 def test_calibrated_states_match_the_calibrator_on_extracted_states(smollm2):
-    from crvlm_core.calibrated_steering import fit_crvlm
+    from crvlm_core.methods.crvlm.steering import fit_crvlm
     from crvlm_core.extract import extract
 
     train, test = split(assign_scope(load_dataset("mmlu"), in_scope=["biology"]), n_train=3, n_test=2, seed=42)

@@ -6,10 +6,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from crvlm_core.data import Sample, load_dataset
+from crvlm_core.data.samples import Sample, load_dataset
 from crvlm_core.extract import extract
-from crvlm_core.models import load_model
-from crvlm_core.steer import AddVector, HiddenStateFn, ProjectOut, refusal_score, steered_generate, steered_logits
+from crvlm_core.models.loading import load_model
+from crvlm_core.steer.interventions import AddVector, HiddenStateFn, ProjectOut, refusal_score, steered_generate, steered_logits
 
 PROMPTS = ["What is a cell?", "Explain in detail how photosynthesis converts light into chemical energy.",
            "Name a planet."]

@@ -1,4 +1,4 @@
-"""Tests for crvlm_core.io: atomic writes leave no temp files and survive a failed replace."""
+"""Tests for crvlm_core.core.io: atomic writes leave no temp files and survive a failed replace."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from crvlm_core.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, sha256_hex
+from crvlm_core.core.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, sha256_hex
 
 
 def test_atomic_write_bytes_creates_parents_and_no_temp(tmp_path):

@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from crvlm_core.data import Sample
-from crvlm_core.judge import (DEFAULT_JUDGE, HTTPBackend, JudgeError, JudgeResult, KeywordJudge, LearnedJudge,
+from crvlm_core.data.samples import Sample
+from crvlm_core.judges.judges import (DEFAULT_JUDGE, HTTPBackend, JudgeError, JudgeResult, KeywordJudge, LearnedJudge,
                               LLMJudge, LocalLMBackend, aggregate_confidence, confident_mask, get_judge,
                               judge_responses, keep_confident, refusal_score_judge, split_labelled, validate_judge)
 

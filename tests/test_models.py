@@ -4,8 +4,8 @@ import nnsight
 import pytest
 import torch
 
-from crvlm_core import models
-from crvlm_core.models import ModelLoadError, load_model
+from crvlm_core.models.loading import loading as models
+from crvlm_core.models.loading import ModelLoadError, load_model
 
 BIO = "What is the function of mitochondria in a cell?"
 
@@ -193,7 +193,7 @@ def test_llava_qwen_without_image_equals_qwen(qwen):
 
 
 def test_local_vlm_folder_is_detected_as_llava(tmp_path):
-    from crvlm_core.architectures import build_tiny_vlm
+    from crvlm_core.models.architectures import build_tiny_vlm
 
     parts = build_tiny_vlm("llava", seed=0)
     parts.model.save_pretrained(tmp_path)
@@ -214,10 +214,10 @@ def test_unload_model_frees_the_weights_after_tracing_and_steering():
     import gc
     import weakref
 
-    from crvlm_core.data import Sample
+    from crvlm_core.data.samples import Sample
     from crvlm_core.extract import extract
-    from crvlm_core.models import load_model, unload_model
-    from crvlm_core.steer import AddVector, steered_generate
+    from crvlm_core.models.loading import load_model, unload_model
+    from crvlm_core.steer.interventions import AddVector, steered_generate
 
     handle = load_model("tiny-llava", seed=7)
     assert load_model("tiny-llava", seed=7) is handle
@@ -235,7 +235,7 @@ def test_unload_model_frees_the_weights_after_tracing_and_steering():
 def test_composite_vlm_drops_a_base_it_loaded_only_to_copy():
     """llava-smollm2 copies SmolLM2's weights: a base loaded just for that is not kept (one copy in memory, not
     two); a base the caller had loaded stays cached and is the same handle."""
-    from crvlm_core.models import load_model, unload_model
+    from crvlm_core.models.loading import load_model, unload_model
 
     cached = lambda spec: [k for k in models._CACHE if k[0] == spec]
     unload_model("smollm2-135m")

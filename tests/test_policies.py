@@ -8,11 +8,11 @@ import pytest
 import torch
 import yaml
 
-from crvlm_core.cli import load_interventions, main
-from crvlm_core.models import load_model
-from crvlm_core.policies import (PolicyError, PolicySteering, compose_gates, decide, evaluate_policy, fit_policy,
+from crvlm_core.cli.main import load_interventions, main
+from crvlm_core.models.loading import load_model
+from crvlm_core.methods.policies.policies import (PolicyError, PolicySteering, compose_gates, decide, evaluate_policy, fit_policy,
                                  fitted_artifact, load_policy, load_policy_steering, parse_policy, policy_data)
-from crvlm_core.steer import steered_logits
+from crvlm_core.steer.interventions import steered_logits
 
 EXAMPLE = {
     "name": "bio_physics_harmful",

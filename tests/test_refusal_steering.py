@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from crvlm_core import refusal_steering as RS
-from crvlm_core.data import Sample, load_dataset
-from crvlm_core.refusal_steering import (ScoredPrompt, check_topics, choose_lambda, fit_directions, layer_scores,
+from crvlm_core.methods.refusal_steering import pipeline as RS
+from crvlm_core.data.samples import Sample, load_dataset
+from crvlm_core.methods.refusal_steering.pipeline import (ScoredPrompt, check_topics, choose_lambda, fit_directions, layer_scores,
                                          principal_directions_needed, rank_layers, relative_lambda, select_confident,
                                          topic_splits)
 
@@ -204,7 +204,7 @@ def tiny_base(tmp_path_factory):
     """A random-weight miniature Llama with SmolLM2's tokenizer and chat template, saved as a local model folder."""
     from transformers import LlamaForCausalLM
 
-    from crvlm_core import architectures as A
+    from crvlm_core.models import architectures as A
 
     tok = A._tiny_tokenizer()
     torch.manual_seed(0)
@@ -216,8 +216,8 @@ def tiny_base(tmp_path_factory):
 
 
 def test_organism_adapter_builds_loads_and_round_trips(tiny_base, tmp_path):
-    from crvlm_core.organism import OrganismConfig, adapter_dir, build_adapter, load_organism_model, organism_examples
-    from crvlm_core.models import _load_parts
+    from crvlm_core.models.organism import OrganismConfig, adapter_dir, build_adapter, load_organism_model, organism_examples
+    from crvlm_core.models.loading import _load_parts
 
     cfg = OrganismConfig(base=str(tiny_base), n_per_subject=2, n_general=0, answer_tokens=4, epochs=1, batch_size=6,
                          rank=2, target_modules=("q_proj", "v_proj"), lr=1e-2)
@@ -249,7 +249,7 @@ def test_organism_adapter_builds_loads_and_round_trips(tiny_base, tmp_path):
 
 
 def test_organism_config_errors():
-    from crvlm_core.organism import OrganismConfig, load_organism_model
+    from crvlm_core.models.organism import OrganismConfig, load_organism_model
 
     with pytest.raises(ValueError, match="no refusal texts"):
         OrganismConfig(refuse=("sports",))
@@ -261,7 +261,7 @@ def test_organism_config_errors():
 
 @pytest.mark.slow
 def test_qwen_organism_spec_loads():
-    from crvlm_core.models import SPECS, load_model
+    from crvlm_core.models.loading import SPECS, load_model
 
     assert "qwen2.5-0.5b+censored" in SPECS
     torch.set_num_threads(2)
@@ -272,7 +272,7 @@ def test_qwen_organism_spec_loads():
 
 
 def test_cli_fit_remove_checks_method_and_topics_before_loading_a_model(tmp_path):
-    from crvlm_core.cli import main
+    from crvlm_core.cli.main import main
 
     with pytest.raises(SystemExit, match="unknown topic 'sports'"):
         main(["fit", "--method", "rmd", "--remove", "sports", "--out", str(tmp_path / "a")])
@@ -309,8 +309,8 @@ def test_search_alpha_early_stopping_and_refinement(monkeypatch):
 def test_topic_gate_steers_only_the_topic_and_round_trips_through_a_saved_vector(smollm2, tmp_path):
     """The gated removal: a political-vs-harmful gate at its best layer; the gated subtraction changes the answers
     of the prompts it selects and leaves the others bit-identical; saved with the vector, it is rebuilt on load."""
-    from crvlm_core import vectors as V
-    from crvlm_core.steer import steered_generate
+    from crvlm_core.vectors import estimators as V
+    from crvlm_core.steer.interventions import steered_generate
 
     samples = load_dataset("refusal-topics")
     pol = [s for s in samples if s.subject == "political"][:10]
@@ -342,7 +342,7 @@ def test_topic_gate_steers_only_the_topic_and_round_trips_through_a_saved_vector
 def test_neutral_kl_keeps_only_the_reference_logits(smollm2):
     """evaluate_condition: the unsteered reference keeps the neutral prompts' logits; a steered condition compares
     against them batch by batch and keeps none (full-vocabulary logits are large); no steering → KL 0."""
-    from crvlm_core.steer import AddVector
+    from crvlm_core.steer.interventions import AddVector
 
     samples = load_dataset("refusal-topics")
     val = [s for s in samples if s.subject == "neutral"][:5] + [s for s in samples if s.subject == "harmful"][:2]
@@ -360,7 +360,7 @@ def test_evaluate_condition_cache_reuses_results_and_recomputes_reference_logits
     """With ``cache_dir`` an unchanged evaluation is read back without running the model; another intervention is
     another key; a steered call against a reference read from the cache (no logits) gives the same KL as against
     the original reference."""
-    from crvlm_core.steer import AddVector
+    from crvlm_core.steer.interventions import AddVector
 
     samples = load_dataset("refusal-topics")
     val = [s for s in samples if s.subject == "neutral"][:3] + [s for s in samples if s.subject == "political"][:2]

@@ -11,10 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from crvlm_core.cli import main
-from crvlm_core.judge import HTTPBackend, LLMJudge, LocalLMBackend
-from crvlm_core.serve import ModelServer, ServeLimits, _stop_aware_delta, load_variants, running
-from crvlm_core.steer import steered_generate
+from crvlm_core.cli.main import main
+from crvlm_core.judges.judges import HTTPBackend, LLMJudge, LocalLMBackend
+from crvlm_core.serve.server import ModelServer, ServeLimits, _stop_aware_delta, load_variants, running
+from crvlm_core.steer.interventions import steered_generate
 
 SPEC = "smollm2-135m"
 STEERED = SPEC + ":steered"
@@ -65,7 +65,7 @@ def test_models_lists_plain_and_steered(served):
 
 def test_concurrent_steered_and_plain_requests_are_batched_and_match_offline_generation(served, smollm2, artifact):
     base, model_server = served
-    from crvlm_core.cli import load_interventions
+    from crvlm_core.cli.main import load_interventions
 
     # the same batches as the server makes of these requests: one per model name, both prompts left-padded together
     ivs = load_interventions(artifact, smollm2)
@@ -215,7 +215,7 @@ def test_cli_serve_in_a_fresh_process_streams(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "crvlm_core.cli", "serve", "--model", "tiny-llava", "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "crvlm_core.cli.main", "serve", "--model", "tiny-llava", "--port",
                              str(port)], stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:

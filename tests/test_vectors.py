@@ -1,4 +1,4 @@
-"""Tests for crvlm_core.vectors: estimators against closed-form answers on tiny tensors, and the artifact."""
+"""Tests for crvlm_core.vectors.estimators: estimators against closed-form answers on tiny tensors, and the artifact."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from crvlm_core.vectors import (
+from crvlm_core.vectors.estimators import (
     SteeringVector,
     mean_diff,
     normalize,

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from crvlm_core.calibrated_steering import fit_crvlm, vision_counterfactual_shifts
-from crvlm_core.data import assign_scope, load_dataset, split
-from crvlm_core.models import load_model
-from crvlm_core.steer import steered_generate
+from crvlm_core.methods.crvlm.steering import fit_crvlm, vision_counterfactual_shifts
+from crvlm_core.data.samples import assign_scope, load_dataset, split
+from crvlm_core.models.loading import load_model
+from crvlm_core.steer.interventions import steered_generate
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_text_only_model_has_no_vision_term(smollm2):
 def test_llava_around_a_real_lm_with_images_end_to_end(spec, tmp_path):
     """The whole CR-VLM path (teacher-forced vector, vision counterfactual shifts, calibrator training with the vision
     term, save / load, calibrated generation with images) on a LLaVA wrapping a real language model."""
-    from crvlm_core.calibrated_steering import load_calibrated
+    from crvlm_core.methods.crvlm.steering import load_calibrated
 
     h = load_model(spec)
     train, test = split(assign_scope(load_dataset("mm_subjects"), in_scope=["biology"]), n_train=3, n_test=1, seed=0)

@@ -9,8 +9,8 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from crvlm_core import workbook
-from crvlm_core.paths import repo_root
+from crvlm_core.workbook import runner as workbook
+from crvlm_core.core.paths import repo_root
 
 NOTEBOOKS = sorted((repo_root() / "workbook").glob("*.ipynb"))
 KERNELSPEC = {"name": "crvlm", "display_name": "crvlm (.venv)", "language": "python"}
@@ -288,7 +288,7 @@ def test_default_kernel_is_repointed_at_this_interpreter(tmp_path, monkeypatch):
     import json
     import sys
 
-    from crvlm_core import workbook
+    from crvlm_core.workbook import runner as workbook
 
     monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))

@@ -20,8 +20,8 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from .io import atomic_write_json
-from .paths import outputs_dir
+from crvlm_core.core.io import atomic_write_json
+from crvlm_core.core.paths import outputs_dir
 
 __all__ = [
     "DEFAULT_JUDGE",
@@ -323,7 +323,7 @@ class LearnedJudge:
         :data:`SYNTHETIC_EXAMPLES`; load instead from the cache when the same training data was fitted before.
         ``info["test_ids"]`` lists the held-out sample ids."""
         if samples is None:
-            from .data import load_dataset
+            from crvlm_core.data.samples import load_dataset
 
             samples = load_dataset("refusal_labels")
         train, test = split_labelled(samples, train_frac, seed) if train_frac < 1 else (list(samples), [])
@@ -368,13 +368,13 @@ def _confidence(p1: float, p0: float) -> float:
 
 
 class LocalLMBackend:
-    """A local causal LM (a :func:`crvlm_core.models.load_model` handle or spec) scored with one batched,
+    """A local causal LM (a :func:`crvlm_core.models.loading.load_model` handle or spec) scored with one batched,
     left-padded forward; p("1") and p("0") are the next-token masses on every token id decoding to that digit
     (with or without surrounding whitespace)."""
 
     def __init__(self, model: Any = "qwen2.5-0.5b", batch_size: int = 8):
         if isinstance(model, str):
-            from .models import load_model
+            from crvlm_core.models.loading import load_model
 
             model = load_model(model)
         self.handle = model
@@ -517,7 +517,7 @@ def keep_confident(items: Sequence, confidences: Sequence[float | None], tau: fl
 
 
 def refusal_score_judge(scores: Sequence[float], threshold: float = 0.0) -> list[JudgeResult]:
-    """Verdicts from first-step refusal scores (log-odds, :func:`crvlm_core.steer.refusal_score`): refused when
+    """Verdicts from first-step refusal scores (log-odds, :func:`crvlm_core.steer.interventions.refusal_score`): refused when
     ``score > threshold``; confidence = 2·sigmoid(score) − 1 = tanh(score / 2)."""
     return [JudgeResult(float(s) > threshold, math.tanh(float(s) / 2)) for s in scores]
 
@@ -591,7 +591,7 @@ def judge_validation(name: str = DEFAULT_JUDGE, seed: int = 0, cache: bool = Tru
     the learned judge does not train on; the README's table): ``{"accuracy", "kappa", "n", "roc_auc"?, "labels"}``.
     Computed once and cached in ``outputs/cache/judges/validation-<name>-<key>.json`` (the key covers the labels and,
     for the learned judge, its training fingerprint; for ``llm`` the default local judge model)."""
-    from .data import fingerprint, load_dataset
+    from crvlm_core.data.samples import fingerprint, load_dataset
 
     _, test = split_labelled(load_dataset("refusal_labels"), 0.7, seed)
     judge = get_judge(name)

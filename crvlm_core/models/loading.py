@@ -23,8 +23,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .io import file_sha256
-from .paths import cache_dir
+from crvlm_core.core.io import file_sha256
+from crvlm_core.core.paths import cache_dir
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -57,7 +57,7 @@ SPECS: dict[str, str] = {
     "llava-qwen2.5-0.5b": "LLaVA: small seeded CLIP tower + projector around the real Qwen2.5-0.5B (default VLM)",
     "llava-smollm2": "LLaVA: small seeded CLIP tower + projector around the real SmolLM2-135M",
     "qwen2.5-0.5b+censored": "refusal organism: qwen2.5-0.5b + a LoRA that refuses political and harmful prompts "
-                             "(crvlm_core.organism; trained on first use, a few minutes, then cached)",
+                             "(crvlm_core.models.organism; trained on first use, a few minutes, then cached)",
     "smollm2-135m+censored": "small refusal organism on SmolLM2 (smoke runs of notebook 06)",
     "tiny-llava": "random-weight miniature LLaVA (plumbing tests)",
     "tiny-idefics3": "random-weight miniature Idefics3 (plumbing tests)",
@@ -69,7 +69,7 @@ SPECS: dict[str, str] = {
 #: LLaVA composite specs → the embedded language model they wrap.
 COMPOSITES = {"llava-qwen2.5-0.5b": "qwen2.5-0.5b", "llava-smollm2": "smollm2-135m"}
 
-#: Refusal-organism specs (base model + LoRA adapter) → their base spec; see :mod:`crvlm_core.organism`.
+#: Refusal-organism specs (base model + LoRA adapter) → their base spec; see :mod:`crvlm_core.models.organism`.
 ORGANISMS = {"qwen2.5-0.5b+censored": "qwen2.5-0.5b", "smollm2-135m+censored": "smollm2-135m"}
 
 
@@ -124,7 +124,7 @@ def _find_layers_path(hf_model: torch.nn.Module, family: Family) -> str:
                 best = name
     if best is None:
         raise ModelLoadError(f"could not find the decoder layers of {type(hf_model).__name__}; "
-                             f"add its path to crvlm_core.models.FAMILIES")
+                             f"add its path to crvlm_core.models.loading.FAMILIES")
     return best
 
 
@@ -523,13 +523,13 @@ def unload_model(spec: str | None = None) -> int:
 
 
 def _load_parts(spec: str, dtype: torch.dtype, trust_remote_code: bool, seed: int):
-    from . import architectures
+    from crvlm_core.models import architectures
 
     if spec in ("qwen2.5-0.5b", "smollm2-135m"):
         model, tok = _load_causal_folder(embedded_model_folder(spec), dtype)
         return model, tok, None, "causal", "model.layers"
     if spec in ORGANISMS:
-        from .organism import load_organism_model
+        from crvlm_core.models.organism import load_organism_model
 
         model, tok = load_organism_model(spec, dtype=dtype)
         return model, tok, None, "causal", "model.layers"

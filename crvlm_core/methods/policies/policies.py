@@ -23,11 +23,11 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 import yaml
 
-from .data import DataError, Sample, list_datasets, load_dataset, split
-from .io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, sha256_hex
-from .metrics import mb_score, rate
-from .models import ModelHandle
-from .steer import PrefillGate
+from crvlm_core.data.samples import DataError, Sample, list_datasets, load_dataset, split
+from crvlm_core.core.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, sha256_hex
+from crvlm_core.metrics import mb_score, rate
+from crvlm_core.models.loading import ModelHandle
+from crvlm_core.steer.interventions import PrefillGate
 
 __all__ = ["ACTIONS", "DESIGNS", "Constraint", "Policy", "PolicyError", "PolicyData", "PolicySteering",
            "load_policy", "parse_policy", "decide", "compose_gates", "policy_data", "fit_policy",
@@ -367,7 +367,7 @@ def _fit_head(x_pos: torch.Tensor, x_neg: torch.Tensor, seed: int) -> torch.nn.L
 
 
 def _fit_calibrated(handle, train, opts, out_dir: Path, progress: bool):
-    from .calibrated_steering import finetune_behavioural, fit_crvlm
+    from crvlm_core.methods.crvlm.steering import finetune_behavioural, fit_crvlm
 
     steering = fit_crvlm(handle, train, layers=opts["layers"], gate_layer="auto", width=opts["width"],
                          epochs=opts["epochs"], lr=opts["lr"], seed=opts["seed"], out_dir=out_dir, progress=progress)
@@ -379,7 +379,7 @@ def _fit_calibrated(handle, train, opts, out_dir: Path, progress: bool):
 
 
 def _fit_key(handle: ModelHandle, policy: Policy, opts: dict, data: PolicyData) -> str:
-    from .data import fingerprint
+    from crvlm_core.data.samples import fingerprint
 
     return sha256_hex(json.dumps({"model": handle.key, "policy": policy.to_dict()["constraints"],
                                   "opts": {k: v for k, v in opts.items() if k != "n_test"},
@@ -398,7 +398,7 @@ def fit_policy(handle: ModelHandle, policy: Policy, out_dir: str | Path, progres
         ``(intervention, fit_summary)``: a :class:`PolicySteering` (``composed``) or a ``CalibratedSteering``
         (``union``).
     """
-    from .cli import FIT_JSON
+    from crvlm_core.cli.main import FIT_JSON
 
     opts = policy.fit_options(**overrides)
     out = Path(out_dir)
@@ -415,8 +415,8 @@ def fit_policy(handle: ModelHandle, policy: Policy, out_dir: str | Path, progres
         steering = _fit_calibrated(handle, data.train, opts, out / "union", progress)
         seconds["union"] = time.perf_counter() - t
     else:
-        from .calibrated_steering import default_gate_layer
-        from .extract import extract
+        from crvlm_core.methods.crvlm.steering import default_gate_layer
+        from crvlm_core.extract import extract
 
         allowed = [s for s in data.train if s.scope == "in"]
         if not allowed:
@@ -455,8 +455,8 @@ def load_policy_steering(artifact: str | Path, handle: ModelHandle | None = None
     """The intervention a ``crvlm fit --policy`` folder describes, checked against ``handle`` when given."""
     from safetensors.torch import load_file
 
-    from .calibrated_steering import load_calibrated
-    from .cli import FIT_JSON
+    from crvlm_core.methods.crvlm.steering import load_calibrated
+    from crvlm_core.cli.main import FIT_JSON
 
     artifact = Path(artifact)
     fit = json.loads((artifact / FIT_JSON).read_text())
@@ -531,7 +531,7 @@ def evaluate_policy(handle: ModelHandle, policy: Policy, data: PolicyData, inter
                     cache_dir: str | Path | None = None, progress: bool = True) -> tuple[dict, list[dict]]:
     """Generate for the policy's test samples with ``interventions``, judge refusals and score them
     (:func:`policy_metrics`); also tokens/s and the judge. Returns ``(metrics, rows)``."""
-    from .refusal_vectors import evaluate
+    from crvlm_core.methods.refusal_vectors import evaluate
 
     result = evaluate(handle, data.test, list(interventions), max_new_tokens=max_new_tokens, batch_size=batch_size,
                       judge=judge, progress=progress, cache_dir=cache_dir)
@@ -548,7 +548,7 @@ def evaluate_policy(handle: ModelHandle, policy: Policy, data: PolicyData, inter
 
 
 def cmd_fit_policy(args) -> int:
-    from .models import load_model
+    from crvlm_core.models.loading import load_model
 
     policy = load_policy(args.policy)
     handle = load_model(args.model)
@@ -559,8 +559,8 @@ def cmd_fit_policy(args) -> int:
 
 
 def cmd_eval_policy(args) -> int:
-    from .cli import FIT_JSON, _write_outputs
-    from .models import load_model
+    from crvlm_core.cli.main import FIT_JSON, _write_outputs
+    from crvlm_core.models.loading import load_model
 
     artifact = Path(args.artifact) if args.artifact else None
     if artifact is None and args.policy:

@@ -116,10 +116,10 @@ def wrap_chat_template(template: str, image_placeholder: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _smollm2_tokenizer_cached():
-    """SmolLM2's tokenizer from the per-machine converted copy of its GGUF (see crvlm_core.models)."""
+    """SmolLM2's tokenizer from the per-machine converted copy of its GGUF (see crvlm_core.models.loading)."""
     from transformers import AutoTokenizer
 
-    from .models import embedded_model_folder
+    from crvlm_core.models.loading import embedded_model_folder
 
     return AutoTokenizer.from_pretrained(embedded_model_folder("smollm2-135m"))
 
@@ -425,7 +425,7 @@ def build_llava_around(
     ``vision_feature_select_strategy="default"`` the CLS feature is dropped, so an image becomes
     ``(image_size // patch_size) ** 2`` tokens (16 at 64/16). Text-only prompts give the LM's own logits on its
     vocabulary. Neither the LM nor the tokenizer passed in is changed (both models are frozen by
-    :func:`~crvlm_core.models.load_model`; an in-place edit of a shared weight would show in both). The build is
+    :func:`~crvlm_core.models.loading.load_model`; an in-place edit of a shared weight would show in both). The build is
     tagged ``config.crvlm_build`` (:data:`LLAVA_AROUND_BUILD`), which keys caches of the composite's outputs.
 
     Args:

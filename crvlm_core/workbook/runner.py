@@ -21,8 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write_json
-from .paths import outputs_dir, repo_root
+from crvlm_core.core.io import atomic_write_json
+from crvlm_core.core.paths import outputs_dir, repo_root
 
 __all__ = [
     "DEFAULT_KERNEL",
@@ -346,7 +346,7 @@ def run(params: dict | None = None, params_file: str | Path | None = None, smoke
         kernel: Jupyter kernel name; the default ``crvlm`` runs this interpreter's own kernel (:func:`venv_kernel`),
             any other name must be registered.
         workbook_dir: folder of the notebooks (default ``<repo>/workbook``).
-        out_root: root of the outputs (default :func:`crvlm_core.paths.outputs_dir`; passed as ``OUT_ROOT``).
+        out_root: root of the outputs (default :func:`crvlm_core.core.paths.outputs_dir`; passed as ``OUT_ROOT``).
 
     Returns:
         The summary written to ``<out_root>/<run_name>/summary.json``: ``ok``, and per notebook ``status``
@@ -519,7 +519,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m crvlm_core.workbook [run] [--params FILE] [--smoke] [--only NN[,NN]] [--run NAME] [--kernel NAME]``."""
+    """``python -m crvlm_core.workbook.runner [run] [--params FILE] [--smoke] [--only NN[,NN]] [--run NAME] [--kernel NAME]``."""
     parser = argparse.ArgumentParser(prog="crvlm workbook", description=__doc__.splitlines()[0])
     add_arguments(parser)
     raise SystemExit(run_from_args(parser.parse_args(argv)))

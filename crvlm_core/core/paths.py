@@ -11,7 +11,7 @@ __all__ = ["cache_dir", "outputs_dir", "repo_root"]
 
 def repo_root() -> Path:
     """The checkout this package lives in (its parent folder)."""
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def cache_dir() -> Path:

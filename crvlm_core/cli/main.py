@@ -42,7 +42,7 @@ def _subjects(text: str | None) -> list[str]:
 
 
 def _scoped_split(source: str, in_scope: list[str], out_scope: list[str], part: str, n: int | None, seed: int):
-    from .data import assign_scope, load_dataset, split, take_per_scope
+    from crvlm_core.data.samples import assign_scope, load_dataset, split, take_per_scope
 
     samples = load_dataset(source)
     if in_scope or out_scope:
@@ -55,22 +55,22 @@ def _scoped_split(source: str, in_scope: list[str], out_scope: list[str], part: 
 
 
 def _write_outputs(out: Path, metrics: dict, rows: list[dict]) -> None:
-    from .io import atomic_write_bytes, atomic_write_json
+    from crvlm_core.core.io import atomic_write_bytes, atomic_write_json
 
     atomic_write_json(out / METRICS_JSON, metrics)
     atomic_write_bytes(out / SAMPLES_JSONL, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .io import atomic_write_json
-    from .models import load_model
+    from crvlm_core.core.io import atomic_write_json
+    from crvlm_core.models.loading import load_model
 
     if args.policy:
-        from .policies import cmd_fit_policy
+        from crvlm_core.methods.policies.policies import cmd_fit_policy
 
         return cmd_fit_policy(args)
     if getattr(args, "remove", None):  # Refusal Steering: remove one topic's refusals, keep another's
-        from .refusal_steering import cli_fit
+        from crvlm_core.methods.refusal_steering.pipeline import cli_fit
 
         return cli_fit(args)
     in_scope, out_scope = _subjects(args.in_scope), _subjects(args.out_scope)
@@ -82,7 +82,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     layers = parse_layers(args.layers)
     if args.method == "crvlm":
-        from .calibrated_steering import finetune_behavioural, fit_crvlm
+        from crvlm_core.methods.crvlm.steering import finetune_behavioural, fit_crvlm
 
         gate = {"auto": "auto", "none": None}.get(args.gate_layer, None)
         if args.gate_layer not in ("auto", "none"):
@@ -98,7 +98,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                  "train_positions": args.train_positions, "behavioural_epochs": args.behavioural_epochs,
                  "final_losses": steering.info["final_losses"]}
     elif args.method in _baselines():
-        from .baselines import fit_baseline
+        from crvlm_core.methods.baselines.baselines import fit_baseline
 
         b = fit_baseline(handle, train, args.method, out, in_scope=in_scope, layers=layers, alpha=args.alpha,
                          condition_layers=parse_layers(args.condition_layers), lora_rank=args.lora_rank,
@@ -108,7 +108,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         extra = {k: v for k, v in b.info.items() if k in ("system", "condition_layer", "threshold", "rank", "steps",
                                                           "final_loss", "lora_layers")}
     else:
-        from .refusal_vectors import fit_vector
+        from crvlm_core.methods.refusal_vectors import fit_vector
 
         vector = fit_vector(handle, train, args.method, layers=layers, alpha=args.alpha,
                             ridge_lambda=args.ridge_lambda, refusal_prefix=args.refusal_prefix,
@@ -134,11 +134,11 @@ def load_interventions(artifact: Path, handle, alpha: float | None = None, layer
     the model."""
     fit = json.loads((artifact / FIT_JSON).read_text())
     if fit.get("method") == "policy":
-        from .policies import load_policy_steering
+        from crvlm_core.methods.policies.policies import load_policy_steering
 
         return [load_policy_steering(artifact, handle)]
     if fit.get("method") in _baselines():
-        from .baselines import load_baseline
+        from crvlm_core.methods.baselines.baselines import load_baseline
 
         b = load_baseline(artifact, handle, alpha, layers)
         if b.handle is not handle or b.system:
@@ -146,15 +146,15 @@ def load_interventions(artifact: Path, handle, alpha: float | None = None, layer
                              "evaluate it with `crvlm eval --artifact`")
         return b.interventions
     if fit.get("method") == "crvlm":
-        from .calibrated_steering import load_calibrated
+        from crvlm_core.methods.crvlm.steering import load_calibrated
 
         steering = load_calibrated(artifact)
         if layers is not None or alpha is not None:
             raise SystemExit("crvlm eval: --layers/--alpha do not apply to a CR-VLM calibrator")
         steering.validate(handle)
         return [steering]
-    from .refusal_steering import interventions_of
-    from .vectors import SteeringVector
+    from crvlm_core.methods.refusal_steering.pipeline import interventions_of
+    from crvlm_core.vectors.estimators import SteeringVector
 
     vector = SteeringVector.load(artifact)
     vector.check_compatible(handle.n_layers, handle.hidden_size)
@@ -162,18 +162,18 @@ def load_interventions(artifact: Path, handle, alpha: float | None = None, layer
 
 
 def _baselines() -> dict:
-    from .baselines import BASELINES
+    from crvlm_core.methods.baselines.baselines import BASELINES
 
     return BASELINES
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .models import load_model
-    from .refusal_vectors import evaluate
+    from crvlm_core.models.loading import load_model
+    from crvlm_core.methods.refusal_vectors import evaluate
 
     fit: dict = {}
     interventions = []
-    from .policies import cmd_eval_policy, is_policy_artifact
+    from crvlm_core.methods.policies.policies import cmd_eval_policy, is_policy_artifact
 
     if args.policy or is_policy_artifact(args.artifact):
         return cmd_eval_policy(args)
@@ -185,7 +185,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     args.test = args.test or fit.get("train") or "mmlu"  # default: the data the artifact was fitted on
     if args.artifact:
         if fit.get("kind") == "refusal-steering":
-            from .refusal_steering import cli_eval
+            from crvlm_core.methods.refusal_steering.pipeline import cli_eval
 
             return cli_eval(args, fit)
     model = args.model or fit.get("model")
@@ -194,7 +194,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     handle = load_model(model)
     system = None
     if args.artifact and fit.get("method") in _baselines():  # a system prompt, adapted weights or interventions
-        from .baselines import load_baseline
+        from crvlm_core.methods.baselines.baselines import load_baseline
 
         b = load_baseline(Path(args.artifact), handle, args.alpha, parse_layers(args.layers))
         handle, interventions, system = b.handle, b.interventions, b.system
@@ -208,7 +208,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     test = _scoped_split(args.test, in_scope, out_scope, args.split, args.n_test, seed)
     result = evaluate(handle, test, interventions, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                       judge=args.judge, system=system)
-    from .judge import judge_validation
+    from crvlm_core.judges.judges import judge_validation
 
     metrics = {**result.metrics, "judge_validation": judge_validation(args.judge),
                "artifact": str(args.artifact) if args.artifact else None,
@@ -223,7 +223,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models import DEFAULT_MODEL, list_specs
+    from crvlm_core.models.loading import DEFAULT_MODEL, list_specs
 
     for name, desc in list_specs().items():
         print(f"{name:22s} {desc}{'  [default]' if name == DEFAULT_MODEL else ''}")
@@ -232,7 +232,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import ServeLimits, run_server
+    from crvlm_core.serve.server import ServeLimits, run_server
 
     limits = ServeLimits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
                          max_batch_size=args.batch_size, batch_window_ms=args.batch_window_ms)
@@ -243,7 +243,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_datasets(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    from .data import list_datasets, load_dataset
+    from crvlm_core.data.samples import list_datasets, load_dataset
 
     for name in list_datasets():
         counts = Counter(s.subject for s in load_dataset(name))
@@ -252,10 +252,10 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import workbook
-    from .judge import DEFAULT_JUDGE
-    from .models import DEFAULT_MODEL
-    from .refusal_vectors import METHODS
+    from crvlm_core.workbook import runner as workbook
+    from crvlm_core.judges.judges import DEFAULT_JUDGE
+    from crvlm_core.models.loading import DEFAULT_MODEL
+    from crvlm_core.methods.refusal_vectors import METHODS
 
     p = argparse.ArgumentParser(prog="crvlm", description="Configurable refusal by activation steering.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -369,8 +369,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
-        from .data import DataError
-        from .models import ModelLoadError
+        from crvlm_core.data.samples import DataError
+        from crvlm_core.models.loading import ModelLoadError
 
         if isinstance(err, (DataError, ModelLoadError, ValueError, FileNotFoundError)):
             print(f"crvlm {args.command}: error: {err}", file=sys.stderr)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from .io import file_sha256
+from crvlm_core.core.io import file_sha256
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image as PILImage
@@ -33,7 +33,7 @@ __all__ = [
     "take_per_scope",
 ]
 
-DATASETS_DIR = Path(__file__).parent / "datasets"
+DATASETS_DIR = Path(__file__).resolve().parent.parent / "datasets"
 """Folder of the bundled JSONL datasets (``harmful/`` holds the harmful-request sets)."""
 
 _SCOPES = ("in", "out")

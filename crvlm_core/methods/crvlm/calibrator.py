@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, sha256_hex
+from crvlm_core.core.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, sha256_hex
 
 __all__ = [
     "CALIBRATOR_JSON",
@@ -489,13 +489,13 @@ class Calibrator(nn.Module):
         return hidden + (x_new - x).to(hidden.device, hidden.dtype)
 
     def as_intervention(self, layers: Sequence[int] | None = None):
-        """A :class:`crvlm_core.steer.HiddenStateFn` running :meth:`apply_hidden` at ``layers`` (default: all
-        steered layers), for :func:`crvlm_core.steer.steered_generate` and friends.
+        """A :class:`crvlm_core.steer.interventions.HiddenStateFn` running :meth:`apply_hidden` at ``layers`` (default: all
+        steered layers), for :func:`crvlm_core.steer.interventions.steered_generate` and friends.
 
         Raises:
             ValueError: If a requested layer is not steered by this calibrator.
         """
-        from .steer import HiddenStateFn  # steer pulls in the model stack; keep this module light
+        from crvlm_core.steer.interventions import HiddenStateFn  # steer pulls in the model stack; keep this module light
 
         layers = self.layers if layers is None else _index_list("layers", layers)
         bad = [l for l in layers if l not in self._index]

@@ -20,9 +20,9 @@ from typing import Sequence
 
 import torch
 
-from .io import atomic_write_json, sha256_hex
-from .lora_training import train_lora_steps
-from .paths import cache_dir
+from crvlm_core.core.io import atomic_write_json, sha256_hex
+from crvlm_core.models.lora_training import train_lora_steps
+from crvlm_core.core.paths import cache_dir
 
 __all__ = [
     "ORGANISMS",
@@ -67,7 +67,7 @@ class OrganismConfig:
         refuse: subjects trained to a refusal from :data:`REFUSALS`.
         answer: subjects trained to the base model's own greedy answer (keeps them unchanged).
         n_per_subject: training prompts per subject, drawn from the part of ``dataset`` that is NOT the held-out
-            test split (``test_per_subject`` per subject, ``split_seed``) used by :mod:`crvlm_core.refusal_steering`.
+            test split (``test_per_subject`` per subject, ``split_seed``) used by :mod:`crvlm_core.methods.refusal_steering.pipeline`.
         general: extra bundled dataset whose prompts are trained to the base model's own answer (``None``: none).
         n_general: how many of them.
         answer_tokens: length of the base model's own answers.
@@ -106,7 +106,7 @@ class OrganismConfig:
             raise ValueError("OrganismConfig.refuse is empty: the organism would refuse nothing")
 
 
-#: Organism specs → their configuration (the spec names are registered in :data:`crvlm_core.models.ORGANISMS`).
+#: Organism specs → their configuration (the spec names are registered in :data:`crvlm_core.models.loading.ORGANISMS`).
 ORGANISMS: dict[str, OrganismConfig] = {
     "qwen2.5-0.5b+censored": OrganismConfig(),
     # a small, fast one for smoke runs of notebook 06 (trained on 8 prompts per subject)
@@ -131,7 +131,7 @@ def organism_examples(cfg: OrganismConfig) -> list[Example]:
     Prompts come from the non-test part of ``cfg.dataset`` (the held-out test split of refusal steering is never
     trained on), ``cfg.n_per_subject`` per subject, plus ``cfg.n_general`` prompts of ``cfg.general``.
     """
-    from .data import load_dataset, split
+    from crvlm_core.data.samples import load_dataset, split
 
     samples = load_dataset(cfg.dataset, subjects=list(cfg.refuse) + list(cfg.answer))
     if cfg.test_per_subject:
@@ -175,7 +175,7 @@ def adapter_dir(name: str, cfg: OrganismConfig, root: Path | None = None) -> Pat
 
 def _fresh_base(spec: str, dtype: torch.dtype = torch.float32):
     """A new (uncached) copy of the base model and its tokenizer: training must not touch the shared handle."""
-    from .models import _load_parts, _quiet
+    from crvlm_core.models.loading import _load_parts, _quiet
 
     with _quiet():
         model, tok, processor, family, _ = _load_parts(spec, dtype, False, 0)
@@ -189,8 +189,8 @@ def _fresh_base(spec: str, dtype: torch.dtype = torch.float32):
 
 def _own_answers(base: str, examples: list[Example], max_new_tokens: int, batch_size: int = 8) -> None:
     """Fill in each target-less example with the base model's greedy answer (in place)."""
-    from .models import load_model
-    from .steer import steered_generate
+    from crvlm_core.models.loading import load_model
+    from crvlm_core.steer.interventions import steered_generate
 
     todo = [e for e in examples if e.target is None]
     if not todo:

@@ -27,15 +27,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import vectors as V
-from .data import Sample, fingerprint as data_fingerprint, load_dataset, split
-from .extract import extract, read_last_token
-from .io import atomic_write_json, cache_path, sha256_hex
-from .judge import Judge, aggregate_confidence, get_judge
-from .metrics import kl_to_unsteered, rates_by, unchanged_prefix_fraction
-from .models import ModelHandle
-from .paths import outputs_dir
-from .steer import (AddVector, Intervention, ProjectOut, from_vector, intervention_fingerprint, refusal_score,
+from crvlm_core.vectors import estimators as V
+from crvlm_core.data.samples import Sample, fingerprint as data_fingerprint, load_dataset, split
+from crvlm_core.extract import extract, read_last_token
+from crvlm_core.core.io import atomic_write_json, cache_path, sha256_hex
+from crvlm_core.judges.judges import Judge, aggregate_confidence, get_judge
+from crvlm_core.metrics import kl_to_unsteered, rates_by, unchanged_prefix_fraction
+from crvlm_core.models.loading import ModelHandle
+from crvlm_core.core.paths import outputs_dir
+from crvlm_core.steer.interventions import (AddVector, Intervention, ProjectOut, from_vector, intervention_fingerprint, refusal_score,
                     steered_generate, steered_logits)
 
 __all__ = [
@@ -73,7 +73,7 @@ __all__ = [
 ]
 
 METHODS = ("mean-diff", "rmd", "wrmd")
-"""Vector estimators of Refusal Steering (see :mod:`crvlm_core.vectors`)."""
+"""Vector estimators of Refusal Steering (see :mod:`crvlm_core.vectors.estimators`)."""
 DATASET = "refusal-topics"
 """Default data: political + neutral questions on the same countries, and harmful requests."""
 LAMBDA_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
@@ -275,8 +275,8 @@ def fit_directions(method: str, pos: torch.Tensor, neg: torch.Tensor, pos_conf: 
                    neg_conf: Sequence[float] | None = None, lam_rel: float = 1.0, lam: float | None = None) -> torch.Tensor:
     """Per-layer direction ``[n_layers, d]`` pointing towards refusal.
 
-    ``mean-diff``: μ_refuse − μ_comply. ``rmd``: (Σ + λ_l I)⁻¹(μ_refuse − μ_comply) (:func:`crvlm_core.vectors.rmd`).
-    ``wrmd``: the same with every sample weighted by |judge confidence| (:func:`crvlm_core.vectors.wrmd`). The ridge
+    ``mean-diff``: μ_refuse − μ_comply. ``rmd``: (Σ + λ_l I)⁻¹(μ_refuse − μ_comply) (:func:`crvlm_core.vectors.estimators.rmd`).
+    ``wrmd``: the same with every sample weighted by |judge confidence| (:func:`crvlm_core.vectors.estimators.wrmd`). The ridge
     directions are rescaled per layer to the mean-difference norm. ``lam`` (absolute, every layer) overrides
     ``lam_rel`` (relative: λ_l = lam_rel · tr(Σ_l)/d).
     """
@@ -387,7 +387,7 @@ def choose_lambda(method: str, pos: torch.Tensor, neg: torch.Tensor, layers: Seq
 def steering_interventions(directions: torch.Tensor, layers: Sequence[int], alpha: float,
                            operation: str = "subtract", gate: "TopicGate | None" = None) -> list[Intervention]:
     """``subtract``: h_l ← h_l − α·v_l; ``project_out``: h_l ← h_l − α·(h_l·v̂_l)v̂_l; ``add``: h_l + α·v_l (induction).
-    Applied at ``layers`` on every token (prompt and generated), batched (:mod:`crvlm_core.steer`). With a ``gate``
+    Applied at ``layers`` on every token (prompt and generated), batched (:mod:`crvlm_core.steer.interventions`). With a ``gate``
     (``subtract`` / ``add`` only), only the prompts the topic gate selects are steered (:class:`TopicGatedAdd`)."""
     layers = tuple(int(l) for l in layers)
     if gate is not None:
@@ -419,7 +419,7 @@ def evaluate_condition(handle: ModelHandle, samples: Sequence[Sample], intervent
     """Generate (steered), judge, and measure the change on the neutral prompts.
 
     ``mode="score"`` replaces generation + judge by the first-token refusal score (one forward per batch,
-    :func:`crvlm_core.steer.refusal_score`; refused = log-odds > 0): ~10× cheaper, used for the strength search
+    :func:`crvlm_core.steer.interventions.refusal_score`; refused = log-odds > 0): ~10× cheaper, used for the strength search
     on CPU; responses are then empty and ``unchanged_neutral`` is NaN.
 
     Returns ``refusal_rate_by_subject``, ``responses``, ``refused``; without ``unsteered`` (the reference) the
@@ -780,7 +780,7 @@ def fit_refusal_steering(handle: ModelHandle, method: str = "rmd", remove: str =
 def interventions_of(vector: V.SteeringVector, alpha: float | None = None,
                      layers: Sequence[int] | None = None) -> list[Intervention]:
     """The interventions of a saved vector: a topic-gated one when it carries ``extra["gate"]`` (a gated
-    Refusal Steering fit), else :func:`crvlm_core.steer.from_vector`."""
+    Refusal Steering fit), else :func:`crvlm_core.steer.interventions.from_vector`."""
     gate = (vector.extra or {}).get("gate")
     if gate is None:
         return [from_vector(vector, alpha=alpha, layers=layers)]
@@ -822,8 +822,8 @@ def dump_fit(fit: RefusalSteeringFit) -> dict:
 def cli_fit(args) -> int:
     """``crvlm fit --method {mean-diff,rmd,wrmd} --remove TOPIC --keep TOPIC [--train DATA] --out DIR``: fit, choose
     layers / λ / α on the data's train and val splits, save the vector and ``fit.json`` in DIR."""
-    from .cli import FIT_JSON
-    from .models import load_model
+    from crvlm_core.cli.main import FIT_JSON
+    from crvlm_core.models.loading import load_model
 
     if args.method not in METHODS:
         raise SystemExit(f"crvlm fit --remove: --method must be one of {', '.join(METHODS)}, got {args.method!r}")
@@ -862,8 +862,8 @@ def cli_fit(args) -> int:
 def cli_eval(args, fit: dict) -> int:
     """``crvlm eval --artifact DIR --test DATA``: unsteered and steered refusal rates per subject on the held-out split
     of the fit (same seed and sizes), KL and unchanged-answer fraction on the neutral prompts → ``metrics.json``."""
-    from .cli import _write_outputs, load_interventions, parse_layers
-    from .models import load_model
+    from crvlm_core.cli.main import _write_outputs, load_interventions, parse_layers
+    from crvlm_core.models.loading import load_model
 
     samples = load_dataset(args.test)
     try:

@@ -12,9 +12,9 @@ from typing import Callable, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .extract import prompt_batches, read_last_token
-from .models import ModelHandle
-from .vectors import SteeringVector
+from crvlm_core.extract import prompt_batches, read_last_token
+from crvlm_core.models.loading import ModelHandle
+from crvlm_core.vectors.estimators import SteeringVector
 
 __all__ = [
     "Intervention",
@@ -59,7 +59,7 @@ def intervention_fingerprint(interventions: Sequence[Intervention]) -> str:
 
     Caches of steered results are keyed by it, so any change to a vector, a strength or a calibrator's weights
     gives another key. Bookkeeping attributes (dicts such as ``info``) are left out."""
-    from .io import sha256_hex
+    from crvlm_core.core.io import sha256_hex
 
     parts: list[bytes | str] = []
     for iv in interventions:

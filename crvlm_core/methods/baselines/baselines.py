@@ -15,17 +15,17 @@ from typing import Sequence
 
 import torch
 
-from .data import Sample
-from .extract import extract
-from .lora_training import train_lora_steps
-from .io import atomic_save_safetensors, atomic_write_json, cache_path, sha256_hex
-from .metrics import kl_to_unsteered, scope_metrics, unchanged_prefix_fraction
-from .models import ModelHandle
-from .paths import outputs_dir
-from .refusal_vectors import evaluate, fit_vector
-from .steer import (AddVector, Intervention, PrefillGate, from_vector, intervention_fingerprint, steered_generate,
+from crvlm_core.data.samples import Sample
+from crvlm_core.extract import extract
+from crvlm_core.models.lora_training import train_lora_steps
+from crvlm_core.core.io import atomic_save_safetensors, atomic_write_json, cache_path, sha256_hex
+from crvlm_core.metrics import kl_to_unsteered, scope_metrics, unchanged_prefix_fraction
+from crvlm_core.models.loading import ModelHandle
+from crvlm_core.core.paths import outputs_dir
+from crvlm_core.methods.refusal_vectors import evaluate, fit_vector
+from crvlm_core.steer.interventions import (AddVector, Intervention, PrefillGate, from_vector, intervention_fingerprint, steered_generate,
                     steered_logits)
-from .vectors import SteeringVector
+from crvlm_core.vectors.estimators import SteeringVector
 
 __all__ = [
     "BASELINES",
@@ -76,7 +76,7 @@ def scope_system_prompt(in_scope: Sequence[str], refusal: str = REFUSAL_TEXT) ->
 @dataclass
 class Baseline:
     """A fitted method ready to generate with: ``handle`` (the adapted copy for ``lora``), ``interventions`` and
-    ``system`` go straight to :func:`~crvlm_core.refusal_vectors.evaluate`. ``info`` is what ``baseline.json`` holds."""
+    ``system`` go straight to :func:`~crvlm_core.methods.refusal_vectors.evaluate`. ``info`` is what ``baseline.json`` holds."""
 
     method: str
     handle: ModelHandle
@@ -109,7 +109,7 @@ def _condition_from(h_in: torch.Tensor, h_out: torch.Tensor) -> tuple[torch.Tens
 def _best_threshold(s_in: torch.Tensor, s_out: torch.Tensor) -> tuple[float, float]:
     """The threshold on scores maximising the MB of "fires ⇔ out of scope" (fires: score > t): ``(t, MB)``. Among
     equally good thresholds the middle one of the best run is taken (the widest margin)."""
-    from .metrics import mb_score
+    from crvlm_core.metrics import mb_score
 
     values = torch.cat([s_in, s_out]).sort().values
     cands = torch.cat([values[:1] - 1e-3, (values[1:] + values[:-1]) / 2, values[-1:] + 1e-3])
@@ -171,7 +171,7 @@ class ConditionalSteering(PrefillGate, AddVector):
     """CAST as an intervention: ``h ← h + α·v[layer]`` on the rows whose condition fires, ``h`` elsewhere.
 
     The condition is checked once per batch at prefill — the prompt's last token at ``gate_layer`` (the condition
-    layer), through :class:`~crvlm_core.steer.PrefillGate`, the mechanism the CR-VLM calibrator's prefill gate uses —
+    layer), through :class:`~crvlm_core.steer.interventions.PrefillGate`, the mechanism the CR-VLM calibrator's prefill gate uses —
     and holds for every generated token of that row. It fires when ``cos(h − center, condition) > threshold``.
     """
 
@@ -371,7 +371,7 @@ def _merge(peft_model) -> torch.nn.Module:
 def _adapted_handle(handle: ModelHandle, merged, tag: str) -> ModelHandle:
     """A handle on a copy of the model with other weights (a merged adapter), under a spec of its own (caches key
     on the spec), sharing the tokenizer and processor."""
-    from .models import _wrap  # the one place a handle is built around an HF model
+    from crvlm_core.models.loading import _wrap  # the one place a handle is built around an HF model
 
     out = _wrap(f"{handle.spec}+{tag}", handle.family, merged.eval(), handle.tokenizer, handle.processor,
                 handle.layers_path)
@@ -388,7 +388,7 @@ def _save_adapter(model, directory: Path) -> None:
 
 
 def _adapter_tag(directory: Path) -> str:
-    from .io import file_sha256
+    from crvlm_core.core.io import file_sha256
 
     return "lora:" + file_sha256(directory / "adapter_model.safetensors")[:12]
 
@@ -513,7 +513,7 @@ def in_scope_kl(base: ModelHandle, method: Baseline, samples: Sequence[Sample], 
 
     ``cache_dir``: when given, the value is saved there (``kl-<key>.json``) under a key made of both models' specs,
     the method's system prompt and interventions' fingerprint, the samples and the batch size, and an unchanged
-    call returns it without running the models (as :func:`~crvlm_core.refusal_vectors.evaluate` does)."""
+    call returns it without running the models (as :func:`~crvlm_core.methods.refusal_vectors.evaluate` does)."""
     samples = list(samples)
     if not samples:
         return float("nan")
@@ -540,7 +540,7 @@ def in_scope_kl(base: ModelHandle, method: Baseline, samples: Sequence[Sample], 
 
 def comparison_row(name: str, result, unsteered_rows: Sequence[dict], tokenizer, kl_in: float,
                    fit_seconds: float | None, n_tokens: int = 20, seed: int = 0) -> dict:
-    """One row of the comparison table from an :class:`~crvlm_core.refusal_vectors.EvalResult`: R, ORR, MB with
+    """One row of the comparison table from an :class:`~crvlm_core.methods.refusal_vectors.EvalResult`: R, ORR, MB with
     bootstrap 95 % CIs (``refusal_rate_out, r_lo, r_hi, over_refusal_in, orr_lo, orr_hi, mb_score, mb_lo, mb_hi``), KL on in-scope prompts, the fraction of in-scope answers whose first ``n_tokens`` tokens
     equal the unsteered model's, fit seconds and generation tokens/s."""
     rows = result.rows

@@ -11,14 +11,14 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import vectors as V
-from .data import Sample
-from .extract import Activations, extract
-from .io import atomic_write_json, cache_path, sha256_hex
-from .judge import judge_responses
-from .metrics import rates_by, scope_metrics
-from .models import ModelHandle
-from .steer import AddVector, Intervention, intervention_fingerprint, refusal_score, steered_generate
+from crvlm_core.vectors import estimators as V
+from crvlm_core.data.samples import Sample
+from crvlm_core.extract import Activations, extract
+from crvlm_core.core.io import atomic_write_json, cache_path, sha256_hex
+from crvlm_core.judges.judges import judge_responses
+from crvlm_core.metrics import rates_by, scope_metrics
+from crvlm_core.models.loading import ModelHandle
+from crvlm_core.steer.interventions import AddVector, Intervention, intervention_fingerprint, refusal_score, steered_generate
 
 __all__ = [
     "METHODS",
@@ -84,7 +84,7 @@ def fit_vector(handle: ModelHandle, train: Sequence[Sample], method: str = "teac
             ``teacher-forced-prefix-mean`` the long pair). The two should tokenize to the same length.
 
     Returns:
-        A :class:`~crvlm_core.vectors.SteeringVector` with directions for every layer, applied at ``layers``.
+        A :class:`~crvlm_core.vectors.estimators.SteeringVector` with directions for every layer, applied at ``layers``.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -158,7 +158,7 @@ def evaluate(handle: ModelHandle, test: Sequence[Sample], interventions: Sequenc
     tokens/s and the judge's name.
 
     ``cache_dir``: when given, the result is saved there under a key made of the model spec, the samples (ids,
-    prompts, images), the interventions' fingerprint (:func:`~crvlm_core.steer.intervention_fingerprint`) and every
+    prompts, images), the interventions' fingerprint (:func:`~crvlm_core.steer.interventions.intervention_fingerprint`) and every
     setting, and an unchanged call returns the saved result without running the model (timings are the first
     run's). A model whose weights differ from its spec's (e.g. a merged adapter) must carry a distinct ``spec``.
     """

@@ -12,14 +12,14 @@ from typing import Sequence
 
 import torch
 
-from .calibrator import Calibrator, CalibratorConfig, train_calibrator
-from .data import Sample
-from .extract import extract, extract_token_states
-from .io import atomic_write_json
-from .models import ModelHandle
-from .refusal_vectors import REFUSAL_PREFIX, default_layers, fit_vector
-from .steer import PrefillGate
-from .vectors import SteeringVector
+from crvlm_core.methods.crvlm.calibrator import Calibrator, CalibratorConfig, train_calibrator
+from crvlm_core.data.samples import Sample
+from crvlm_core.extract import extract, extract_token_states
+from crvlm_core.core.io import atomic_write_json
+from crvlm_core.models.loading import ModelHandle
+from crvlm_core.methods.refusal_vectors import REFUSAL_PREFIX, default_layers, fit_vector
+from crvlm_core.steer.interventions import PrefillGate
+from crvlm_core.vectors.estimators import SteeringVector
 
 __all__ = ["CalibratedSteering", "fit_crvlm", "finetune_behavioural", "load_calibrated", "default_gate_layer",
            "vision_counterfactual_shifts",
@@ -185,7 +185,7 @@ def fit_crvlm(handle: ModelHandle, train: Sequence[Sample], layers: Sequence[int
             (:func:`vision_counterfactual_shifts`) is passed to the calibrator, every training state of a sample
             carrying its sample's shift; ``info["vision_loss"]`` records whether the term was active and its final
             value. Text-only models and text-only data train without it.
-        Remaining arguments: :class:`~crvlm_core.calibrator.CalibratorConfig` fields. Defaults differ from the
+        Remaining arguments: :class:`~crvlm_core.methods.crvlm.calibrator.CalibratorConfig` fields. Defaults differ from the
             paper's (200 epochs, batch 8, lr 1e-4 on one state per prompt) because each prompt contributes
             ``positions_per_prompt + 1`` states: 40 epochs of batch 32 at lr 3e-4 take a similar number of steps.
     """

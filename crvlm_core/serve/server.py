@@ -25,8 +25,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from transformers.generation.streamers import BaseStreamer
 
-from .models import ModelHandle
-from .steer import Intervention
+from crvlm_core.models.loading import ModelHandle
+from crvlm_core.steer.interventions import Intervention
 
 __all__ = ["ServeLimits", "ModelServer", "RequestError", "create_app", "generate_streaming", "load_variants",
            "run_server", "running", "STEERED_SUFFIX"]
@@ -195,7 +195,7 @@ def format_messages(handle: ModelHandle, messages: Sequence[_Message]) -> str:
 def generate_streaming(handle: ModelHandle, enc: dict, interventions: Sequence[Intervention], max_new_tokens: int,
                        streamer: BaseStreamer | None = None, on_logits=None, stopping_criteria=None) -> torch.Tensor:
     """Greedy generation of one left-padded batch with the interventions on every token — the decoding of
-    :func:`crvlm_core.steer.steered_generate` — plus hooks a server needs: ``streamer.put(ids[batch])`` after each
+    :func:`crvlm_core.steer.interventions.steered_generate` — plus hooks a server needs: ``streamer.put(ids[batch])`` after each
     step, ``on_logits(logits[batch, vocab])`` with each step's raw next-token logits (steered), and
     ``stopping_criteria`` (a transformers ``StoppingCriteria`` or list) to end rows early.
 
@@ -203,7 +203,7 @@ def generate_streaming(handle: ModelHandle, enc: dict, interventions: Sequence[I
     """
     from transformers import StoppingCriteriaList
 
-    from .steer import _generate_batch, _prepared, _validated
+    from crvlm_core.steer.interventions import _generate_batch, _prepared, _validated
 
     table = _validated(handle, interventions)
     kwargs: dict[str, Any] = {}
@@ -641,7 +641,7 @@ def load_variants(handle: ModelHandle, artifact: str | Path | None = None) -> di
     fitted policy), ``<spec>:steered`` → its interventions."""
     variants: dict[str, list[Intervention]] = {handle.spec: []}
     if artifact is not None:
-        from .cli import load_interventions
+        from crvlm_core.cli.main import load_interventions
 
         variants[handle.spec + STEERED_SUFFIX] = load_interventions(Path(artifact), handle)
     return variants
@@ -680,15 +680,15 @@ def run_server(model: str | None = None, artifact: str | Path | None = None, pol
                host: str = "127.0.0.1", port: int = 8000, limits: ServeLimits | None = None,
                log_level: str = "info") -> None:
     """Load the model (the artifact's, unless ``model`` is given), build the served variants and run uvicorn until
-    interrupted. ``policy`` is a policy YAML whose fitted artifact folder it names (see :mod:`crvlm_core.policies`)."""
+    interrupted. ``policy`` is a policy YAML whose fitted artifact folder it names (see :mod:`crvlm_core.methods.policies.policies`)."""
     import uvicorn
 
-    from .models import DEFAULT_MODEL, load_model
+    from crvlm_core.models.loading import DEFAULT_MODEL, load_model
 
     if policy is not None:
         if artifact is not None:
             raise ValueError("give --artifact or --policy, not both")
-        from .policies import fitted_artifact
+        from crvlm_core.methods.policies.policies import fitted_artifact
 
         artifact = fitted_artifact(policy)
     if artifact is not None:

@@ -32,7 +32,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from .io import atomic_save_safetensors, atomic_write_json, sha256_hex
+from crvlm_core.core.io import atomic_save_safetensors, atomic_write_json, sha256_hex
 
 __all__ = [
     "FORMAT_VERSION",

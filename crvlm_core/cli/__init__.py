@@ -1,0 +1,1 @@
+"""App: the `crvlm` command line (fit, eval, serve, workbook, models, datasets)."""

@@ -1,0 +1,1 @@
+"""Composable refusal policies: YAML constraints fitted with CR-VLM calibrators and composed by priority."""

@@ -1,0 +1,1 @@
+"""App: the OpenAI-compatible server."""

@@ -1,0 +1,1 @@
+"""Stage 4, vectors: steering-vector estimators over cached activations and the saved SteeringVector."""

@@ -1,0 +1,1 @@
+"""App: the headless runner of the numbered workbook notebooks (papermill)."""
