@@ -68,10 +68,12 @@ def _files_of(folder: Path) -> dict[str, str]:
 
 
 def write_artifact(folder: str | os.PathLike, kind: str, write_files: Callable[[Path], None], *,
-                   config: dict, model: dict, inputs: dict | str, force: bool = False) -> Path:
+                   config: dict, model: dict, inputs: dict | str, force: bool = False,
+                   extra_json: dict[str, Any] | None = None) -> Path:
     """Write an artifact folder whole: ``write_files(tmp)`` fills a temporary folder beside ``folder`` with the
     tensors and any other files, the manifest is added with every file's SHA-256, and the temporary folder is
-    renamed to ``folder`` (an existing one, allowed by ``force``, is replaced only then).
+    renamed to ``folder`` (an existing one, allowed by ``force``, is replaced only then). ``extra_json`` maps file
+    names to JSON objects written into the folder too (the CLI's ``fit.json`` summary), hashed like the rest.
 
     Raises:
         ArtifactExists: ``folder`` is not empty and ``force`` is false (nothing is written).
@@ -84,6 +86,8 @@ def write_artifact(folder: str | os.PathLike, kind: str, write_files: Callable[[
     tmp.mkdir()
     try:
         write_files(tmp)
+        for name, obj in (extra_json or {}).items():
+            atomic_write_json(tmp / name, obj)
         manifest = {"kind": kind, "format_version": FORMAT_VERSION, "config": config, "model": model,
                     "inputs": inputs if isinstance(inputs, str) else fingerprint(inputs), "files": _files_of(tmp)}
         atomic_write_json(tmp / ARTIFACT_JSON, manifest)
