@@ -1,5 +1,5 @@
 """Batched residual-stream capture through nnsight: every decoder layer's output, read at one token position per
-sample (or averaged over a set of positions), streamed to CPU and cached on disk keyed by a fingerprint.
+sample (or averaged over a set of positions), streamed to CPU and cached (:mod:`crvlm_core.core.cache`) by fingerprint.
 
 Positions: ``last`` — the last prompt token, or with ``assistant_prefix`` the prefix's last token (teacher forcing);
 ``prefix-mean`` — the mean over the prefix's tokens; ``image-mean`` — the mean over image-token positions.
@@ -9,22 +9,21 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 import nnsight
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from crvlm_core.data.samples import Sample, fingerprint as data_fingerprint
-from crvlm_core.core.io import atomic_save_safetensors, atomic_write_json, sha256_hex
-from crvlm_core.models.loading import ModelHandle
-from crvlm_core.core.paths import outputs_dir
+from crvlm_core.core.cache import cached_tensors
+from crvlm_core.core.io import sha256_hex
+from crvlm_core.data.schema import Sample, fingerprint as data_fingerprint
+from crvlm_core.models.handle import ModelHandle
 
-__all__ = ["POSITIONS", "Activations", "image_batches", "prompt_batches", "extract", "extract_token_states", "extraction_fingerprint", "position_weights",
-           "read_last_token"]
+__all__ = ["POSITIONS", "Activations", "image_batches", "prompt_batches", "extract", "extract_token_states",
+           "extraction_fingerprint", "position_weights", "read_last_token"]
 
 POSITIONS = ("last", "prefix-mean", "image-mean")
 CACHE_VERSION = 1
@@ -164,10 +163,14 @@ def read_last_token(handle: ModelHandle, enc: dict, layers: Sequence[int]) -> to
 
 
 def extract_token_states(handle: ModelHandle, samples: Sequence[Sample], layers: Sequence[int], per_sample: int = 8,
-                         seed: int = 0, batch_size: int = 8, use_images: bool = True, cache: bool | str | Path = True,
-                         progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                         seed: int = 0, batch_size: int = 8, use_images: bool = True,
+                         cache_dir: bool | str | Path | None = True,
+                         progress: bool | str = True) -> tuple[torch.Tensor, torch.Tensor]:
     """States at several token positions of each prompt: the last one plus ``per_sample`` others drawn (seeded) from
     its real tokens — the positions a steering hook also sees at generation.
+
+    ``cache_dir``: True → ``outputs/cache/``, a path → that folder, None/False → no cache (entry ``token-states``).
+    ``progress``: False hides the bar, a string names it.
 
     Returns:
         ``(acts [N, len(layers), d], owner [N])`` with ``owner[k]`` the index of the sample row ``k`` came from.
@@ -177,19 +180,29 @@ def extract_token_states(handle: ModelHandle, samples: Sequence[Sample], layers:
         raise ValueError("extract_token_states: no samples (empty split?)")
     layers = sorted({handle.check_layer(int(l)) for l in layers})
     use_images = use_images and handle.is_vlm
+    position = f"tokens:{per_sample}:{seed}"
     fp = extraction_fingerprint(handle, samples if use_images else [_without_image(s) for s in samples],
-                                f"tokens:{per_sample}:{seed}", layers, None, None)
-    folder = _cache_folder(cache)
-    if folder is not None:
-        try:  # entries written before the sidecar existed have none; the tensors are what counts here
-            loaded = load_file(str(folder / f"{fp}.safetensors"))
-            return loaded["acts"], loaded["owner"]
-        except Exception:  # missing or damaged: recompute
-            pass
+                                position, layers, None, None)
+    meta = {"model": handle.spec, "position": position, "layers": layers, "n": len(samples),
+            "hidden_size": handle.hidden_size, "use_images": use_images, "fingerprint": fp,
+            "ids": [s.id for s in samples]}
+    desc = progress if isinstance(progress, str) else "extract token states"
+
+    def compute() -> tuple[dict, dict]:
+        acts, owner = _token_states(handle, samples, layers, per_sample, seed, batch_size, use_images,
+                                    desc if progress else None)
+        return {"acts": acts, "owner": owner}, {**meta, "rows": len(acts)}
+
+    tensors, _, _ = cached_tensors(cache_dir, "token-states", fp, compute)
+    return tensors["acts"], tensors["owner"]
+
+
+def _token_states(handle: ModelHandle, samples: list[Sample], layers: list[int], per_sample: int, seed: int,
+                  batch_size: int, use_images: bool, desc: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     chunks, owners = [], []
     starts = range(0, len(samples), batch_size)
-    for start in tqdm(starts, desc="extract token states", disable=not progress, unit="batch"):
+    for start in tqdm(starts, desc=desc, disable=desc is None, unit="batch"):
         idx = list(range(start, min(start + batch_size, len(samples))))
         has_img = use_images and all(samples[k].image is not None for k in idx)
         images = [samples[k].load_image() for k in idx] if has_img else None
@@ -207,19 +220,13 @@ def extract_token_states(handle: ModelHandle, samples: Sequence[Sample], layers:
             pos = torch.cat([others, real[-1:]])
             chunks.append(full[r, pos])
             owners.append(torch.full((len(pos),), k))
-    acts, owner = torch.cat(chunks), torch.cat(owners)
-    if folder is not None:
-        _save_cached(folder, fp, {"acts": acts, "owner": owner},
-                     {"model": handle.spec, "position": f"tokens:{per_sample}:{seed}", "layers": layers,
-                      "n": len(samples), "rows": len(acts), "hidden_size": handle.hidden_size,
-                      "use_images": use_images, "fingerprint": fp, "ids": [s.id for s in samples]})
-    return acts, owner
+    return torch.cat(chunks), torch.cat(owners)
 
 
 def extract(handle: ModelHandle, samples: Sequence[Sample], *, position: str = "last", layers: Sequence[int] | None = None,
             system: str | None = None, assistant_prefix: str | None = None, batch_size: int = 8,
-            use_images: bool = True, cache: bool | str | Path = True, progress: bool = True,
-            desc: str | None = None) -> Activations:
+            use_images: bool = True, cache_dir: bool | str | Path | None = True,
+            progress: bool | str = True) -> Activations:
     """Capture decoder-layer outputs of every sample at every requested layer.
 
     Args:
@@ -231,11 +238,12 @@ def extract(handle: ModelHandle, samples: Sequence[Sample], *, position: str = "
         assistant_prefix: teacher-forced start of the assistant turn, e.g. ``"Sorry, I cannot"``.
         batch_size: prompts per forward pass (left-padded).
         use_images: feed each sample's image to a VLM (False reads the text alone).
-        cache: True → ``outputs/cache/activations``; a path → that folder; False → no cache.
-        progress: show a progress bar over batches.
+        cache_dir: True → ``outputs/cache/``; a path → that folder; None/False → no cache (entry ``activations``,
+            keyed by :func:`extraction_fingerprint`).
+        progress: a progress bar over batches: True shows it, a string shows it under that name, False hides it.
 
     Returns:
-        :class:`Activations` in the order of ``samples``.
+        :class:`Activations` in the order of ``samples`` (``from_cache`` tells whether they were read from the cache).
     """
     samples = list(samples)
     if not samples:
@@ -253,58 +261,27 @@ def extract(handle: ModelHandle, samples: Sequence[Sample], *, position: str = "
     meta = {"model": handle.spec, "position": position, "layers": layers, "system": system,
             "assistant_prefix": assistant_prefix, "n": len(samples), "hidden_size": handle.hidden_size,
             "use_images": use_images, "fingerprint": fp}
-    folder = _cache_folder(cache)
-    if folder is not None:
-        hit = _load_cached(folder, fp)
-        if hit is not None:
-            return hit
+    desc = progress if isinstance(progress, str) else f"extract {position}"
 
-    out = torch.empty(len(samples), len(layers), handle.hidden_size)
-    batches = prompt_batches(handle, [s.prompt for s in samples],
-                             [use_images and s.image is not None for s in samples], batch_size)
-    for has_img, idx in tqdm(batches, desc=desc or f"extract {position}", disable=not progress, unit="batch"):
-        prompts = [samples[k].prompt for k in idx]
-        images = [samples[k].load_image() for k in idx] if has_img else None
-        enc = handle.build_inputs(prompts, images, system, assistant_prefix)
-        w = position_weights(handle, enc, prompts, position, assistant_prefix, system, images)
-        out[idx] = _capture(handle, enc, w, layers)
-    if not torch.isfinite(out).all():
-        raise FloatingPointError("extract: non-finite activations (NaN/inf) — check the model and dtype")
-    result = Activations(out, [s.id for s in samples], layers, fp, meta)
-    if folder is not None:
-        _save_cached(folder, fp, {"acts": out}, {**meta, "ids": result.ids})
-    return result
+    def compute() -> tuple[dict, dict]:
+        out = torch.empty(len(samples), len(layers), handle.hidden_size)
+        batches = prompt_batches(handle, [s.prompt for s in samples],
+                                 [use_images and s.image is not None for s in samples], batch_size)
+        for has_img, idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
+            prompts = [samples[k].prompt for k in idx]
+            images = [samples[k].load_image() for k in idx] if has_img else None
+            enc = handle.build_inputs(prompts, images, system, assistant_prefix)
+            w = position_weights(handle, enc, prompts, position, assistant_prefix, system, images)
+            out[idx] = _capture(handle, enc, w, layers)
+        if not torch.isfinite(out).all():
+            raise FloatingPointError("extract: non-finite activations (NaN/inf) — check the model and dtype")
+        return {"acts": out}, {**meta, "ids": [s.id for s in samples]}
 
-
-def _cache_folder(cache: bool | str | Path) -> Path | None:
-    """The activation cache folder: ``True`` → ``outputs/cache/activations``, a path → that folder, ``False`` → none."""
-    if not cache:
-        return None
-    return Path(cache) if not isinstance(cache, bool) else outputs_dir() / "cache" / "activations"
-
-
-def _save_cached(folder: Path, fp: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """One cache entry: ``<fp>.safetensors`` and its ``<fp>.json`` sidecar (what was read, and the sample ids)."""
-    atomic_save_safetensors(folder / f"{fp}.safetensors", tensors)
-    atomic_write_json(folder / f"{fp}.json", meta)
+    tensors, stored, hit = cached_tensors(cache_dir, "activations", fp, compute)
+    stored = dict(stored)
+    ids = stored.pop("ids")
+    return Activations(tensors["acts"], ids, list(stored["layers"]), fp, stored, from_cache=hit)
 
 
 def _without_image(s: Sample) -> Sample:
-    from dataclasses import replace
-
     return replace(s, image=None)
-
-
-def _load_cached(folder: Path, fp: str) -> Activations | None:
-    tensors, sidecar = folder / f"{fp}.safetensors", folder / f"{fp}.json"
-    if not (tensors.exists() and sidecar.exists()):
-        return None
-    try:
-        meta = json.loads(sidecar.read_text())
-        acts = load_file(str(tensors))["acts"]
-    except Exception:  # a damaged cache entry is recomputed, never trusted
-        return None
-    if acts.shape[0] != len(meta.get("ids", [])):
-        return None
-    ids = meta.pop("ids")
-    return Activations(acts, ids, list(meta["layers"]), fp, meta, from_cache=True)

@@ -6,13 +6,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from crvlm_core.models.architectures import (
-    TINY_FAMILIES,
-    VLMParts,
-    build_llava_around,
-    build_tiny_vlm,
-    wrap_chat_template,
-)
+from crvlm_core.models.llava import build_llava_around
+from crvlm_core.models.tiny_vlms import TINY_FAMILIES, build_tiny_vlm
+from crvlm_core.models.vlm_parts import VLMParts, wrap_chat_template
 
 QUESTION = "What is the function of mitochondria?"
 
@@ -164,7 +160,9 @@ def test_llava_around_toy_lm(tied, spare_rows, placeholder):
     tokenizer with its own image placeholder inside the vocabulary (Qwen's ``<|image_pad|>``) keeps its rows."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from crvlm_core.models.architectures import LLAVA_AROUND_BUILD, _add_special, _tiny_tokenizer
+    from crvlm_core.models.llava import LLAVA_AROUND_BUILD
+    from crvlm_core.models.tiny_vlms import _tiny_tokenizer
+    from crvlm_core.models.vlm_parts import add_special_tokens as _add_special
 
     tok = _tiny_tokenizer()  # a fresh copy of SmolLM2's tokenizer
     tok.padding_side = "right"

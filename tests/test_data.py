@@ -1,4 +1,4 @@
-"""Tests for crvlm_core.data.samples: line-numbered errors, scopes, seeded splits, bundled datasets."""
+"""Tests for crvlm_core.data (schema, bundled, splits): line-numbered errors, scopes, seeded splits, bundled datasets."""
 
 from __future__ import annotations
 
@@ -14,17 +14,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from crvlm_core.data.samples import (
-    DataError,
-    Sample,
-    assign_scope,
-    fingerprint,
-    list_datasets,
-    load_dataset,
-    read_jsonl,
-    scope_dataset,
-    split,
-)
+from crvlm_core.core.errors import InputError
+from crvlm_core.data.bundled import list_datasets, load_dataset
+from crvlm_core.data.schema import DataError, Sample, fingerprint, read_jsonl
+from crvlm_core.data.splits import assign_scope, scope_dataset, split
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -192,7 +185,7 @@ def test_split_errors():
 
 def test_split_independent_of_hash_seed(tmp_path):
     code = (
-        "from crvlm_core.data.samples import Sample, assign_scope, split\n"
+        "from crvlm_core.data.schema import Sample\nfrom crvlm_core.data.splits import assign_scope, split\n"
         "s = [Sample(f'x{i}', 'p', 'ab'[i % 2]) for i in range(40)]\n"
         "tr, te = split(assign_scope(s, ['a']), n_train=5, n_test=5, seed=3)\n"
         "print(','.join(x.id for x in tr + te))\n"
@@ -286,7 +279,7 @@ def test_scope_dataset_paper_sized_split():
 
 
 def test_take_per_scope_is_a_prefix_of_a_larger_split():
-    from crvlm_core.data.samples import take_per_scope
+    from crvlm_core.data.splits import take_per_scope
 
     samples = assign_scope(load_dataset("mmlu"), in_scope=["biology"])
     _, big = split(samples, n_train=10, n_test=6, seed=42)
@@ -296,3 +289,10 @@ def test_take_per_scope_is_a_prefix_of_a_larger_split():
     assert take_per_scope(big, 0) == []
     with pytest.raises(DataError):
         take_per_scope(big, -1)
+
+
+def test_data_error_is_an_input_error_and_the_old_module_still_exports():
+    import crvlm_core.data.samples as old
+
+    assert issubclass(DataError, InputError) and issubclass(DataError, ValueError)
+    assert old.Sample is Sample and old.split is split and old.load_dataset is load_dataset

@@ -7,9 +7,12 @@ import pytest
 import torch
 
 from crvlm_core.data.samples import Sample, load_dataset
+from crvlm_core.core.cache import entry_path
 from crvlm_core.extract import extract
 from crvlm_core.models.loading import load_model
-from crvlm_core.steer.interventions import AddVector, HiddenStateFn, ProjectOut, refusal_score, steered_generate, steered_logits
+from crvlm_core.steer.generate import steered_generate
+from crvlm_core.steer.interventions import AddVector, HiddenStateFn, ProjectOut
+from crvlm_core.steer.score import refusal_score, steered_logits
 
 PROMPTS = ["What is a cell?", "Explain in detail how photosynthesis converts light into chemical energy.",
            "Name a planet."]
@@ -20,10 +23,10 @@ def _samples(prompts=PROMPTS):
 
 
 def test_batched_extraction_equals_single_prompts(smollm2):
-    batched = extract(smollm2, _samples(), cache=False, progress=False, batch_size=3)
+    batched = extract(smollm2, _samples(), cache_dir=False, progress=False, batch_size=3)
     assert batched.acts.shape == (3, 30, 576)
     for i, s in enumerate(_samples()):
-        single = extract(smollm2, [s], cache=False, progress=False)
+        single = extract(smollm2, [s], cache_dir=False, progress=False)
         assert torch.allclose(batched.acts[i], single.acts[0], atol=1e-4)
 
 
@@ -48,23 +51,23 @@ def test_length_grouped_batches_keep_the_callers_order(smollm2):
     assert padded([k for _, idx in batches for k in idx]) < padded([0, 1, 2, 3])
 
     samples = _samples(prompts)
-    batched = extract(smollm2, samples, cache=False, progress=False, batch_size=2)
+    batched = extract(smollm2, samples, cache_dir=False, progress=False, batch_size=2)
     scores = refusal_score(smollm2, prompts, batch_size=2)
     texts = steered_generate(smollm2, prompts, max_new_tokens=4, batch_size=2)
     for i, s in enumerate(samples):
-        assert torch.allclose(batched.acts[i], extract(smollm2, [s], cache=False, progress=False).acts[0], atol=1e-4)
+        assert torch.allclose(batched.acts[i], extract(smollm2, [s], cache_dir=False, progress=False).acts[0], atol=1e-4)
         assert torch.allclose(scores[i], refusal_score(smollm2, [s.prompt])[0], atol=1e-3)
         assert texts[i] == steered_generate(smollm2, [s.prompt], max_new_tokens=4)[0]
 
 
 def test_teacher_forced_read_is_the_prefix_last_token(smollm2):
     s = _samples()[:1]
-    tf = extract(smollm2, s, assistant_prefix="Sorry, I cannot", layers=[5], cache=False, progress=False)
+    tf = extract(smollm2, s, assistant_prefix="Sorry, I cannot", layers=[5], cache_dir=False, progress=False)
     enc = smollm2.build_inputs([s[0].prompt], assistant_prefix="Sorry, I cannot")
     with torch.no_grad():
         hs = smollm2.hf_model(**enc, output_hidden_states=True).hidden_states
     assert torch.allclose(tf.acts[0, 0], hs[6][0, -1], atol=1e-4)  # hidden_states[L+1] is layer L's output
-    mean = extract(smollm2, s, assistant_prefix="Sorry, I cannot", position="prefix-mean", layers=[5], cache=False,
+    mean = extract(smollm2, s, assistant_prefix="Sorry, I cannot", position="prefix-mean", layers=[5], cache_dir=False,
                    progress=False)
     n_prefix = enc["input_ids"].shape[1] - smollm2.build_inputs([s[0].prompt])["input_ids"].shape[1]
     assert torch.allclose(mean.acts[0, 0], hs[6][0, -n_prefix:].mean(0), atol=1e-4)
@@ -72,37 +75,37 @@ def test_teacher_forced_read_is_the_prefix_last_token(smollm2):
 
 def test_cache_hit_miss_and_invalidation(smollm2, tmp_path):
     s = _samples()
-    first = extract(smollm2, s, layers=[1, 2], cache=tmp_path, progress=False)
+    first = extract(smollm2, s, layers=[1, 2], cache_dir=tmp_path, progress=False)
     assert not first.from_cache and len(list(tmp_path.glob("*.safetensors"))) == 1
-    again = extract(smollm2, s, layers=[1, 2], cache=tmp_path, progress=False)
+    again = extract(smollm2, s, layers=[1, 2], cache_dir=tmp_path, progress=False)
     assert again.from_cache and torch.equal(first.acts, again.acts)
     changed = [replace(s[0], prompt="What is a virus?")] + s[1:]
-    other = extract(smollm2, changed, layers=[1, 2], cache=tmp_path, progress=False)
+    other = extract(smollm2, changed, layers=[1, 2], cache_dir=tmp_path, progress=False)
     assert not other.from_cache and other.fingerprint != first.fingerprint
-    assert not extract(smollm2, s, layers=[1, 3], cache=tmp_path, progress=False).from_cache
-    assert not extract(smollm2, s, layers=[1, 2], assistant_prefix="Sorry", cache=tmp_path, progress=False).from_cache
+    assert not extract(smollm2, s, layers=[1, 3], cache_dir=tmp_path, progress=False).from_cache
+    assert not extract(smollm2, s, layers=[1, 2], assistant_prefix="Sorry", cache_dir=tmp_path, progress=False).from_cache
     assert not list(tmp_path.glob("*.tmp*")), "atomic writes leave no temp files"
     # a damaged entry is recomputed, not trusted
-    (tmp_path / f"{first.fingerprint}.safetensors").write_bytes(b"garbage")
-    assert not extract(smollm2, s, layers=[1, 2], cache=tmp_path, progress=False).from_cache
+    (entry_path(tmp_path, "activations", first.fingerprint, ".safetensors")).write_bytes(b"garbage")
+    assert not extract(smollm2, s, layers=[1, 2], cache_dir=tmp_path, progress=False).from_cache
 
 
 def test_token_states_cover_the_last_token_and_are_cached(smollm2, tmp_path):
     from crvlm_core.extract import extract_token_states
 
     s = _samples()
-    acts, owner = extract_token_states(smollm2, s, layers=[2, 1], per_sample=3, cache=tmp_path, progress=False)
+    acts, owner = extract_token_states(smollm2, s, layers=[2, 1], per_sample=3, cache_dir=tmp_path, progress=False)
     assert acts.shape[1:] == (2, smollm2.hidden_size) and acts.shape[0] == owner.shape[0] == 4 * len(s)
     assert owner.tolist() == [k for k in range(len(s)) for _ in range(4)]
-    last = extract(smollm2, s, layers=[1, 2], cache=False, progress=False).acts
+    last = extract(smollm2, s, layers=[1, 2], cache_dir=False, progress=False).acts
     rows = torch.stack([acts[owner == k][-1] for k in range(len(s))])  # each sample's last row: its last token
     assert torch.allclose(rows, last, atol=1e-4)
-    sidecar = json.loads(next(tmp_path.glob("*.json")).read_text())
+    sidecar = json.loads(next(tmp_path.glob("*.json")).read_text())["meta"]
     assert sidecar["rows"] == len(acts) and sidecar["ids"] == [x.id for x in s] and sidecar["layers"] == [1, 2]
-    again = extract_token_states(smollm2, s, layers=[1, 2], per_sample=3, cache=tmp_path, progress=False)
+    again = extract_token_states(smollm2, s, layers=[1, 2], per_sample=3, cache_dir=tmp_path, progress=False)
     assert torch.equal(again[0], acts) and torch.equal(again[1], owner)
     (next(tmp_path.glob("*.safetensors"))).write_bytes(b"garbage")  # damaged: recomputed
-    assert torch.allclose(extract_token_states(smollm2, s, layers=[1, 2], per_sample=3, cache=tmp_path,
+    assert torch.allclose(extract_token_states(smollm2, s, layers=[1, 2], per_sample=3, cache_dir=tmp_path,
                                                progress=False)[0], acts, atol=1e-5)
     with pytest.raises(ValueError, match="no samples"):
         extract_token_states(smollm2, [], layers=[1])
@@ -110,22 +113,22 @@ def test_token_states_cover_the_last_token_and_are_cached(smollm2, tmp_path):
 
 def test_extraction_bad_inputs(smollm2):
     with pytest.raises(ValueError, match="empty"):
-        extract(smollm2, [], cache=False)
+        extract(smollm2, [], cache_dir=False)
     with pytest.raises(ValueError, match="out of range"):
-        extract(smollm2, _samples(), layers=[30], cache=False)
+        extract(smollm2, _samples(), layers=[30], cache_dir=False)
     with pytest.raises(ValueError, match="unknown position"):
-        extract(smollm2, _samples(), position="middle", cache=False)
+        extract(smollm2, _samples(), position="middle", cache_dir=False)
     with pytest.raises(ValueError, match="needs an assistant_prefix"):
-        extract(smollm2, _samples(), position="prefix-mean", cache=False, progress=False)
+        extract(smollm2, _samples(), position="prefix-mean", cache_dir=False, progress=False)
 
 
 def test_image_positions_on_tiny_llava():
     h = load_model("tiny-llava")
     mm = load_dataset("mm_subjects", limit_per_subject=1)
-    acts = extract(h, mm, position="image-mean", cache=False, progress=False, batch_size=2)
+    acts = extract(h, mm, position="image-mean", cache_dir=False, progress=False, batch_size=2)
     assert acts.acts.shape == (len(mm), h.n_layers, h.hidden_size) and torch.isfinite(acts.acts).all()
-    text_only = extract(h, mm, use_images=False, cache=False, progress=False)
-    assert not torch.allclose(text_only.acts, extract(h, mm, cache=False, progress=False).acts)
+    text_only = extract(h, mm, use_images=False, cache_dir=False, progress=False)
+    assert not torch.allclose(text_only.acts, extract(h, mm, cache_dir=False, progress=False).acts)
 
 
 def _hooked(handle, interventions):
@@ -161,7 +164,6 @@ def test_steering_equals_plain_forward_hooks(smollm2):
     assert (ours - ref)[real].abs().max() < 1e-4
     assert steered_generate(smollm2, PROMPTS, ivs, max_new_tokens=8, batch_size=2) == ref_text
     assert steered_generate(smollm2, PROMPTS, [], max_new_tokens=8) == smollm2.generate(PROMPTS, max_new_tokens=8)
-
 
 def test_interventions_compose_and_callable_hook_point(smollm2):
     v = torch.randn(30, 576)

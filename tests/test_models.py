@@ -4,8 +4,10 @@ import nnsight
 import pytest
 import torch
 
-from crvlm_core.models.loading import loading as models
-from crvlm_core.models.loading import ModelLoadError, load_model
+from crvlm_core.core.errors import InputError
+from crvlm_core.models import embedded, loading, specs
+from crvlm_core.models.loading import load_model
+from crvlm_core.models.specs import ModelLoadError
 
 BIO = "What is the function of mitochondria in a cell?"
 
@@ -49,7 +51,7 @@ def test_left_padded_batch_equals_single_prompts(smollm2):
 
 
 def test_default_model_is_the_safety_tuned_qwen(qwen):
-    assert models.DEFAULT_MODEL == "qwen2.5-0.5b"
+    assert specs.DEFAULT_MODEL == "qwen2.5-0.5b"
     assert qwen.n_layers == 24 and qwen.hidden_size == 896
     answers = qwen.generate(["What happened at Tiananmen Square in 1989?", BIO], max_new_tokens=12)
     assert all(isinstance(a, str) and a for a in answers)
@@ -87,6 +89,7 @@ def test_bad_specs_give_clear_errors(tmp_path):
         load_model("tiny-gpt9")
     with pytest.raises(ModelLoadError, match="non-empty"):
         load_model("")
+    assert issubclass(ModelLoadError, InputError)  # the CLI prints it as one line and exits 2
 
 
 def test_missing_hub_model_offline_is_one_clear_error():
@@ -112,16 +115,16 @@ def test_bad_inputs_to_the_handle(smollm2):
 
 def test_qwen_gguf_checksum_mismatch_refuses_to_load(tmp_path, monkeypatch):
     monkeypatch.setenv("CRVLM_CACHE", str(tmp_path))
-    monkeypatch.setattr(models, "QWEN_SHA256", "0" * 64)
+    monkeypatch.setattr(embedded, "QWEN_SHA256", "0" * 64)
     with pytest.raises(ModelLoadError, match="refusing to load"):
-        models.qwen_gguf_path()
+        embedded.qwen_gguf_path()
     assert not list((tmp_path / "gguf").glob("*.gguf*")), "a rejected file must not be left behind"
 
 
 def test_qwen_gguf_assembles_to_the_published_hash():
-    path = models.qwen_gguf_path()
+    path = embedded.qwen_gguf_path()
     assert path.stat().st_size > 400e6
-    assert path.with_suffix(".sha256").read_text().strip() == models.QWEN_SHA256
+    assert path.with_suffix(".sha256").read_text().strip() == embedded.QWEN_SHA256
 
 
 # --- vision-language specs through the same handle ---------------------------------------------------------
@@ -193,7 +196,7 @@ def test_llava_qwen_without_image_equals_qwen(qwen):
 
 
 def test_local_vlm_folder_is_detected_as_llava(tmp_path):
-    from crvlm_core.models.architectures import build_tiny_vlm
+    from crvlm_core.models.tiny_vlms import build_tiny_vlm
 
     parts = build_tiny_vlm("llava", seed=0)
     parts.model.save_pretrained(tmp_path)
@@ -214,14 +217,15 @@ def test_unload_model_frees_the_weights_after_tracing_and_steering():
     import gc
     import weakref
 
-    from crvlm_core.data.samples import Sample
+    from crvlm_core.data.schema import Sample
     from crvlm_core.extract import extract
     from crvlm_core.models.loading import load_model, unload_model
-    from crvlm_core.steer.interventions import AddVector, steered_generate
+    from crvlm_core.steer.generate import steered_generate
+    from crvlm_core.steer.interventions import AddVector
 
     handle = load_model("tiny-llava", seed=7)
     assert load_model("tiny-llava", seed=7) is handle
-    extract(handle, [Sample("a", "Hello there", "x", None)], layers=[0], cache=False, progress=False)
+    extract(handle, [Sample("a", "Hello there", "x", None)], layers=[0], cache_dir=False, progress=False)
     steered_generate(handle, ["Hi"], [AddVector(torch.ones(handle.n_layers, handle.hidden_size), [0], 1.0)],
                      max_new_tokens=2, progress=False)
     weights = weakref.ref(handle.hf_model)
@@ -237,7 +241,7 @@ def test_composite_vlm_drops_a_base_it_loaded_only_to_copy():
     two); a base the caller had loaded stays cached and is the same handle."""
     from crvlm_core.models.loading import load_model, unload_model
 
-    cached = lambda spec: [k for k in models._CACHE if k[0] == spec]
+    cached = lambda spec: [k for k in loading._CACHE if k[0] == spec]
     unload_model("smollm2-135m")
     vlm = load_model("llava-smollm2", seed=11, reload=True)
     assert vlm.is_vlm and not cached("smollm2-135m")
@@ -245,3 +249,54 @@ def test_composite_vlm_drops_a_base_it_loaded_only_to_copy():
     load_model("llava-smollm2", seed=12, reload=True)
     assert cached("smollm2-135m") and load_model("smollm2-135m") is base
     unload_model("llava-smollm2")
+
+
+def test_organism_adapter_is_an_artifact_reused_whole_and_rebuilt_when_damaged(tmp_path):
+    """The adapter folder is an artifact of kind ``organism``: reused while every hash checks out, rebuilt (same
+    folder, same key) when a file is damaged or the manifest is missing, and checked again on load."""
+    import json
+
+    from transformers import LlamaForCausalLM
+
+    from crvlm_core.core.artifacts import read_manifest
+    from crvlm_core.models.organism import KIND, OrganismConfig, build_adapter, load_organism_model
+    from crvlm_core.models.tiny_vlms import _llama_text_config, _tiny_tokenizer
+
+    tok = _tiny_tokenizer()
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    LlamaForCausalLM(_llama_text_config(tok)).save_pretrained(base)
+    tok.save_pretrained(base)
+    cfg = OrganismConfig(base=str(base), n_per_subject=1, answer_tokens=2, epochs=1, batch_size=3, rank=2,
+                         target_modules=("q_proj",), lr=1e-2)
+    root = tmp_path / "organisms"
+    folder = build_adapter("t+censored", cfg, root=root, progress=False)
+    manifest = read_manifest(folder, kinds=(KIND,))
+    assert manifest["config"]["rank"] == 2 and manifest["model"]["n_layers"] == 2
+    assert {"adapter_model.safetensors", "organism.json", "examples.jsonl"} <= set(manifest["files"])
+    assert json.loads((folder / "organism.json").read_text())["key"] == folder.name.rsplit("-", 1)[-1]
+    stamp = (folder / "artifact.json").stat().st_mtime_ns
+    assert build_adapter("t+censored", cfg, root=root, progress=False) == folder
+    assert (folder / "artifact.json").stat().st_mtime_ns == stamp, "a whole adapter is reused, not retrained"
+    (folder / "adapter_model.safetensors").write_bytes(b"garbage")
+    assert build_adapter("t+censored", cfg, root=root, progress=False) == folder
+    read_manifest(folder, kinds=(KIND,))  # rebuilt whole
+    (folder / "artifact.json").unlink()  # a folder of the older format (no manifest) is rebuilt too
+    model, _ = load_organism_model("t+censored", cfg, root=root)
+    assert (folder / "artifact.json").is_file() and model.config.crvlm_organism == folder.name
+    assert sorted(p.name for p in root.iterdir()) == [folder.name], "no temporary folders are left behind"
+
+
+def test_extract_caches_under_cache_dir_and_names_its_progress_bar(tmp_path):
+    """``cache_dir`` is the one cache's folder (entry ``activations``); ``progress`` may be a bar's name."""
+    from crvlm_core.data.schema import Sample
+    from crvlm_core.extract import extract
+
+    handle = load_model("tiny-llava", seed=3)
+    samples = [Sample("a", "Hello there", "x"), Sample("b", "What is a cell?", "x")]
+    first = extract(handle, samples, layers=[0, 1], cache_dir=tmp_path, progress="tiny activations")
+    assert not first.from_cache and [p.name[:12] for p in tmp_path.glob("*.safetensors")] == ["activations-"]
+    again = extract(handle, samples, layers=[0, 1], cache_dir=tmp_path, progress=False)
+    assert again.from_cache and torch.equal(first.acts, again.acts) and again.ids == ["a", "b"]
+    assert again.meta == first.meta and again.layers == [0, 1]
+    assert not extract(handle, samples, layers=[0, 1], cache_dir=None, progress=False).from_cache

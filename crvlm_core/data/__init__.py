@@ -1,1 +1,9 @@
-"""Stage 1, data: the sample schema, JSONL loading with line-numbered errors, images, scopes, seeded splits and the bundled datasets."""
+"""Stage 1, data: the sample schema, JSONL loading with line-numbered errors, images, scopes, seeded splits and the bundled datasets.
+Re-exports for users (``from crvlm_core.data import load_dataset``); library modules import from the defining module."""
+
+from crvlm_core.data.bundled import list_datasets, load_dataset
+from crvlm_core.data.schema import DataError, Sample, fingerprint, read_jsonl
+from crvlm_core.data.splits import assign_scope, scope_dataset, split, take_per_scope
+
+__all__ = ["DataError", "Sample", "assign_scope", "fingerprint", "list_datasets", "load_dataset", "read_jsonl",
+           "scope_dataset", "split", "take_per_scope"]

@@ -1,0 +1,163 @@
+"""The sample schema: one prompt (optionally with an image) tagged with a subject and a scope; JSONL loading with
+line-numbered errors, image checks, and a content fingerprint of samples that keys caches."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+from crvlm_core.core.errors import InputError
+from crvlm_core.core.io import file_sha256
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image as PILImage
+
+__all__ = ["SCOPES", "DataError", "Sample", "fingerprint", "read_jsonl"]
+
+SCOPES = ("in", "out")
+"""The two scopes a sample can be tagged with."""
+_CORE_FIELDS = ("id", "prompt", "subject", "scope", "image")
+
+
+class DataError(InputError):
+    """Bad input data: every error raised by the data stage names the file and, where known, the line."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One prompt, optionally with an image, tagged with a subject and a scope.
+
+    Attributes:
+        id: Unique id within its dataset.
+        prompt: The text shown to the model (a plain question or request).
+        subject: Subject label used to define scopes (e.g. ``"biology"``).
+        scope: ``"in"`` / ``"out"`` once assigned (see :func:`assign_scope`), else ``None``.
+        image: Absolute path of the image, or ``None`` for text-only samples.
+        extra: Every other field of the JSONL record (choices, answer, source, refused, country, ...).
+    """
+
+    id: str
+    prompt: str
+    subject: str
+    scope: str | None = None
+    image: Path | None = None
+    extra: dict = field(default_factory=dict, hash=False)
+
+    def load_image(self) -> "PILImage.Image | None":
+        """Open the sample's image as RGB.
+
+        Returns:
+            An RGB PIL image, or ``None`` when the sample has no image.
+
+        Raises:
+            DataError: If the image file is missing or cannot be decoded.
+        """
+        if self.image is None:
+            return None
+        from PIL import Image
+
+        try:
+            with Image.open(self.image) as im:
+                return im.convert("RGB")
+        except (OSError, ValueError) as exc:
+            raise DataError(f"sample {self.id!r}: cannot read image {self.image}: {exc}") from exc
+
+
+def _check_image(path: Path, where: str) -> None:
+    from PIL import Image
+
+    if not path.is_file():
+        raise DataError(f"{where}: image file does not exist: {path}")
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as exc:  # PIL raises many types for corrupt files
+        raise DataError(f"{where}: image cannot be opened: {path} ({type(exc).__name__}: {exc})") from exc
+
+
+def read_jsonl(path: str | Path) -> list[Sample]:
+    """Read a JSONL file of samples, one JSON object per line.
+
+    Required keys: ``prompt`` and ``subject`` (non-empty strings). ``id`` defaults to
+    ``f"{file_stem}-{lineno}"``. ``image`` is a path relative to the JSONL file (or absolute) and
+    is checked with ``PIL.Image.verify`` here. ``scope`` must be ``"in"``, ``"out"`` or absent.
+    Every other key goes into :attr:`Sample.extra`. Blank lines are skipped.
+
+    Args:
+        path: The JSONL file.
+
+    Returns:
+        The samples in file order.
+
+    Raises:
+        DataError: Naming the file and the 1-based line number of the first bad record.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    samples: list[Sample] = []
+    seen: dict[str, int] = {}
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from exc
+            if not isinstance(rec, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            sid = rec.get("id", f"{path.stem}-{lineno}")
+            if not isinstance(sid, str) or not sid.strip():
+                raise DataError(f"{where}: `id` must be a non-empty string, got {sid!r}")
+            for key in ("prompt", "subject"):
+                val = rec.get(key)
+                if not isinstance(val, str) or not val.strip():
+                    what = "missing" if key not in rec else f"empty or not a string ({val!r})"
+                    raise DataError(f"{where}: `{key}` is {what}")
+            if sid in seen:
+                raise DataError(f"{where}: duplicate id {sid!r} (first seen on line {seen[sid]})")
+            seen[sid] = lineno
+            scope = rec.get("scope")
+            if scope is not None and scope not in SCOPES:
+                raise DataError(f"{where}: `scope` must be one of {SCOPES} or absent, got {scope!r}")
+            image = None
+            if rec.get("image") is not None:
+                if not isinstance(rec["image"], str) or not rec["image"].strip():
+                    raise DataError(f"{where}: `image` must be a path string, got {rec['image']!r}")
+                image = (path.parent / rec["image"]).resolve()
+                _check_image(image, where)
+            extra = {k: v for k, v in rec.items() if k not in _CORE_FIELDS}
+            samples.append(Sample(sid, rec["prompt"], rec["subject"], scope, image, extra))
+    return samples
+
+
+def fingerprint(samples: Iterable[Sample]) -> str:
+    """A stable content hash of samples, to key caches.
+
+    Covers, in order, each sample's id, prompt, subject, scope, extra fields and the SHA-256 of its
+    image bytes (not the image path, so moving the data folder keeps the fingerprint).
+
+    Args:
+        samples: The samples; order matters.
+
+    Returns:
+        The first 16 hex characters of a SHA-256 digest.
+    """
+    h = hashlib.sha256()
+    for s in samples:
+        rec = {
+            "id": s.id,
+            "prompt": s.prompt,
+            "subject": s.subject,
+            "scope": s.scope,
+            "image": None if s.image is None else file_sha256(Path(s.image)),
+            "extra": s.extra,
+        }
+        h.update(json.dumps(rec, sort_keys=True, ensure_ascii=False, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
