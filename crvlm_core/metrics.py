@@ -26,9 +26,35 @@ def mb_score(refusal_rate_out: float, over_refusal_in: float) -> float:
     return 0.0 if denom == 0 else 2.0 * refusal_rate_out * keep / denom
 
 
+def _percentile_bootstrap(samples: Sequence[np.ndarray], statistic: Callable, n_boot: int, alpha: float, seed: int,
+                          vectorized: bool = True) -> tuple[float, float]:
+    """Seeded percentile bootstrap interval (:func:`scipy.stats.bootstrap`) of ``statistic(*samples)``, each sample
+    resampled independently with replacement (the interval: quantiles ``alpha/2`` and ``1 − alpha/2`` of the
+    resampled statistics). A one-element sample is held fixed (scipy needs two or more; every
+    resample of it is the sample itself, and drawing its indices consumes no random numbers)."""
+    from scipy.stats import bootstrap
+
+    free = [i for i, x in enumerate(samples) if x.size > 1]
+    if not free:
+        value = float(statistic(*samples))
+        return value, value
+
+    def stat(*resampled, axis=-1):
+        it = iter(resampled)
+        return statistic(*[next(it) if i in free else x for i, x in enumerate(samples)])
+
+    res = bootstrap([samples[i] for i in free], stat, n_resamples=n_boot, confidence_level=1 - alpha,
+                    method="percentile", rng=np.random.default_rng(seed), vectorized=vectorized, paired=False)
+    # the quantiles of scipy's bootstrap distribution at alpha/2 and 1 - alpha/2 exactly (scipy's own interval
+    # goes through (1 - confidence_level)/2, which differs from alpha/2 in the last bit)
+    low, high = np.quantile(res.bootstrap_distribution, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
 def bootstrap_ci(values: Sequence[float], stat: Callable[[np.ndarray], float] = np.mean, n_boot: int = 1000,
                  alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of ``stat`` over ``values`` (flags count as 0/1).
+    """Percentile bootstrap confidence interval of ``stat`` over ``values`` (flags count as 0/1), through
+    :func:`scipy.stats.bootstrap`.
 
     Args:
         values: per-sample flags or values.
@@ -43,11 +69,16 @@ def bootstrap_ci(values: Sequence[float], stat: Callable[[np.ndarray], float] = 
     x = np.asarray([float(v) for v in values], dtype=np.float64)
     if x.size == 0:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, x.size, size=(n_boot, x.size))
-    stats = np.array([stat(x[i]) for i in idx]) if stat is not np.mean else x[idx].mean(1)
-    low, high = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
-    return float(low), float(high)
+    if stat is np.mean:
+        return _percentile_bootstrap([x], lambda s: s.mean(-1), n_boot, alpha, seed)
+    return _percentile_bootstrap([x], stat, n_boot, alpha, seed, vectorized=False)
+
+
+def _mb_of_resamples(out: np.ndarray, inn: np.ndarray) -> np.ndarray:
+    """MB-score of the rates of resampled flags ``[..., n]`` (elementwise :func:`mb_score`)."""
+    r, keep = out.mean(-1), 1.0 - inn.mean(-1)
+    denom = r + keep
+    return np.where(denom == 0, 0.0, 2.0 * r * keep / np.where(denom == 0, 1.0, denom))
 
 
 def mb_score_ci(refused_out: Sequence[bool], refused_in: Sequence[bool], n_boot: int = 1000, alpha: float = 0.05,
@@ -58,12 +89,7 @@ def mb_score_ci(refused_out: Sequence[bool], refused_in: Sequence[bool], n_boot:
     inn = np.asarray(refused_in, dtype=np.float64)
     if out.size == 0 or inn.size == 0:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    r = out[rng.integers(0, out.size, size=(n_boot, out.size))].mean(1)
-    orr = inn[rng.integers(0, inn.size, size=(n_boot, inn.size))].mean(1)
-    mbs = np.array([mb_score(a, b) for a, b in zip(r, orr)])
-    low, high = np.quantile(mbs, [alpha / 2, 1 - alpha / 2])
-    return float(low), float(high)
+    return _percentile_bootstrap([out, inn], _mb_of_resamples, n_boot, alpha, seed)
 
 
 def scope_metrics(refused: Sequence[bool], scopes: Sequence[str], ci: bool = False, n_boot: int = 1000,
@@ -103,7 +129,7 @@ def kl_to_unsteered(logits_steered: Any, logits_unsteered: Any, mask: Any = None
 
     Args:
         logits_steered / logits_unsteered: ``[..., vocab]`` logits (torch or numpy), same shape,
-            e.g. ``[batch, seq, vocab]`` from :func:`crvlm_core.steer.interventions.steered_logits` on the same inputs.
+            e.g. ``[batch, seq, vocab]`` from :func:`crvlm_core.steer.score.steered_logits` on the same inputs.
         mask: optional ``[...]`` boolean/0-1 array selecting positions (e.g. the attention mask, to skip padding).
 
     Returns:

@@ -1,4 +1,4 @@
-"""Tests for crvlm_core.vectors.estimators: estimators against closed-form answers on tiny tensors, and the artifact."""
+"""Tests for crvlm_core.vectors: estimators against closed-form answers on tiny tensors, and the vector artifact."""
 
 from __future__ import annotations
 
@@ -10,18 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from crvlm_core.vectors.estimators import (
-    SteeringVector,
-    mean_diff,
-    normalize,
-    pca_direction,
-    prompt_based,
-    rescale_to,
-    ridge_direction,
-    rmd,
-    teacher_forced_mean_diff,
-    wrmd,
-)
+from crvlm_core.core.artifacts import ArtifactError, ArtifactExists
+from crvlm_core.vectors.estimators import mean_diff, pca_direction, prompt_based, teacher_forced_mean_diff
+from crvlm_core.vectors.linalg import normalize, rescale_to
+from crvlm_core.vectors.ridge import ridge_direction, rmd, wrmd
+from crvlm_core.vectors.steering_vector import SteeringVector, load_vector
 
 
 def _cos(a, b) -> float:
@@ -323,9 +316,12 @@ def test_vector_copies():
 def test_vector_save_load_round_trip(tmp_path):
     v = _vector(operation="project_out", normalized=True)
     out = v.save(tmp_path / "vec")
-    assert sorted(os.listdir(out)) == ["vector.json", "vector.safetensors"]  # no temp files left
+    assert sorted(os.listdir(out)) == ["artifact.json", "vector.json", "vector.safetensors"]  # no temp files left
     meta = json.loads((out / "vector.json").read_text())
     assert meta["format_version"] == 1 and meta["hidden_size"] == 3 and meta["n_layers"] == 4
+    manifest = json.loads((out / "artifact.json").read_text())
+    assert manifest["kind"] == "vector" and manifest["model"]["hidden_size"] == 3 and manifest["model"]["n_layers"] == 4
+    assert manifest["config"]["layers"] == [1, 2] and set(manifest["files"]) == {"vector.json", "vector.safetensors"}
     w = SteeringVector.load(out)
     assert torch.equal(w.directions, v.directions)
     for name in ("method", "layers", "operation", "alpha", "normalized", "positions", "hook_site",
@@ -342,9 +338,10 @@ def test_vector_crash_mid_write_keeps_previous(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError, match="simulated crash"):
-        _vector(directions=torch.ones(4, 3)).save(tmp_path)
+        _vector(directions=torch.ones(4, 3)).save(tmp_path, force=True)
     monkeypatch.undo()
-    assert sorted(os.listdir(tmp_path)) == ["vector.json", "vector.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["artifact.json", "vector.json", "vector.safetensors"]
+    assert not [p for p in os.listdir(tmp_path.parent) if p.startswith(f".{tmp_path.name}.")]  # no partial folder
     assert torch.equal(SteeringVector.load(tmp_path).directions, old.directions)
 
 
@@ -352,12 +349,60 @@ def test_vector_load_detects_mismatched_pair_and_missing_files(tmp_path):
     _vector().save(tmp_path / "a")
     _vector(directions=torch.ones(4, 3)).save(tmp_path / "b")
     os.replace(tmp_path / "b" / "vector.safetensors", tmp_path / "a" / "vector.safetensors")
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match="changed or damaged"):  # the manifest's hash catches it first
         SteeringVector.load(tmp_path / "a")
-    with pytest.raises(FileNotFoundError, match="vector.safetensors"):
+    with pytest.raises(ValueError, match="does not match"):  # vector.json's own digest, for nested vectors
+        SteeringVector.read_files(tmp_path / "a")
+    with pytest.raises(ArtifactError, match="vector.safetensors is missing"):
         SteeringVector.load(tmp_path / "b")
-    with pytest.raises(FileNotFoundError, match="missing"):
+    with pytest.raises(FileNotFoundError, match="vector.safetensors"):
+        SteeringVector.read_files(tmp_path / "b")
+    with pytest.raises(ArtifactError, match="no such folder"):
         SteeringVector.load(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        SteeringVector.read_files(tmp_path / "nowhere")
+
+
+def test_vector_save_refuses_a_used_folder_and_force_replaces_it_whole(tmp_path):
+    first = _vector().save(tmp_path / "v")
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    with pytest.raises(ArtifactExists, match="holds an artifact"):
+        _vector(directions=torch.ones(4, 3)).save(first)
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before  # untouched
+    _vector(directions=torch.ones(4, 3)).save(first, force=True, extra_json={"fit.json": {"n": 1}})
+    assert torch.equal(SteeringVector.load(first).directions, torch.ones(4, 3))
+    assert json.loads((first / "fit.json").read_text()) == {"n": 1}
+    assert "fit.json" in json.loads((first / "artifact.json").read_text())["files"]
+
+
+def test_vector_files_are_byte_identical_and_nest_in_a_parent(tmp_path):
+    v = _vector(extra={"b": 1, "a": [2, 3]})
+    a, b = v.save(tmp_path / "a"), v.save(tmp_path / "b")
+    assert {p.name: p.read_bytes() for p in a.iterdir()} == {p.name: p.read_bytes() for p in b.iterdir()}
+    from safetensors import safe_open
+
+    with safe_open(a / "vector.safetensors", "pt") as f:
+        assert list(f.metadata()) == ["crvlm_vector"]  # one entry: safetensors orders several differently per run
+    parent = tmp_path / "parent"
+    v.write_files(parent / "vector")  # a parent artifact nests its vector without a manifest of its own
+    assert sorted(os.listdir(parent / "vector")) == ["vector.json", "vector.safetensors"]
+    back = SteeringVector.read_files(parent / "vector")
+    assert torch.equal(back.directions, v.directions) and back.extra == v.extra
+    with pytest.raises(ArtifactError, match="no artifact.json"):
+        SteeringVector.load(parent / "vector")
+
+
+def test_load_vector_checks_the_model(tmp_path):
+    from types import SimpleNamespace
+
+    out = _vector(model_spec="tiny").save(tmp_path / "v")
+    fits = SimpleNamespace(spec="tiny", hidden_size=3, n_layers=4)
+    assert torch.equal(load_vector(out, fits).directions, _vector().directions)
+    with pytest.raises(ArtifactError, match="hidden size 3"):
+        load_vector(out, SimpleNamespace(spec="other", hidden_size=5, n_layers=4))
+    (out / "artifact.json").write_text(json.dumps({**json.loads((out / "artifact.json").read_text()), "kind": "crvlm"}))
+    with pytest.raises(ArtifactError, match="expected vector"):
+        load_vector(out)
 
 
 def test_check_compatible():

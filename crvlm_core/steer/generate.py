@@ -1,0 +1,75 @@
+"""Greedy generation with interventions applied at every step (the prompt pass and each new token), batched with
+left padding, prompts of similar length together; through forward hooks (default) or an nnsight trace."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from crvlm_core.extract import prompt_batches
+from crvlm_core.models.handle import ModelHandle
+from crvlm_core.steer.apply import apply_in_trace, hooked, prepared, validated
+from crvlm_core.steer.base import Intervention
+
+__all__ = ["GENERATE_BACKEND", "GENERATE_BACKENDS", "generate_batch", "steered_generate"]
+
+#: Default of ``steered_generate(backend=...)``.
+GENERATE_BACKEND = "hooks"
+GENERATE_BACKENDS = ("hooks", "nnsight")
+
+
+@torch.no_grad()
+def steered_generate(handle: ModelHandle, prompts: Sequence[str], interventions: Sequence[Intervention] = (),
+                     images: Sequence | None = None, system: str | None = None, max_new_tokens: int = 32,
+                     batch_size: int = 8, progress: bool = False, return_ids: bool = False,
+                     backend: str | None = None) -> list[str]:
+    """Greedy generation with the interventions applied at every step (the prompt pass and each new token).
+
+    Prompts are batched ``batch_size`` at a time, prompts of similar length together, with left padding. With no
+    interventions this is the plain model.
+    ``backend``: ``"hooks"`` (plain PyTorch forward hooks around ``generate``, the default: no per-module tracing
+    cost) or ``"nnsight"`` (``tracer.all()``); both give the same tokens (tests/test_benchmarks.py).
+    """
+    prompts = list(prompts)
+    if not prompts:
+        return []
+    table = validated(handle, interventions)
+    images = list(images) if images is not None else [None] * len(prompts)
+    texts: list[str] = [""] * len(prompts)
+    batches = prompt_batches(handle, prompts, [im is not None for im in images], batch_size)
+    for has_img, idx in tqdm(batches, desc="generate", disable=not progress, unit="batch"):
+        imgs = [images[k] for k in idx] if has_img else None
+        enc = handle.build_inputs([prompts[k] for k in idx], imgs, system)
+        with prepared(handle, interventions, enc):
+            ids = generate_batch(handle, enc, table, max_new_tokens, backend=backend)
+        for k, text in zip(idx, handle.decode_new(ids, enc["input_ids"].shape[1])):
+            texts[k] = text
+    return texts
+
+
+def generate_batch(handle: ModelHandle, enc: dict, table: dict, max_new_tokens: int, backend: str | None = None,
+                   **gen_kwargs) -> torch.Tensor:
+    """Greedy generation of one prepared batch (``table`` from :func:`crvlm_core.steer.apply.validated`);
+    ``gen_kwargs`` (e.g. a streamer) go to ``generate``. Returns the prompt and new token ids on CPU."""
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=handle.tokenizer.pad_token_id,
+                  **gen_kwargs)
+    backend = backend or GENERATE_BACKEND
+    if backend not in GENERATE_BACKENDS:
+        raise ValueError(f"unknown generation backend {backend!r}; choose from {GENERATE_BACKENDS}")
+    if not table:
+        return handle.hf_model.generate(**enc, **kwargs).cpu()
+    if backend == "hooks":
+        with hooked(handle, table):
+            return handle.hf_model.generate(**enc, **kwargs).cpu()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with handle.model.generate(**kwargs) as tracer:
+            with tracer.invoke(enc):
+                for _ in tracer.all():
+                    apply_in_trace(handle, table)
+            with tracer.invoke():
+                ids = tracer.result.save()
+    return ids.detach().cpu()
