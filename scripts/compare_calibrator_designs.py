@@ -14,21 +14,23 @@ Writes ``outputs/measurements/calibrator_designs.json``; prints a table. Run wit
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from crvlm_core.methods.crvlm.config import CrvlmConfig  # noqa: E402
 from crvlm_core.methods.crvlm.steering import fit_crvlm  # noqa: E402
 from crvlm_core.data.samples import assign_scope, load_dataset, split  # noqa: E402
 from crvlm_core.core.io import atomic_write_json  # noqa: E402
 from crvlm_core.models.loading import load_model  # noqa: E402
 from crvlm_core.core.paths import outputs_dir  # noqa: E402
-from crvlm_core.methods.refusal_vectors import evaluate, fit_vector  # noqa: E402
+from crvlm_core.evaluation import evaluate  # noqa: E402
+from crvlm_core.methods.refusal_vectors import VectorConfig, fit_vector  # noqa: E402
 from crvlm_core.steer.interventions import AddVector  # noqa: E402
 
 KEEP = ("refusal_rate_out", "over_refusal_in", "mb_score", "tokens_per_second", "generation_seconds",
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
     handle = load_model(args.model, device="cpu")
     samples = assign_scope(load_dataset("mmlu"), in_scope=["biology"])
     train, test = split(samples, n_train=args.n_train, n_test=args.n_test, seed=args.seed)
-    vector = fit_vector(handle, train, "teacher-forced", layers=args.layers, progress=False)
+    vector = fit_vector(handle, train, VectorConfig("teacher-forced", layers=args.layers), progress=False)
     layers = tuple(args.layers)
 
     result = {"model": args.model, "layers": list(layers), "n_train_per_scope": args.n_train,
@@ -86,9 +88,9 @@ def main(argv=None) -> int:
 
     for name, shared in (("per_layer", False), ("shared", True)):
         print(f"fit: {name} (target_scale {target_scale:g})", flush=True)
-        steering = fit_crvlm(handle, train, layers=list(layers), gate_layer="auto", target_scale=target_scale,
-                             vector=vector, width=args.width, epochs=args.epochs, shared=shared, seed=args.seed,
-                             progress=False)
+        config = CrvlmConfig(layers=layers, gate_layer="auto", target_scale=target_scale, width=args.width,
+                             epochs=args.epochs, shared=shared, seed=args.seed)
+        steering = fit_crvlm(handle, train, config, vector, progress=False)
         n_params = sum(p.numel() for p in steering.calibrator.parameters())
         t0 = time.perf_counter()
         rho = steering.gate(handle, test)
@@ -103,8 +105,7 @@ def main(argv=None) -> int:
             "shared": shared, "n_params": n_params, "fit_seconds": steering.info["fit_seconds"],
             "final_losses": final, "gate_in_mean": float(rho_in.mean()), "gate_out_mean": float(rho_out.mean()),
             "gate_separation": float(rho_out.mean() - rho_in.mean()),
-            "gate_auc": float((rho_out[:, None] > rho_in[None, :]).float().mean()
-                              + 0.5 * (rho_out[:, None] == rho_in[None, :]).float().mean()),
+            "gate_auc": float(roc_auc_score([0] * len(rho_in) + [1] * len(rho_out), torch.cat([rho_in, rho_out]))),
             "gate_seconds": gate_seconds, **ev}
 
     out = Path(args.out) if args.out else outputs_dir() / "measurements" / "calibrator_designs.json"

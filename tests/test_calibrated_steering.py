@@ -6,7 +6,11 @@ import json
 import pytest
 import torch
 
-from crvlm_core.methods.crvlm.steering import CalibratedSteering, fit_crvlm, load_calibrated
+from crvlm_core.core.artifacts import ArtifactError, ArtifactExists, read_manifest
+from crvlm_core.methods.crvlm.calibrated import CalibratedSteering, load_calibrated
+from crvlm_core.methods.crvlm.config import BehaviouralConfig, CrvlmConfig
+from crvlm_core.methods.crvlm.steering import fit_crvlm
+from crvlm_core.methods.crvlm.train import CHECKPOINT_NAME
 from crvlm_core.cli.main import main
 from crvlm_core.data.samples import assign_scope, load_dataset, split
 from crvlm_core.models.loading import load_model
@@ -23,8 +27,10 @@ def scoped():
 def fitted(smollm2, scoped, tmp_path_factory):
     train, _ = scoped
     out = tmp_path_factory.mktemp("crvlm")
-    steering = fit_crvlm(smollm2, train, layers=[10], gate_layer="auto", width=32, epochs=3, lr=1e-3,
-                         out_dir=out, progress=False)
+    config = CrvlmConfig(layers=[10], gate_layer="auto", width=32, epochs=3, lr=1e-3)
+    steering = fit_crvlm(smollm2, train, config, cache_dir=out / "cache", progress=False)
+    assert not (out / "artifact").exists()
+    steering.save(out / "artifact")
     return steering, out
 
 
@@ -32,8 +38,34 @@ def test_fit_crvlm_records_its_setup(fitted, smollm2):
     steering, out = fitted
     assert steering.layers == (10,) and steering.gate_layer == 27  # 90 % of 30 layers
     assert steering.vector is not None and steering.vector.method == "teacher-forced"
-    assert (out / "train_log.jsonl").exists() and len((out / "train_log.jsonl").read_text().splitlines()) == 3
+    log = out / "artifact" / "train_log.jsonl"
+    assert log.exists() and len(log.read_text().splitlines()) == 3
     assert steering.info["n_in"] == 6 and steering.info["n_out"] == 6
+    # the resume checkpoint went to the cache, keyed by the fit's inputs, not into the artifact folder
+    assert len(list((out / "cache").glob(f"{CHECKPOINT_NAME}-*.pt"))) == 1
+    assert not list((out / "artifact").rglob("*.pt"))
+
+
+def test_artifact_is_one_verified_folder(fitted, smollm2, tmp_path):
+    steering, out = fitted
+    manifest = read_manifest(out / "artifact", kinds=("crvlm",))
+    assert manifest["config"]["layers"] == [10] and manifest["config"]["gate_layer"] == 27
+    assert manifest["config"]["fit"]["epochs"] == 3 and manifest["model"]["n_layers"] == smollm2.n_layers
+    assert "refusal_vector/vector.safetensors" in manifest["files"]
+    before = {p: p.read_bytes() for p in (out / "artifact").rglob("*") if p.is_file()}
+    with pytest.raises(ArtifactExists):
+        steering.save(out / "artifact")
+    assert {p: p.read_bytes() for p in (out / "artifact").rglob("*") if p.is_file()} == before
+    steering.save(out / "artifact", force=True, extra_json={"fit.json": {"method": "crvlm"}})
+    loaded = load_calibrated(out / "artifact", smollm2)
+    assert loaded.config == steering.config and loaded.history == steering.history
+    copy = tmp_path / "copy"
+    steering.save(copy)
+    (copy / "refusal_vector" / "vector.safetensors").write_bytes(b"damaged")
+    with pytest.raises(ArtifactError, match="changed or damaged"):
+        load_calibrated(copy)
+    with pytest.raises(ArtifactError, match="hidden size"):
+        load_calibrated(out / "artifact", load_model("tiny-llava"))
 
 
 def test_prefill_gate_fixes_rho_per_row(fitted, smollm2):
@@ -57,8 +89,8 @@ def test_prefill_gate_fixes_rho_per_row(fitted, smollm2):
 
 def test_save_and_load_round_trip(fitted, smollm2, tmp_path):
     steering, _ = fitted
-    steering.save(tmp_path)
-    loaded = load_calibrated(tmp_path)
+    steering.save(tmp_path / "saved")
+    loaded = load_calibrated(tmp_path / "saved")
     assert loaded.layers == steering.layers and loaded.gate_layer == steering.gate_layer
     assert torch.equal(loaded.vector.directions, steering.vector.directions)
     enc = smollm2.build_inputs(["What is a cell?"])
@@ -87,21 +119,22 @@ def test_pipeline_runs_on_a_tiny_llava_with_images():
     h = load_model("tiny-llava")
     mm = assign_scope(load_dataset("mm_subjects"), in_scope=["biology"])
     train, test = split(mm, n_train=4, n_test=2, seed=0)
-    steering = fit_crvlm(h, train, layers=[1], gate_layer=None, width=16, epochs=2, lr=1e-3, progress=False)
+    steering = fit_crvlm(h, train, CrvlmConfig(layers=[1], gate_layer=None, width=16, epochs=2, lr=1e-3), progress=False)
     images = [s.load_image() for s in test]
     out = steered_generate(h, [s.prompt for s in test], [steering], images=images, max_new_tokens=3)
     assert len(out) == len(test)
 
 
 def test_behavioural_finetune_trains_only_the_calibrator(smollm2, scoped):
-    from crvlm_core.methods.crvlm.steering import finetune_behavioural
+    from crvlm_core.methods.crvlm.behavioural import finetune_behavioural
 
     train, _ = scoped
     few = [s for s in train if s.scope == "out"][:2] + [s for s in train if s.scope == "in"][:2]
-    steering = fit_crvlm(smollm2, few, layers=[10], gate_layer=None, width=16, epochs=1, progress=False)
+    steering = fit_crvlm(smollm2, few, CrvlmConfig(layers=[10], gate_layer=None, width=16, epochs=1), progress=False)
     model_before = {k: v.clone() for k, v in smollm2.hf_model.state_dict().items() if "layers.10." in k}
     cal_before = {k: v.clone() for k, v in steering.calibrator.state_dict().items()}
-    history = finetune_behavioural(steering, smollm2, few, epochs=4, lr=1e-3, batch_size=2, progress=False)
+    history = finetune_behavioural(steering, smollm2, few, BehaviouralConfig(epochs=4, lr=1e-3, batch_size=2),
+                                   progress=False)
     assert len(history) == 4 and all(torch.isfinite(torch.tensor([h["ce_out"], h["kl_in"]])).all() for h in history)
     assert history[-1]["ce_out"] < history[0]["ce_out"], "the refusal becomes more likely out of scope"
     assert any(not torch.equal(v, steering.calibrator.state_dict()[k]) for k, v in cal_before.items())

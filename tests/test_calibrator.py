@@ -1,4 +1,4 @@
-"""Tests for crvlm_core.methods.crvlm.calibrator: losses against hand-computed values, the network's shape contract and gate,
+"""Tests for the CR-VLM calibrator (crvlm_core.methods.crvlm config, losses, module, train): losses against hand-computed values, the network's shape contract and gate,
 training on synthetic separable activations, resume, save/load and the steering hook."""
 
 from __future__ import annotations
@@ -10,22 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from crvlm_core.methods.crvlm.calibrator import (
-    CALIBRATOR_JSON,
-    CALIBRATOR_SAFETENSORS,
-    Calibrator,
-    CalibratorConfig,
-    loss_in,
-    loss_ortho,
-    loss_out,
-    loss_vision,
-    total_loss,
-    train_calibrator,
-)
+from crvlm_core.methods.crvlm.config import BehaviouralConfig, CalibratorConfig, CrvlmConfig
+from crvlm_core.methods.crvlm.losses import loss_in, loss_ortho, loss_out, loss_vision, total_loss
+from crvlm_core.methods.crvlm.module import CALIBRATOR_JSON, CALIBRATOR_SAFETENSORS, Calibrator
+from crvlm_core.methods.crvlm.train import TrainRun, train_calibrator
 from crvlm_core.steer.interventions import HiddenStateFn
 
 D = 8
 LAYERS = [3, 5]
+QUIET = TrainRun(progress=False)
 
 
 @pytest.fixture(autouse=True)
@@ -221,21 +214,44 @@ def test_config_validation(bad, match):
         _cfg(**bad)
 
 
+def test_configs_are_frozen_and_round_trip():
+    cfg = _cfg()
+    with pytest.raises(AttributeError):
+        cfg.lr = 1.0
+    assert CalibratorConfig(**cfg.to_dict()) == cfg and cfg.layers == (3, 5)
+    fit = CrvlmConfig(layers=[5, 3], gate_layer=None, behavioural=BehaviouralConfig(epochs=2))
+    assert fit.layers == (3, 5) and CrvlmConfig(**fit.to_dict()) == fit
+    assert fit.calibrator_config(hidden_size=D, layers=fit.layers) == CalibratorConfig(
+        hidden_size=D, layers=[3, 5], width=1024, lr=3e-4, batch_size=32, epochs=40)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(train_positions="all"), "train_positions"), (dict(gate_layer=-1), "gate_layer"), (dict(lr=0.0), "lr"),
+    (dict(layers=[2, 2]), "duplicates"), (dict(patience=2), "val_fraction > 0"), (dict(epochs=0), "epochs"),
+    (dict(behavioural="x"), "behavioural"),
+])
+def test_crvlm_config_validation(bad, match):
+    with pytest.raises(ValueError, match=match):
+        CrvlmConfig(**bad)
+    with pytest.raises(ValueError, match="refusal_text"):
+        BehaviouralConfig(refusal_text="")
+
+
 def test_training_input_errors():
     x_in, x_out, s = _toy(4)
     cfg = _cfg(epochs=1)
     with pytest.raises(ValueError, match="acts_in is empty"):
-        train_calibrator(cfg, x_in[:0], x_out, s, progress=False)
+        train_calibrator(cfg, x_in[:0], x_out, s, run=QUIET)
     with pytest.raises(ValueError, match="acts_out is empty"):
-        train_calibrator(cfg, x_in, x_out[:0], s, progress=False)
+        train_calibrator(cfg, x_in, x_out[:0], s, run=QUIET)
     with pytest.raises(ValueError, match="hidden size 9 but the config says hidden_size=8"):
-        train_calibrator(cfg, torch.randn(4, 2, 9), x_out, s, progress=False)
+        train_calibrator(cfg, torch.randn(4, 2, 9), x_out, s, run=QUIET)
     with pytest.raises(ValueError, match="has 3 layers"):
-        train_calibrator(cfg, x_in, torch.randn(4, 3, D), s, progress=False)
+        train_calibrator(cfg, x_in, torch.randn(4, 3, D), s, run=QUIET)
     with pytest.raises(ValueError, match=r"refusal_vectors must be \[2 layers, 8\]"):
-        train_calibrator(cfg, x_in, x_out, s[:1], progress=False)
+        train_calibrator(cfg, x_in, x_out, s[:1], run=QUIET)
     with pytest.raises(ValueError, match="gate_in and gate_out"):
-        train_calibrator(_cfg(gate_dim=4, epochs=1), x_in, x_out, s, progress=False)
+        train_calibrator(_cfg(gate_dim=4, epochs=1), x_in, x_out, s, run=QUIET)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -243,7 +259,7 @@ def test_training_input_errors():
 
 def test_training_separates_scopes():
     x_in, x_out, s = _toy()
-    cal, history = train_calibrator(_cfg(epochs=60), x_in, x_out, s, progress=False)
+    cal, history = train_calibrator(_cfg(epochs=60), x_in, x_out, s, run=QUIET)
     assert len(history) == 60 and history[-1]["total"] < history[0]["total"]
     with torch.no_grad():
         new_in, rho_in, _ = cal.forward_layers(x_in)
@@ -257,16 +273,16 @@ def test_training_separates_scopes():
 
 def test_training_is_seeded():
     x_in, x_out, s = _toy(12)
-    a, ha = train_calibrator(_cfg(epochs=2), x_in, x_out, s, progress=False)
-    b, hb = train_calibrator(_cfg(epochs=2), x_in, x_out, s, progress=False)
-    c, _ = train_calibrator(_cfg(epochs=2, seed=1), x_in, x_out, s, progress=False)
+    a, ha = train_calibrator(_cfg(epochs=2), x_in, x_out, s, run=QUIET)
+    b, hb = train_calibrator(_cfg(epochs=2), x_in, x_out, s, run=QUIET)
+    c, _ = train_calibrator(_cfg(epochs=2, seed=1), x_in, x_out, s, run=QUIET)
     assert _same_state(a, b) and ha == hb
     assert not _same_state(a, c)
 
 
 def test_shared_variant_trains():
     x_in, x_out, s = _toy()
-    cal, history = train_calibrator(_cfg(shared=True, epochs=30), x_in, x_out, s, progress=False)
+    cal, history = train_calibrator(_cfg(shared=True, epochs=30), x_in, x_out, s, run=QUIET)
     assert set(cal.blocks) == {"shared"} and cal.layer_embedding.shape == (2, D)
     assert cal.layer_embedding.abs().sum() > 0  # the layer embedding is learned
     assert history[-1]["loss_out"] < 0.7 * history[0]["loss_out"]
@@ -282,20 +298,20 @@ def test_vision_loss_decreases_on_a_toy_problem():
     shifts = u.expand(16, -1, -1) + 0.05 * torch.randn(16, len(LAYERS), D, generator=torch.Generator().manual_seed(1))
     mask = torch.arange(16) % 2 == 0  # half the out-of-scope samples have an image
     cfg = _cfg(epochs=25, w_out=0.0, w_ortho=0.0)
-    cal, history = train_calibrator(cfg, x_in, x_out, s, vision={"shifts": shifts, "mask": mask}, progress=False)
+    cal, history = train_calibrator(cfg, x_in, x_out, s, vision={"shifts": shifts, "mask": mask}, run=QUIET)
     assert history[0]["loss_vision"] > 0.3
     assert history[-1]["loss_vision"] < 0.3 * history[0]["loss_vision"]
     with pytest.raises(ValueError, match="shifts"):
-        train_calibrator(cfg, x_in, x_out, s, vision={"shift": shifts}, progress=False)
+        train_calibrator(cfg, x_in, x_out, s, vision={"shift": shifts}, run=QUIET)
     with pytest.raises(ValueError, match="mask"):
-        train_calibrator(cfg, x_in, x_out, s, vision={"shifts": shifts, "mask": mask.float()}, progress=False)
+        train_calibrator(cfg, x_in, x_out, s, vision={"shifts": shifts, "mask": mask.float()}, run=QUIET)
 
 
 def test_prefill_gated_training_runs():
     x_in, x_out, s = _toy(12)
     g_in, g_out = torch.randn(12, 4) + 1, torch.randn(12, 4) - 1
     cal, history = train_calibrator(_cfg(gate_dim=4, epochs=3), x_in, x_out, s, gate_in=g_in, gate_out=g_out,
-                                     progress=False)
+                                     run=QUIET)
     assert len(history) == 3 and all(math.isfinite(h["total"]) for h in history)
     assert cal.gate_values(g_out)[3].shape == (12,)
 
@@ -303,16 +319,16 @@ def test_prefill_gated_training_runs():
 def test_validation_and_early_stopping():
     x_in, x_out, s = _toy(20)
     cfg = _cfg(epochs=40, val_fraction=0.25, patience=2, lr=5e-2)
-    cal, history = train_calibrator(cfg, x_in, x_out, s, progress=False)
+    cal, history = train_calibrator(cfg, x_in, x_out, s, run=QUIET)
     assert all("val_total" in h and "val_loss_out" in h for h in history)
     assert len(history) < 40  # stopped early
     best = min(history, key=lambda h: h["val_total"])["epoch"]
     assert len(history) == best + 2
     # the returned weights are the best validation epoch's: a plain run of `best` epochs gives the same
-    plain, _ = train_calibrator(_cfg(epochs=best, val_fraction=0.25, lr=5e-2), x_in, x_out, s, progress=False)
+    plain, _ = train_calibrator(_cfg(epochs=best, val_fraction=0.25, lr=5e-2), x_in, x_out, s, run=QUIET)
     assert _same_state(cal, plain)
     with pytest.raises(ValueError, match="leaves no"):
-        train_calibrator(_cfg(val_fraction=0.5), x_in[:1], x_out, s, progress=False)
+        train_calibrator(_cfg(val_fraction=0.5), x_in[:1], x_out, s, run=QUIET)
 
 
 # ---------------------------------------------------------------------------------------------- resume, save/load
@@ -320,14 +336,14 @@ def test_validation_and_early_stopping():
 
 def test_resume_reaches_the_uninterrupted_weights(tmp_path):
     x_in, x_out, s = _toy(20)
-    full, h_full = train_calibrator(_cfg(epochs=6), x_in, x_out, s, progress=False)
+    full, h_full = train_calibrator(_cfg(epochs=6), x_in, x_out, s, run=QUIET)
 
     # stop after 3 epochs, then ask for 6
     ckpt, log = tmp_path / "ckpt", tmp_path / "log.jsonl"
-    part, _ = train_calibrator(_cfg(epochs=3), x_in, x_out, s, checkpoint_dir=ckpt, log_path=log, progress=False)
+    run = TrainRun(cache_dir=ckpt, log_path=log, progress=False)
+    part, _ = train_calibrator(_cfg(epochs=3), x_in, x_out, s, run=run)
     assert not _same_state(part, full)
-    resumed, h_res = train_calibrator(_cfg(epochs=6), x_in, x_out, s, checkpoint_dir=ckpt, log_path=log,
-                                      progress=False)
+    resumed, h_res = train_calibrator(_cfg(epochs=6), x_in, x_out, s, run=run)
     assert _same_state(resumed, full) and h_res == h_full
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [e["epoch"] for e in lines] == [1, 2, 3, 4, 5, 6]
@@ -335,7 +351,7 @@ def test_resume_reaches_the_uninterrupted_weights(tmp_path):
 
 def test_resume_after_crash_identical_weights(tmp_path):
     x_in, x_out, s = _toy(20)
-    full, h_full = train_calibrator(_cfg(epochs=6), x_in, x_out, s, progress=False)
+    full, h_full = train_calibrator(_cfg(epochs=6), x_in, x_out, s, run=QUIET)
     ckpt, log = tmp_path / "ckpt", tmp_path / "log.jsonl"
 
     def crash(epoch, entry):
@@ -343,28 +359,70 @@ def test_resume_after_crash_identical_weights(tmp_path):
             raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError, match="interrupted"):
-        train_calibrator(_cfg(epochs=6), x_in, x_out, s, checkpoint_dir=ckpt, log_path=log, checkpoint_every=2,
-                         callback=crash, progress=False)
+        train_calibrator(_cfg(epochs=6), x_in, x_out, s,
+                         run=TrainRun(cache_dir=ckpt, log_path=log, checkpoint_every=2, callback=crash, progress=False))
     assert len(log.read_text().splitlines()) == 5
     seen = []
-    resumed, h_res = train_calibrator(_cfg(epochs=6), x_in, x_out, s, checkpoint_dir=ckpt, log_path=log,
-                                      checkpoint_every=2, callback=lambda e, _: seen.append(e), progress=False)
+    resumed, h_res = train_calibrator(_cfg(epochs=6), x_in, x_out, s, run=TrainRun(
+        cache_dir=ckpt, log_path=log, checkpoint_every=2, callback=lambda e, _: seen.append(e), progress=False))
     assert seen == [5, 6]  # resumed from the epoch-4 checkpoint
     assert _same_state(resumed, full) and h_res == h_full
     assert len(log.read_text().splitlines()) == 6  # the interrupted run's stale epoch-5 line is gone
     # a finished run returns at once with the same weights; other data or config → a fresh run
-    again, _ = train_calibrator(_cfg(epochs=6), x_in, x_out, s, checkpoint_dir=ckpt,
-                                callback=lambda e, _: seen.append(e), progress=False)
+    again, _ = train_calibrator(_cfg(epochs=6), x_in, x_out, s,
+                                run=TrainRun(cache_dir=ckpt, callback=lambda e, _: seen.append(e), progress=False))
     assert seen == [5, 6] and _same_state(again, full)
-    other, _ = train_calibrator(_cfg(epochs=6), x_in, x_out + 1, s, checkpoint_dir=ckpt, progress=False)
+    other, _ = train_calibrator(_cfg(epochs=6), x_in, x_out + 1, s, run=TrainRun(cache_dir=ckpt, progress=False))
     assert not _same_state(other, full)
     assert len(list(ckpt.iterdir())) == 2
 
 
+def test_resume_after_sigkill_identical_weights(tmp_path):
+    """A fit killed outright (SIGKILL: no cleanup runs) resumes from its cached checkpoint to the same weights."""
+    import signal
+    import subprocess
+    import sys
+
+    x_in, x_out, s = _toy(20)
+    full, h_full = train_calibrator(_cfg(epochs=6), x_in, x_out, s, run=QUIET)
+    torch.save({"x_in": x_in, "x_out": x_out, "s": s, "cfg": _cfg(epochs=6).to_dict()}, tmp_path / "data.pt")
+    script = (
+        "import os, signal, sys, torch\n"
+        "from crvlm_core.methods.crvlm.config import CalibratorConfig\n"
+        "from crvlm_core.methods.crvlm.train import TrainRun, train_calibrator\n"
+        "torch.set_num_threads(1)\n"
+        "d = torch.load(sys.argv[1])\n"
+        "def kill(epoch, entry):\n"
+        "    if epoch == 5:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "train_calibrator(CalibratorConfig(**d['cfg']), d['x_in'], d['x_out'], d['s'],\n"
+        "                 run=TrainRun(cache_dir=sys.argv[2], checkpoint_every=2, callback=kill, progress=False))\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "data.pt"), str(tmp_path / "ckpt")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    seen = []
+    resumed, h_res = train_calibrator(_cfg(epochs=6), x_in, x_out, s, run=TrainRun(
+        cache_dir=tmp_path / "ckpt", checkpoint_every=2, callback=lambda e, _: seen.append(e), progress=False))
+    assert seen == [5, 6] and _same_state(resumed, full) and h_res == h_full
+
+
+def test_damaged_checkpoint_is_recomputed(tmp_path):
+    x_in, x_out, s = _toy(12)
+    run = TrainRun(cache_dir=tmp_path, progress=False)
+    first, _ = train_calibrator(_cfg(epochs=2), x_in, x_out, s, run=run)
+    (ckpt,) = tmp_path.glob("calibrator-ckpt-*.pt")
+    ckpt.write_bytes(b"damaged")
+    with pytest.warns(UserWarning, match="unreadable checkpoint"):
+        again, history = train_calibrator(_cfg(epochs=2), x_in, x_out, s, run=run)
+    assert len(history) == 2 and _same_state(again, first)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        TrainRun(checkpoint_every=0)
+
+
 def test_save_load_round_trip(tmp_path):
     x_in, x_out, s = _toy(12)
-    cal, _ = train_calibrator(_cfg(epochs=2, shared=True), x_in, x_out, s, progress=False, model_spec="tiny",
-                              n_model_layers=7)
+    cal, _ = train_calibrator(_cfg(epochs=2, shared=True), x_in, x_out, s,
+                              run=TrainRun(progress=False, model_spec="tiny", n_model_layers=7))
     cal.save(tmp_path / "cal")
     assert {p.name for p in (tmp_path / "cal").iterdir()} == {CALIBRATOR_JSON, CALIBRATOR_SAFETENSORS}
     meta = json.loads((tmp_path / "cal" / CALIBRATOR_JSON).read_text())

@@ -4,10 +4,12 @@
 import pytest
 import torch
 
-from crvlm_core.methods.crvlm.steering import CalibratedSteering
-from crvlm_core.methods.crvlm.calibrator import Calibrator, CalibratorConfig
+from crvlm_core.methods.crvlm.calibrated import CalibratedSteering
+from crvlm_core.methods.crvlm.config import CalibratorConfig, CrvlmConfig
+from crvlm_core.methods.crvlm.module import Calibrator
 from crvlm_core.data.samples import assign_scope, load_dataset, split
-from crvlm_core.methods.refusal_vectors import evaluate
+from crvlm_core.evaluation import evaluate
+from crvlm_core.methods.refusal_vectors import VectorConfig
 from crvlm_core.steer.interventions import AddVector, ProjectOut, intervention_fingerprint
 
 
@@ -34,6 +36,16 @@ def test_fingerprint_tracks_what_the_intervention_does():
         CalibratedSteering(cal, (1,), fixed_gate=1.5)
 
 
+@pytest.mark.parametrize("bad, match", [
+    (dict(method="nope"), "unknown method"), (dict(layers=[]), "no layers"), (dict(ridge_lambda=-1.0), "ridge_lambda"),
+    (dict(alpha=float("inf")), "alpha"), (dict(batch_size=0), "batch_size"),
+])
+def test_vector_config_validation(bad, match):
+    with pytest.raises(ValueError, match=match):
+        VectorConfig(**bad)
+    assert VectorConfig("pca", layers=[3, 1]).layers == (3, 1)
+
+
 def test_evaluate_reuses_an_unchanged_result(smollm2, tmp_path):
     _, test = split(assign_scope(load_dataset("mmlu"), in_scope=["biology"]), n_train=1, n_test=1, seed=3)
     v = _vec(smollm2.n_layers, smollm2.hidden_size)
@@ -45,6 +57,11 @@ def test_evaluate_reuses_an_unchanged_result(smollm2, tmp_path):
     other = evaluate(smollm2, test, [AddVector(v, (5,), 4.0)], **kw)  # another strength: computed, not reused
     assert len(list(tmp_path.glob("eval-*.json"))) == 2
     assert other.metrics["generation_seconds"] != first.metrics["generation_seconds"]
+    # a damaged entry is recomputed, not trusted
+    for entry in tmp_path.glob("eval-*.json"):
+        entry.write_text("{not json")
+    redone = evaluate(smollm2, test, [AddVector(v, (5,), 1.0)], **kw)
+    assert redone.rows == first.rows and redone.metrics["generation_seconds"] != first.metrics["generation_seconds"]
 
 
 def test_gate_off_holds_rho_for_every_row(smollm2):
@@ -61,8 +78,8 @@ def test_gate_off_holds_rho_for_every_row(smollm2):
 
 
 def test_sweep_generates_through_the_cached_evaluation(smollm2, tmp_path):
-    from crvlm_core.methods.refusal_vectors import refusal_score_grid, sweep
-    from crvlm_core.vectors.estimators import SteeringVector
+    from crvlm_core.evaluation import refusal_score_grid, score_sweep, sweep
+    from crvlm_core.vectors.steering_vector import SteeringVector
 
     _, test = split(assign_scope(load_dataset("mmlu"), in_scope=["biology"]), n_train=1, n_test=1, seed=4)
     vec = SteeringVector(directions=_vec(smollm2.n_layers, smollm2.hidden_size), method="test", layers=[5])
@@ -80,7 +97,7 @@ def test_sweep_generates_through_the_cached_evaluation(smollm2, tmp_path):
     assert refusal_score_grid(smollm2, vec, test, [3, 5], [0.0, 1.0], cache_dir=tmp_path, progress=False) == grid
     # a score-only sweep reads the same cached grid: its means are the grid's, and it adds no cache file
     files = set(tmp_path.iterdir())
-    scored = sweep(smollm2, vec, test, [3, 5], [0.0, 1.0], generate=False, cache_dir=tmp_path)
+    scored = score_sweep(smollm2, vec, test, [3, 5], [0.0, 1.0], cache_dir=tmp_path)
     assert set(tmp_path.iterdir()) == files
     out = [r["score"] for r in grid if r["layer"] == 5 and r["alpha"] == 1.0 and r["scope"] == "out"]
     assert scored[3]["refusal_score_out"] == pytest.approx(sum(out) / len(out))
@@ -91,10 +108,10 @@ def test_calibrated_states_match_the_calibrator_on_extracted_states(smollm2):
     from crvlm_core.extract import extract
 
     train, test = split(assign_scope(load_dataset("mmlu"), in_scope=["biology"]), n_train=3, n_test=2, seed=42)
-    steering = fit_crvlm(smollm2, train, layers=[10], gate_layer=20, width=16, epochs=1, progress=False)
-    original, calibrated, rho = steering.calibrated_states(smollm2, test, cache=False)
+    steering = fit_crvlm(smollm2, train, CrvlmConfig(layers=[10], gate_layer=20, width=16, epochs=1), progress=False)
+    original, calibrated, rho = steering.calibrated_states(smollm2, test, cache_dir=False)
     assert original.shape == calibrated.shape == (len(test), 1, smollm2.hidden_size) and rho.shape == (len(test), 1)
-    acts = extract(smollm2, test, layers=[10, 20], cache=False, progress=False)
+    acts = extract(smollm2, test, layers=[10, 20], cache_dir=False, progress=False)
     torch.testing.assert_close(original[:, 0], acts.at(10).float())
     expected, expected_rho, _ = steering.calibrator(acts.at(10).float(), 10, acts.at(20).float())
     torch.testing.assert_close(calibrated[:, 0], expected)
@@ -102,5 +119,5 @@ def test_calibrated_states_match_the_calibrator_on_extracted_states(smollm2):
     torch.testing.assert_close(steering.gate(smollm2, test), rho.mean(1))
     from dataclasses import replace
 
-    _, off, off_rho = replace(steering, fixed_gate=1.0).calibrated_states(smollm2, test, cache=False)
+    _, off, off_rho = replace(steering, fixed_gate=1.0).calibrated_states(smollm2, test, cache_dir=False)
     assert torch.equal(off_rho, torch.ones_like(off_rho)) and not torch.allclose(off, calibrated)

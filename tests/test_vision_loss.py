@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from crvlm_core.methods.crvlm.config import CrvlmConfig
 from crvlm_core.methods.crvlm.steering import fit_crvlm, vision_counterfactual_shifts
 from crvlm_core.data.samples import assign_scope, load_dataset, split
 from crvlm_core.models.loading import load_model
@@ -29,8 +30,8 @@ def _log(out_dir):
 @pytest.mark.parametrize("gate_layer", [None, "auto"])
 def test_vision_term_is_active_and_decreases_on_tiny_llava(tiny_llava, mm, tmp_path, gate_layer):
     train, _ = mm
-    steering = fit_crvlm(tiny_llava, train, layers=[1], gate_layer=gate_layer, width=32, epochs=30, lr=1e-3,
-                         batch_size=8, out_dir=tmp_path, progress=False)
+    config = CrvlmConfig(layers=[1], gate_layer=gate_layer, width=32, epochs=30, lr=1e-3, batch_size=8)
+    steering = fit_crvlm(tiny_llava, train, config, log_path=tmp_path / "train_log.jsonl", progress=False)
     vis = steering.info["vision_loss"]
     n_out = sum(s.scope == "out" for s in train)
     assert vis["active"] and vis["n_image_samples"] == n_out
@@ -44,13 +45,14 @@ def test_vision_term_is_active_and_decreases_on_tiny_llava(tiny_llava, mm, tmp_p
 
 def test_vision_term_with_last_positions(tiny_llava, mm, tmp_path):
     train, _ = mm
-    steering = fit_crvlm(tiny_llava, train, layers=[0, 1], gate_layer=None, width=16, epochs=2, lr=1e-3,
-                         train_positions="last", out_dir=tmp_path, progress=False)
+    config = CrvlmConfig(layers=[0, 1], gate_layer=None, width=16, epochs=2, lr=1e-3, train_positions="last")
+    steering = fit_crvlm(tiny_llava, train, config, log_path=tmp_path / "train_log.jsonl", progress=False)
     vis = steering.info["vision_loss"]
     assert vis["active"] and vis["n_image_rows"] == steering.info["n_out"]
     assert all("loss_vision" in entry for entry in _log(tmp_path))
     # w_vision = 0 switches it off
-    off = fit_crvlm(tiny_llava, train, layers=[1], gate_layer=None, width=16, epochs=1, w_vision=0.0, progress=False)
+    off = fit_crvlm(tiny_llava, train, CrvlmConfig(layers=[1], gate_layer=None, width=16, epochs=1, w_vision=0.0),
+                    progress=False)
     assert off.info["vision_loss"] == {"active": False}
     assert "loss_vision" not in off.info["final_losses"]
 
@@ -86,7 +88,7 @@ def test_counterfactual_shifts_swap_only_the_image(tiny_llava, mm):
 
 def test_text_only_model_has_no_vision_term(smollm2):
     train, _ = split(assign_scope(load_dataset("mmlu"), in_scope=["biology"]), n_train=4, n_test=1, seed=42)
-    steering = fit_crvlm(smollm2, train, layers=[10], gate_layer=None, width=16, epochs=1, progress=False)
+    steering = fit_crvlm(smollm2, train, CrvlmConfig(layers=[10], gate_layer=None, width=16, epochs=1), progress=False)
     assert steering.info["vision_loss"] == {"active": False}
     assert "loss_vision" not in steering.info["final_losses"]
     shifts, mask, _ = vision_counterfactual_shifts(smollm2, [s for s in train if s.scope == "out"],
@@ -98,16 +100,17 @@ def test_text_only_model_has_no_vision_term(smollm2):
 def test_llava_around_a_real_lm_with_images_end_to_end(spec, tmp_path):
     """The whole CR-VLM path (teacher-forced vector, vision counterfactual shifts, calibrator training with the vision
     term, save / load, calibrated generation with images) on a LLaVA wrapping a real language model."""
-    from crvlm_core.methods.crvlm.steering import load_calibrated
+    from crvlm_core.methods.crvlm.calibrated import load_calibrated
 
     h = load_model(spec)
     train, test = split(assign_scope(load_dataset("mm_subjects"), in_scope=["biology"]), n_train=3, n_test=1, seed=0)
     layer = h.n_layers // 3
-    steering = fit_crvlm(h, train, layers=[layer], gate_layer="auto", width=16, epochs=2, lr=1e-3, progress=False)
+    steering = fit_crvlm(h, train, CrvlmConfig(layers=[layer], gate_layer="auto", width=16, epochs=2, lr=1e-3),
+                         progress=False)
     assert steering.info["vision_loss"]["active"]
     assert steering.info["vision_loss"]["n_image_samples"] == sum(s.scope == "out" for s in train)
     steering.save(tmp_path / "artifact")
-    steering = load_calibrated(tmp_path / "artifact")
+    steering = load_calibrated(tmp_path / "artifact", h)
     steering.validate(h)
     texts = steered_generate(h, [s.prompt for s in test], [steering], images=[s.load_image() for s in test],
                              max_new_tokens=4)

@@ -1,24 +1,24 @@
-"""Fit refusal vectors from scoped data (which prompts to read, with which prefixes, and which estimator), evaluate
-a steered model on scoped test data, and sweep layers × strengths. The CLI and the notebooks call these."""
+"""Fit refusal vectors from scoped data: which prompts to read, with which teacher-forcing prefixes, and which
+estimator (:class:`VectorConfig` says which); the CLI, the methods and the notebooks call :func:`fit_vector`."""
 
 from __future__ import annotations
 
-import json
-import time
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from crvlm_core.vectors import estimators as V
-from crvlm_core.data.samples import Sample
+from crvlm_core.data.schema import Sample
 from crvlm_core.extract import Activations, extract
-from crvlm_core.core.io import atomic_write_json, cache_path, sha256_hex
-from crvlm_core.judges.judges import judge_responses
-from crvlm_core.metrics import rates_by, scope_metrics
-from crvlm_core.models.loading import ModelHandle
-from crvlm_core.steer.interventions import AddVector, Intervention, intervention_fingerprint, refusal_score, steered_generate
+from crvlm_core.models.handle import ModelHandle
+from crvlm_core.vectors.estimators import mean_diff, pca_direction, prompt_based, teacher_forced_mean_diff
+from crvlm_core.vectors.checks import check_lam
+from crvlm_core.vectors.ridge import ridge_direction
+from crvlm_core.vectors.steering_vector import SteeringVector
+
+from crvlm_core.evaluation import EvalResult, evaluate, refusal_score_grid, score_sweep, sweep  # noqa: E402,F401  # re-export; integration rewrites importers
 
 __all__ = [
     "METHODS",
@@ -26,12 +26,9 @@ __all__ = [
     "COMPLIANT_PREFIX",
     "LITERAL_PREFIX",
     "REFUSAL_SYSTEM_PROMPT",
+    "VectorConfig",
     "default_layers",
     "fit_vector",
-    "evaluate",
-    "EvalResult",
-    "sweep",
-    "refusal_score_grid",
 ]
 
 #: Teacher-forcing prefixes (measured on Qwen2.5-0.5B, see README): the one-token pair "Sorry" / "Sure", read at
@@ -65,6 +62,45 @@ def default_layers(handle: ModelHandle) -> list[int]:
     return [handle.n_layers // 3]
 
 
+@dataclass(frozen=True)
+class VectorConfig:
+    """How a refusal vector is fitted; validated on construction.
+
+    Attributes:
+        method: One of :data:`METHODS` (default ``"teacher-forced"``).
+        layers: Layers the vector is applied at (``None`` → :func:`default_layers`; stored as a tuple).
+        alpha: The vector's default strength.
+        ridge_lambda: Ridge penalty of ``method="ridge"`` (finite, ≥ 0).
+        refusal_prefix, compliant_prefix: Teacher-forcing prefixes (defaults: "Sorry" / "Sure"; for
+            ``teacher-forced-prefix-mean`` the long pair). The two should tokenize to the same length.
+        batch_size: Prompts per forward when reading activations.
+    """
+
+    method: str = "teacher-forced"
+    layers: tuple[int, ...] | None = None
+    alpha: float = 1.0
+    ridge_lambda: float = 1.0
+    refusal_prefix: str | None = None
+    compliant_prefix: str | None = None
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(l) for l in self.layers))
+            if not self.layers:
+                raise ValueError("no layers to steer")
+        if not math.isfinite(float(self.alpha)):
+            raise ValueError(f"alpha must be finite, got {self.alpha!r}")
+        try:
+            object.__setattr__(self, "ridge_lambda", check_lam(self.ridge_lambda))
+        except (TypeError, ValueError):
+            raise ValueError(f"ridge_lambda must be a finite number >= 0, got {self.ridge_lambda!r}") from None
+        if isinstance(self.batch_size, bool) or int(self.batch_size) != self.batch_size or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+
+
 def _out_in(samples: Sequence[Sample]) -> tuple[list[Sample], list[Sample]]:
     out = [s for s in samples if s.scope == "out"]
     inn = [s for s in samples if s.scope == "in"]
@@ -73,35 +109,35 @@ def _out_in(samples: Sequence[Sample]) -> tuple[list[Sample], list[Sample]]:
     return out, inn
 
 
-def fit_vector(handle: ModelHandle, train: Sequence[Sample], method: str = "teacher-forced",
-               layers: Sequence[int] | None = None, alpha: float = 1.0, ridge_lambda: float = 1.0,
-               refusal_prefix: str | None = None, compliant_prefix: str | None = None,
-               batch_size: int = 8, cache: bool = True, progress: bool = True) -> V.SteeringVector:
+def fit_vector(handle: ModelHandle, train: Sequence[Sample], config: VectorConfig | str = VectorConfig(), *,
+               cache_dir: str | Path | bool | None = True, progress: bool = True) -> SteeringVector:
     """Fit a refusal vector on scoped training samples (``scope`` set on each).
 
     Args:
-        refusal_prefix / compliant_prefix: teacher-forcing prefixes (defaults: "Sorry" / "Sure"; for
-            ``teacher-forced-prefix-mean`` the long pair). The two should tokenize to the same length.
+        handle: The model.
+        train: Scoped samples (out-of-scope ones needed; in-scope ones too for ``mean-diff``).
+        config: A :class:`VectorConfig`, or a method name (its defaults otherwise).
+        cache_dir: The activation cache (:func:`~crvlm_core.extract.extract`'s; default on).
+        progress: Show progress bars.
 
     Returns:
-        A :class:`~crvlm_core.vectors.estimators.SteeringVector` with directions for every layer, applied at ``layers``.
+        A :class:`~crvlm_core.vectors.steering_vector.SteeringVector` with directions for every layer, applied at
+        ``config.layers``.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    layers = [handle.check_layer(int(l)) for l in (layers if layers is not None else default_layers(handle))]
-    if not layers:
-        raise ValueError("no layers to steer")
+    config = VectorConfig(method=config) if isinstance(config, str) else config
+    method = config.method
+    layers = [handle.check_layer(int(l)) for l in (config.layers if config.layers is not None
+                                                     else default_layers(handle))]
     out, inn = _out_in(train)
-    kw = dict(batch_size=batch_size, cache=cache, progress=progress)
+    kw = dict(batch_size=config.batch_size, cache_dir=cache_dir)
 
-    def ex(samples, **more) -> Activations:
-        return extract(handle, samples, **kw, **more)
+    def ex(samples, desc: str = "", **more) -> Activations:
+        return extract(handle, samples, **kw, **more, progress=progress and (desc or True))
 
     positions = "last"
-    fingerprints: list[str] = []
     long = method == "teacher-forced-prefix-mean"
-    refusal_prefix = refusal_prefix or (LONG_REFUSAL_PREFIX if long else REFUSAL_PREFIX)
-    compliant_prefix = compliant_prefix or (LONG_COMPLIANT_PREFIX if long else COMPLIANT_PREFIX)
+    refusal_prefix = config.refusal_prefix or (LONG_REFUSAL_PREFIX if long else REFUSAL_PREFIX)
+    compliant_prefix = config.compliant_prefix or (LONG_COMPLIANT_PREFIX if long else COMPLIANT_PREFIX)
     if method in ("teacher-forced", "ridge", "pca", "teacher-forced-prefix-mean"):
         pos = "prefix-mean" if long else "last"
         positions = "prefix-mean" if long else "prefix-last"
@@ -111,177 +147,31 @@ def fit_vector(handle: ModelHandle, train: Sequence[Sample], method: str = "teac
         if method == "ridge":
             acts = torch.cat([ref.acts, com.acts])
             y = torch.cat([torch.ones(len(out)), torch.zeros(len(out))])
-            directions = V.ridge_direction(acts, y, ridge_lambda)
+            directions = ridge_direction(acts, y, config.ridge_lambda)
         elif method == "pca":
-            directions = V.pca_direction(ref.acts, com.acts)
+            directions = pca_direction(ref.acts, com.acts)
         else:
-            directions = V.teacher_forced_mean_diff(ref.acts, com.acts)
+            directions = teacher_forced_mean_diff(ref.acts, com.acts)
     elif method == "teacher-forced-literal":
         positions = "prefix-last vs prompt-last"
         ref = ex(out, assistant_prefix=refusal_prefix, desc="refusal prefix")
         plain = ex(out, desc="prompt")
         fingerprints = [ref.fingerprint, plain.fingerprint]
-        directions = V.teacher_forced_mean_diff(ref.acts, plain.acts)
+        directions = teacher_forced_mean_diff(ref.acts, plain.acts)
     elif method == "prompt-based":
         sys_acts = ex(out, system=REFUSAL_SYSTEM_PROMPT, desc="with system prompt")
         plain = ex(out, desc="without system prompt")
         fingerprints = [sys_acts.fingerprint, plain.fingerprint]
-        directions = V.prompt_based(sys_acts.acts, plain.acts)
+        directions = prompt_based(sys_acts.acts, plain.acts)
     else:  # mean-diff
         if not inn:
             raise ValueError("mean-diff needs in-scope training samples too (empty in-scope split)")
         a_out, a_in = ex(out, desc="out-of-scope"), ex(inn, desc="in-scope")
         fingerprints = [a_out.fingerprint, a_in.fingerprint]
-        directions = V.mean_diff(a_out.acts, a_in.acts)
-    return V.SteeringVector(
-        directions=directions, method=method, layers=layers, operation="add", alpha=alpha, positions=positions,
+        directions = mean_diff(a_out.acts, a_in.acts)
+    return SteeringVector(
+        directions=directions, method=method, layers=layers, operation="add", alpha=config.alpha, positions=positions,
         model_spec=handle.spec, fingerprint="+".join(fingerprints),
-        extra={"n_out": len(out), "n_in": len(inn), "ridge_lambda": ridge_lambda if method == "ridge" else None,
+        extra={"n_out": len(out), "n_in": len(inn), "ridge_lambda": config.ridge_lambda if method == "ridge" else None,
                "refusal_prefix": refusal_prefix, "compliant_prefix": compliant_prefix},
     )
-
-
-@dataclass
-class EvalResult:
-    """Metrics and per-sample rows of one evaluation."""
-
-    metrics: dict
-    rows: list[dict]
-
-
-def evaluate(handle: ModelHandle, test: Sequence[Sample], interventions: Sequence[Intervention] = (),
-             max_new_tokens: int = 24, batch_size: int = 8, judge: str = "keyword", system: str | None = None,
-             use_images: bool = True, progress: bool = True, cache_dir: str | Path | None = None) -> EvalResult:
-    """Generate (steered) answers for scoped test samples, judge refusals, and compute R / ORR / MB.
-
-    Rows carry ``id, subject, scope, response, refused, refusal_score``; metrics add per-subject refusal rates,
-    tokens/s and the judge's name.
-
-    ``cache_dir``: when given, the result is saved there under a key made of the model spec, the samples (ids,
-    prompts, images), the interventions' fingerprint (:func:`~crvlm_core.steer.interventions.intervention_fingerprint`) and every
-    setting, and an unchanged call returns the saved result without running the model (timings are the first
-    run's). A model whose weights differ from its spec's (e.g. a merged adapter) must carry a distinct ``spec``.
-    """
-    test = list(test)
-    if not test:
-        raise ValueError("evaluate: no test samples (empty split)")
-    cache_file = None
-    if cache_dir is not None:
-        cache_file = cache_path(cache_dir, "eval", {
-            "model": handle.key, "samples": [[s.id, s.prompt, s.scope, s.subject, str(s.image)] for s in test],
-            "interventions": intervention_fingerprint(list(interventions)), "max_new_tokens": max_new_tokens,
-            "batch_size": batch_size, "judge": judge, "system": system, "use_images": use_images})
-        if cache_file.exists():
-            saved = json.loads(cache_file.read_text())
-            return EvalResult(saved["metrics"], saved["rows"])
-    images = [s.load_image() if (use_images and handle.is_vlm) else None for s in test]
-    start = time.perf_counter()
-    responses = steered_generate(handle, [s.prompt for s in test], interventions, images=images, system=system,
-                                 max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
-    gen_seconds = time.perf_counter() - start
-    scores = refusal_score(handle, [s.prompt for s in test], interventions, images=images, system=system,
-                           batch_size=batch_size)
-    refused = judge_responses(responses, judge, prompts=[s.prompt for s in test])
-    rows = [{"id": s.id, "subject": s.subject, "scope": s.scope, "response": r, "refused": bool(f),
-             "refusal_score": float(sc)} for s, r, f, sc in zip(test, responses, refused, scores)]
-    metrics = scope_metrics(refused, [s.scope for s in test])
-    n_tokens = sum(len(handle.tokenizer.encode(r, add_special_tokens=False)) for r in responses)
-    metrics.update({
-        "judge": judge,
-        "refusal_rate_by_subject": rates_by(refused, [s.subject for s in test]),
-        "mean_refusal_score_out": _mean([float(sc) for s, sc in zip(test, scores) if s.scope == "out"]),
-        "mean_refusal_score_in": _mean([float(sc) for s, sc in zip(test, scores) if s.scope == "in"]),
-        "generation_seconds": gen_seconds,
-        "tokens_per_second": n_tokens / gen_seconds if gen_seconds > 0 else float("nan"),
-        "max_new_tokens": max_new_tokens,
-        "model": handle.spec,
-    })
-    if cache_file is not None:
-        atomic_write_json(cache_file, {"metrics": metrics, "rows": rows})
-    return EvalResult(metrics, rows)
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
-
-
-def sweep(handle: ModelHandle, vector: V.SteeringVector, test: Sequence[Sample], layers: Sequence[int],
-          alphas: Sequence[float], generate: bool = True, max_new_tokens: int = 16, batch_size: int = 8,
-          progress: Callable | None = None, judge: str = "keyword",
-          cache_dir: str | Path | None = None) -> list[dict]:
-    """Layer × strength grid: refusal score (one forward) and, if ``generate``, judged refusal rates in/out.
-
-    Returns one row per (layer, alpha) with ``layer, alpha, refusal_score_in/out`` and, when generating,
-    ``refusal_rate_out, over_refusal_in, mb_score`` and an example answer of each scope. With ``cache_dir``, each
-    generating cell is an :func:`evaluate` call cached there, and a score-only sweep is one
-    :func:`refusal_score_grid` cached there.
-    """
-    rows = []
-    test = list(test)
-    grid = [(l, a) for l in layers for a in alphas]
-    scores: dict[tuple[int, float], list[dict]] = {}
-    if not generate:
-        for r in refusal_score_grid(handle, vector, test, layers, alphas, batch_size=batch_size, cache_dir=cache_dir,
-                                    progress=False):
-            scores.setdefault((r["layer"], r["alpha"]), []).append(r)
-    for layer, alpha in grid:
-        row = {"layer": layer, "alpha": alpha}
-        if generate:
-            iv = [AddVector(vector.directions, (handle.check_layer(layer),), alpha)]
-            res = evaluate(handle, test, iv, max_new_tokens=max_new_tokens, batch_size=batch_size, judge=judge,
-                           progress=False, cache_dir=cache_dir)
-            row.update({"refusal_score_out": res.metrics["mean_refusal_score_out"],
-                        "refusal_score_in": res.metrics["mean_refusal_score_in"],
-                        **{k: res.metrics[k] for k in ("refusal_rate_out", "over_refusal_in", "mb_score")}})
-            row["example_out"] = next((r["response"] for r in res.rows if r["scope"] == "out"), "")
-            row["example_in"] = next((r["response"] for r in res.rows if r["scope"] == "in"), "")
-        else:
-            cell = scores[(handle.check_layer(layer), float(alpha))]
-            row.update({"refusal_score_out": _mean([r["score"] for r in cell if r["scope"] == "out"]),
-                        "refusal_score_in": _mean([r["score"] for r in cell if r["scope"] == "in"])})
-        rows.append(row)
-        if progress:
-            progress(row)
-    return rows
-
-
-def refusal_score_grid(handle: ModelHandle, vector: V.SteeringVector, samples: Sequence[Sample], layers: Sequence[int],
-                       alphas: Sequence[float], batch_size: int = 8, cache_dir: str | Path | None = None,
-                       progress: bool = True) -> list[dict]:
-    """Per-prompt refusal scores with ``vector`` added at each single layer × strength (one forward per cell, no
-    generation), for plots and widgets that must not run the model in their callbacks.
-
-    Returns rows ``{layer, alpha, id, scope, subject, score}``; ``alpha = 0`` rows are the unsteered model (one
-    forward, shared by every layer). With ``cache_dir``, the grid is saved under a key of its inputs and reused.
-    """
-    from tqdm.auto import tqdm
-
-    samples = list(samples)
-    if not samples:
-        raise ValueError("refusal_score_grid: no samples (empty split)")
-    layers = [handle.check_layer(int(l)) for l in layers]
-    cache_file = None
-    if cache_dir is not None:
-        cache_file = cache_path(cache_dir, "score-grid", {
-            "model": handle.key, "vector": vector.fingerprint, "layers": layers, "alphas": [float(a) for a in alphas],
-            "batch_size": batch_size, "samples": [[s.id, s.prompt] for s in samples],
-            "directions": sha256_hex(vector.directions.float().numpy().tobytes())})
-        if cache_file.exists():
-            return json.loads(cache_file.read_text())
-    prompts = [s.prompt for s in samples]
-    unsteered = None
-    rows = []
-    cells = [(l, float(a)) for l in layers for a in alphas]
-    for layer, alpha in tqdm(cells, desc="refusal-score grid", disable=not progress):
-        if alpha == 0.0:
-            if unsteered is None:
-                unsteered = refusal_score(handle, prompts, [], batch_size=batch_size)
-            scores = unsteered
-        else:
-            scores = refusal_score(handle, prompts, [AddVector(vector.directions, (layer,), alpha)],
-                                   batch_size=batch_size)
-        rows += [{"layer": layer, "alpha": alpha, "id": s.id, "scope": s.scope, "subject": s.subject,
-                  "score": float(x)} for s, x in zip(samples, scores)]
-    if cache_file is not None:
-        atomic_write_json(cache_file, rows)
-    return rows

@@ -1,0 +1,105 @@
+"""The behavioural loss (an extension beyond the paper): after the activation losses, fine-tune the calibrator on
+what the model *says* — the refusal teacher-forced out of scope, the unsteered next-token distribution in scope."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from crvlm_core.data.schema import Sample
+from crvlm_core.methods.crvlm.calibrated import CalibratedSteering
+from crvlm_core.methods.crvlm.config import BEHAVIOURAL_REFUSAL, BehaviouralConfig
+from crvlm_core.models.handle import ModelHandle
+
+__all__ = ["BEHAVIOURAL_REFUSAL", "finetune_behavioural"]
+
+
+def _forward_with_calibrator(steering: CalibratedSteering, handle: ModelHandle, enc: dict, gate_enc: dict,
+                             keep: int) -> torch.Tensor:
+    """Logits of the last ``keep`` positions only (the losses read no others; with a 150k vocabulary the projection
+    of every position is work and memory for nothing)."""
+    cal = steering.calibrator
+    steering.prepare(handle, gate_enc)
+    hooks = [handle.torch_layers[l].register_forward_hook(lambda _m, _i, output, l=l: cal.apply_hidden(l, output))
+             for l in steering.layers]
+    try:
+        return handle.hf_model(**enc, logits_to_keep=keep).logits
+    finally:
+        for h in hooks:
+            h.remove()
+        steering.release()
+
+
+def _step(steering: CalibratedSteering, handle: ModelHandle, b_out: list[Sample], b_in: list[Sample],
+          config: BehaviouralConfig) -> tuple[float, float]:
+    """Backpropagate one batch's two losses (the caller steps the optimiser); ``(ce_out, kl_in)``."""
+    # each loss is backpropagated as soon as it is computed, so the two graphs (the layers above the steered ones,
+    # for a batch of prompts each) are never held at once; the summed gradient is the same
+    # out of scope: teacher-forced refusal, CE on its tokens (logits at t predict token t + 1)
+    plain = handle.build_inputs([s.prompt for s in b_out])
+    forced = handle.build_inputs([s.prompt for s in b_out], assistant_prefix=config.refusal_text)
+    n_ref = int(forced["input_ids"].shape[1] - plain["input_ids"].shape[1])
+    logits = _forward_with_calibrator(steering, handle, forced, plain, keep=n_ref + 1)
+    targets = forced["input_ids"][:, -n_ref:]
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+    (config.w_ce * ce).backward()
+    del logits
+    # in scope: keep the next-token distribution of the unsteered model
+    enc_in = handle.build_inputs([s.prompt for s in b_in])
+    with torch.no_grad():
+        ref = torch.log_softmax(handle.hf_model(**enc_in, logits_to_keep=1).logits[:, -1].float(), -1)
+    cur = torch.log_softmax(_forward_with_calibrator(steering, handle, enc_in, enc_in, keep=1)[:, -1].float(), -1)
+    kl = torch.nn.functional.kl_div(cur, ref, log_target=True, reduction="batchmean")
+    (config.w_kl * kl).backward()
+    return ce.item(), kl.item()
+
+
+def finetune_behavioural(steering: CalibratedSteering, handle: ModelHandle, train: Sequence[Sample],
+                         config: BehaviouralConfig | None = None, progress: bool = True) -> list[dict]:
+    """Fine-tune ``steering``'s calibrator in place on the behavioural loss. Out of scope: cross-entropy of
+    ``config.refusal_text`` teacher-forced after the prompt. In scope: KL(unsteered ‖ calibrated) of the next-token
+    distribution at the last prompt token. Gradients flow through the frozen layers above the steered ones; the
+    calibrator is the only trained part (a prefill gate stays as trained: its ρ is read from the unsteered prompt
+    pass). Records ``steering.info["behavioural"]``.
+
+    Returns:
+        One dict per epoch with the mean ``ce_out`` and ``kl_in``.
+    """
+    config = config if config is not None else BehaviouralConfig()
+    inn = [s for s in train if s.scope == "in"]
+    out = [s for s in train if s.scope == "out"]
+    if not inn or not out:
+        raise ValueError("the behavioural loss needs in- and out-of-scope training samples")
+    steering.validate(handle)
+    cal = steering.calibrator
+    params = [p for p in cal.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=config.lr)
+    gen = torch.Generator().manual_seed(config.seed)
+    history: list[dict] = []
+    bs = config.batch_size
+    for epoch in range(config.epochs):
+        order_out = torch.randperm(len(out), generator=gen).tolist()
+        order_in = torch.randperm(len(inn), generator=gen).tolist()
+        steps = (max(len(out), len(inn)) + bs - 1) // bs
+        sums = {"ce_out": 0.0, "kl_in": 0.0}
+        bar = tqdm(range(steps), desc=f"behavioural epoch {epoch + 1}", disable=not progress)
+        for step in bar:
+            b_out = [out[order_out[(step * bs + j) % len(out)]] for j in range(bs)]
+            b_in = [inn[order_in[(step * bs + j) % len(inn)]] for j in range(bs)]
+            opt.zero_grad(set_to_none=True)
+            ce, kl = _step(steering, handle, b_out, b_in, config)
+            opt.step()
+            sums["ce_out"] += ce
+            sums["kl_in"] += kl
+            bar.set_postfix(ce=f"{ce:.3f}", kl=f"{kl:.3f}")
+        history.append({"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()}})
+    for p in params:
+        p.requires_grad_(False)
+    cal.eval()
+    steering.info["behavioural"] = {"epochs": config.epochs, "lr": config.lr, "refusal_text": config.refusal_text,
+                                    "history": history}
+    return history

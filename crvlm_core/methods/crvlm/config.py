@@ -1,0 +1,255 @@
+"""The settings of CR-VLM as frozen, self-validating dataclasses: the calibrator's architecture and training
+(:class:`CalibratorConfig`), a whole fit on a model (:class:`CrvlmConfig`) and the behavioural fine-tune."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from dataclasses import dataclass
+
+__all__ = ["BEHAVIOURAL_REFUSAL", "BehaviouralConfig", "CalibratorConfig", "CrvlmConfig", "index_list"]
+
+#: The refusal the behavioural loss teaches out of scope (teacher-forced after the prompt).
+BEHAVIOURAL_REFUSAL = "I'm sorry, but I can't assist with that."
+
+
+def index_list(name: str, values) -> tuple[int, ...]:
+    """``values`` as a tuple of ints (numpy / 0-d torch ints accepted; bools and strings refused)."""
+    try:
+        if isinstance(values, (str, bytes)) or any(isinstance(v, bool) for v in values):
+            raise TypeError
+        return tuple(operator.index(v) for v in values)
+    except TypeError:
+        raise ValueError(f"{name} must be a list of ints, got {values!r}") from None
+
+
+def _set(obj, name: str, value) -> None:
+    object.__setattr__(obj, name, value)
+
+
+def _int(obj, name: str, minimum: int = 1) -> int:
+    v = getattr(obj, name)
+    try:
+        if isinstance(v, bool):
+            raise TypeError
+        v = operator.index(v)
+    except TypeError:
+        raise ValueError(f"{name} must be an int, got {v!r}") from None
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    _set(obj, name, v)
+    return v
+
+
+def _float(obj, name: str, minimum: float | None = None, strict: bool = False) -> float:
+    try:
+        v = float(getattr(obj, name))
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {getattr(obj, name)!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if minimum is not None and (v <= minimum if strict else v < minimum):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {v}")
+    _set(obj, name, v)
+    return v
+
+
+def _layers(obj, name: str) -> tuple[int, ...]:
+    layers = index_list(name, getattr(obj, name))
+    if not layers:
+        raise ValueError(f"{name} must be non-empty")
+    if any(l < 0 for l in layers):
+        raise ValueError(f"{name} must be >= 0, got {list(layers)}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"{name} contains duplicates: {list(layers)}")
+    _set(obj, name, layers)
+    return layers
+
+
+@dataclass(frozen=True)
+class CalibratorConfig:
+    """Architecture and training settings of a calibrator; validated on construction.
+
+    Attributes:
+        hidden_size: Width ``d`` of the model's residual stream.
+        layers: The steered decoder layers. Activations passed to :func:`~crvlm_core.methods.crvlm.train.
+            train_calibrator` are ``[n, len(layers), d]`` with ``acts[:, j]`` read at ``layers[j]`` (order kept as
+            given; no duplicates; stored as a tuple).
+        width: Hidden width ``W`` of the flow network.
+        shared: ``False`` (default): one block (flow, gate, α) per steered layer — each layer learns its own update,
+            and blocks do not compete for capacity. ``True``: one block for all layers, with a learned per-layer
+            embedding (initialised to zero) added to its input — ``1/len(layers)`` of the parameters.
+        gate_dim: Width of the gate's input. ``None`` → ``hidden_size`` (the gate reads ``x``). Another value means
+            the gate reads an explicit prefill summary (``gate_input``; e.g. a late layer's last-prompt-token state).
+        target_scale: ``λ`` in the out-of-scope target ``h_out + λ·s``.
+        w_out, w_in, w_ortho, w_vision: Weights of the four loss terms (the vision term is only active on batches
+            with vision counterfactuals).
+        gate_supervision: Include the gate's binary cross-entropy ``g`` in the in-scope loss.
+        lr: Adam learning rate.
+        batch_size: In-scope *and* out-of-scope samples per step (each step sees ``batch_size`` of each).
+        epochs: Training epochs; an epoch is ``ceil(max(n_in, n_out) / batch_size)`` steps.
+        seed: Seeds initialisation, the validation split and batch sampling (same seed → identical weights).
+        val_fraction: Fraction of each group (in / out) held out for validation, ``0 ≤ f < 1``; with ``f > 0`` the
+            history has ``val_*`` entries (same terms, whole validation set, no gradient).
+        patience: Early stopping: stop once the validation total loss has not improved for ``patience`` epochs and
+            return the weights of the best validation epoch. Requires ``val_fraction > 0``.
+    """
+
+    hidden_size: int
+    layers: tuple[int, ...]
+    width: int = 1024
+    shared: bool = False
+    gate_dim: int | None = None
+    target_scale: float = 1.0
+    w_out: float = 1.0
+    w_in: float = 1.0
+    w_ortho: float = 1.0
+    w_vision: float = 1.0
+    gate_supervision: bool = True
+    lr: float = 1e-4
+    batch_size: int = 8
+    epochs: int = 200
+    seed: int = 42
+    val_fraction: float = 0.0
+    patience: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "width", "batch_size", "epochs"):
+            _int(self, name)
+        if self.gate_dim is not None:
+            _int(self, "gate_dim")
+        _int(self, "seed", minimum=0)
+        _layers(self, "layers")
+        _set(self, "shared", bool(self.shared))
+        _set(self, "gate_supervision", bool(self.gate_supervision))
+        _float(self, "target_scale")
+        for name in ("w_out", "w_in", "w_ortho", "w_vision"):
+            _float(self, name, minimum=0.0)
+        if self.w_out == self.w_in == self.w_ortho == self.w_vision == 0:
+            raise ValueError("all loss weights are 0; nothing to train")
+        _float(self, "lr", minimum=0.0, strict=True)
+        f = _float(self, "val_fraction", minimum=0.0)
+        if f >= 1:
+            raise ValueError(f"val_fraction must be < 1, got {f}")
+        if self.patience is not None:
+            _int(self, "patience")
+            if f == 0:
+                raise ValueError("patience (early stopping) needs a validation set: set val_fraction > 0")
+
+    @property
+    def d_gate(self) -> int:
+        """Width of the gate's input (``gate_dim``, or ``hidden_size`` when ``None``)."""
+        return self.hidden_size if self.gate_dim is None else self.gate_dim
+
+    def to_dict(self) -> dict:
+        """The config as a JSON-serialisable dict (round-trips through ``CalibratorConfig(**d)``)."""
+        d = dataclasses.asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+
+@dataclass(frozen=True)
+class BehaviouralConfig:
+    """Settings of the behavioural fine-tune (:func:`~crvlm_core.methods.crvlm.behavioural.finetune_behavioural`):
+    ``epochs`` passes with Adam at ``lr``, ``batch_size`` prompts of each scope per step, loss
+    ``w_ce·CE(refusal_text | out-of-scope prompt) + w_kl·KL(unsteered ‖ calibrated | in-scope prompt)``."""
+
+    epochs: int = 1
+    lr: float = 1e-4
+    batch_size: int = 4
+    w_ce: float = 1.0
+    w_kl: float = 1.0
+    refusal_text: str = BEHAVIOURAL_REFUSAL
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        _int(self, "epochs", minimum=0)
+        _int(self, "batch_size")
+        _int(self, "seed", minimum=0)
+        _float(self, "lr", minimum=0.0, strict=True)
+        _float(self, "w_ce", minimum=0.0)
+        _float(self, "w_kl", minimum=0.0)
+        if not isinstance(self.refusal_text, str) or not self.refusal_text:
+            raise ValueError(f"refusal_text must be a non-empty string, got {self.refusal_text!r}")
+
+    def to_dict(self) -> dict:
+        """The config as a JSON-serialisable dict."""
+        return dataclasses.asdict(self)
+
+
+_CALIBRATOR_FIELDS = ("width", "shared", "target_scale", "w_out", "w_in", "w_ortho", "w_vision", "gate_supervision",
+                      "lr", "batch_size", "epochs", "seed", "val_fraction", "patience")
+
+
+@dataclass(frozen=True)
+class CrvlmConfig:
+    """Everything a CR-VLM fit on a model is set by (:func:`~crvlm_core.methods.crvlm.steering.fit_crvlm`).
+
+    Attributes:
+        layers: Steered layers (``None`` → a third of the way up, :func:`~crvlm_core.methods.refusal_vectors.
+            default_layers`); stored as a sorted tuple.
+        gate_layer: ``"auto"`` → a late layer (prefill gating, :func:`~crvlm_core.methods.crvlm.calibrated.
+            default_gate_layer`); an int → that layer; ``None`` → the paper's gate, reading the steered layer's own
+            hidden state.
+        extract_batch_size: Prompts per forward when reading activations.
+        train_positions: ``"tokens"`` — train on the last prompt token plus ``positions_per_prompt`` random other
+            prompt tokens of each sample (the calibrator is applied at every position at generation; with a prefill
+            gate, each token's gate input is its prompt's summary); ``"last"`` — only the last prompt token (the
+            paper's reading).
+        positions_per_prompt: Extra prompt tokens per sample with ``train_positions="tokens"``.
+        behavioural: A :class:`BehaviouralConfig` → the behavioural fine-tune runs after the activation losses
+            (when its ``epochs`` > 0); ``None`` → none.
+        Remaining fields: :class:`CalibratorConfig`'s (validated by it). Defaults differ from the paper's (200
+            epochs, batch 8, lr 1e-4 on one state per prompt) because each prompt contributes
+            ``positions_per_prompt + 1`` states: 40 epochs of batch 32 at lr 3e-4 take a similar number of steps.
+    """
+
+    layers: tuple[int, ...] | None = None
+    gate_layer: int | str | None = "auto"
+    target_scale: float = 1.0
+    width: int = 1024
+    epochs: int = 40
+    lr: float = 3e-4
+    batch_size: int = 32
+    seed: int = 42
+    w_out: float = 1.0
+    w_in: float = 1.0
+    w_ortho: float = 1.0
+    w_vision: float = 1.0
+    gate_supervision: bool = True
+    val_fraction: float = 0.0
+    patience: int | None = None
+    shared: bool = False
+    extract_batch_size: int = 8
+    train_positions: str = "tokens"
+    positions_per_prompt: int = 8
+    behavioural: BehaviouralConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            _set(self, "layers", tuple(sorted(_layers(self, "layers"))))
+        if self.gate_layer is not None and self.gate_layer != "auto":
+            _int(self, "gate_layer", minimum=0)
+        if self.train_positions not in ("tokens", "last"):
+            raise ValueError(f"train_positions must be 'tokens' or 'last', got {self.train_positions!r}")
+        _int(self, "extract_batch_size")
+        _int(self, "positions_per_prompt", minimum=0)
+        if isinstance(self.behavioural, dict):
+            _set(self, "behavioural", BehaviouralConfig(**self.behavioural))
+        elif self.behavioural is not None and not isinstance(self.behavioural, BehaviouralConfig):
+            raise ValueError(f"behavioural must be a BehaviouralConfig or None, got {type(self.behavioural).__name__}")
+        probe = self.calibrator_config(hidden_size=1, layers=(0,))  # CalibratorConfig validates the shared fields
+        for name in _CALIBRATOR_FIELDS:
+            _set(self, name, getattr(probe, name))
+
+    def calibrator_config(self, hidden_size: int, layers, gate_dim: int | None = None) -> CalibratorConfig:
+        """The :class:`CalibratorConfig` of this fit for a model of width ``hidden_size``."""
+        return CalibratorConfig(hidden_size=hidden_size, layers=layers, gate_dim=gate_dim,
+                                **{name: getattr(self, name) for name in _CALIBRATOR_FIELDS})
+
+    def to_dict(self) -> dict:
+        """The config as a JSON-serialisable dict (round-trips through ``CrvlmConfig(**d)``)."""
+        d = dataclasses.asdict(self)
+        d["layers"] = None if self.layers is None else list(self.layers)
+        return d
