@@ -5,17 +5,22 @@ clear errors for bad inputs, and the refusal organism's adapter (tiny model by d
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from crvlm_core.methods.refusal_steering import pipeline as RS
-from crvlm_core.data.samples import Sample, load_dataset
-from crvlm_core.methods.refusal_steering.pipeline import (ScoredPrompt, check_topics, choose_lambda, fit_directions, layer_scores,
-                                         principal_directions_needed, rank_layers, relative_lambda, select_confident,
-                                         topic_splits)
+import crvlm_core.methods.refusal_steering as RS
+from crvlm_core.data.bundled import load_dataset
+from crvlm_core.data.schema import Sample
+from crvlm_core.methods.refusal_steering import score as score_mod, search as search_mod
+from crvlm_core.methods.refusal_steering.directions import fit_directions, relative_lambda
+from crvlm_core.methods.refusal_steering.score import ScoredPrompt, select_confident
+from crvlm_core.methods.refusal_steering.select import (choose_lambda, layer_scores, principal_directions_needed,
+                                                        rank_layers)
+from crvlm_core.methods.refusal_steering.topics import check_topics, topic_splits
 
 
 def _gaussians(n=400, seed=0, var=(100.0, 1.0), delta=(1.0, 1.0), n_layers=1):
@@ -180,11 +185,11 @@ def test_topics_and_splits():
 def test_fit_refusal_steering_rejects_bad_inputs_before_any_model_work():
     samples = load_dataset("refusal-topics")
     with pytest.raises(ValueError, match="unknown topic"):
-        RS.fit_refusal_steering(None, "rmd", remove="sports", samples=samples)
+        RS.fit_refusal_steering(None, RS.FitConfig("rmd", remove="sports"), samples)
     with pytest.raises(ValueError, match="unknown method"):
-        RS.fit_refusal_steering(None, "ridge", samples=samples)
+        RS.fit_refusal_steering(None, RS.FitConfig("ridge"), samples)
     with pytest.raises(ValueError, match=">= 0"):
-        RS.fit_refusal_steering(None, "rmd", lam_rel=-1.0, samples=samples)
+        RS.fit_refusal_steering(None, RS.FitConfig("rmd", lam_rel=-1.0), samples)
 
 
 def test_validation_objective():
@@ -296,9 +301,9 @@ def test_search_alpha_early_stopping_and_refinement(monkeypatch):
         rates = {"political": max(0.0, 1.0 - alpha), "harmful": 1.0 if alpha < 0.6 else 0.0, "neutral": 0.0}
         return {"refusal_rate_by_subject": rates, "responses": [], "kl_neutral": 0.01 * alpha}
 
-    monkeypatch.setattr(RS, "evaluate_condition", fake_eval)
-    best, rows = RS.search_alpha(None, torch.zeros(2, 4), [1], [], "political", "harmful",
-                                 alphas=(0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0))
+    monkeypatch.setattr(search_mod, "evaluate_condition", fake_eval)
+    best, rows = RS.search_alpha(None, torch.zeros(2, 4), [1], [], RS.SearchConfig(
+        "political", "harmful", alphas=(0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)))
     # ascending: 0.25, 0.5 improve; 0.75 (harmful collapses) and 1.0 do not → stop (patience 2), never 1.5+;
     # refinement between 0.5 and 0.75: 0.625 overshoots, 0.5625 improves
     assert [r["alpha"] for r in rows] == [0.25, 0.5, 0.75, 1.0, 0.625, 0.5625]
@@ -309,8 +314,9 @@ def test_search_alpha_early_stopping_and_refinement(monkeypatch):
 def test_topic_gate_steers_only_the_topic_and_round_trips_through_a_saved_vector(smollm2, tmp_path):
     """The gated removal: a political-vs-harmful gate at its best layer; the gated subtraction changes the answers
     of the prompts it selects and leaves the others bit-identical; saved with the vector, it is rebuilt on load."""
-    from crvlm_core.vectors import estimators as V
-    from crvlm_core.steer.interventions import steered_generate
+    from crvlm_core.core.artifacts import model_info
+    from crvlm_core.steer.generate import steered_generate
+    from crvlm_core.vectors.steering_vector import SteeringVector
 
     samples = load_dataset("refusal-topics")
     pol = [s for s in samples if s.subject == "political"][:10]
@@ -328,14 +334,14 @@ def test_topic_gate_steers_only_the_topic_and_round_trips_through_a_saved_vector
     with pytest.raises(ValueError, match="subtract or add"):
         RS.steering_interventions(directions, [10], 1.0, "project_out", gate)
 
-    vec = V.SteeringVector(directions=directions, method="rmd", layers=[10], operation="add", alpha=-1.0,
-                           positions="last", model_spec=smollm2.spec, fingerprint="x", extra={"gate": gate.to_json()})
-    vec.save(tmp_path / "v")
-    back = RS.interventions_of(V.SteeringVector.load(tmp_path / "v"))
+    vec = SteeringVector(directions=directions, method="rmd", layers=[10], operation="add", alpha=-1.0,
+                         positions="last", model_spec=smollm2.spec, fingerprint="x", extra={"gate": gate.to_json()})
+    RS.RefusalSteeringFit(vec, {}, [], model=model_info(smollm2)).save(tmp_path / "v")
+    back = RS.load_refusal_steering(tmp_path / "v", smollm2)
     assert isinstance(back[0], RS.TopicGatedAdd) and back[0].alpha == -1.0 and back[0].gate_layer == gate.layer
     assert steered_generate(smollm2, prompts, back, max_new_tokens=6, batch_size=8, progress=False) == gated
-    plain_vec = V.SteeringVector(directions=directions, method="rmd", layers=[10], operation="add", alpha=-1.0,
-                                 positions="last", model_spec=smollm2.spec, fingerprint="y")
+    plain_vec = SteeringVector(directions=directions, method="rmd", layers=[10], operation="add", alpha=-1.0,
+                               positions="last", model_spec=smollm2.spec, fingerprint="y")
     assert not isinstance(RS.interventions_of(plain_vec)[0], RS.TopicGatedAdd)
 
 
@@ -346,13 +352,13 @@ def test_neutral_kl_keeps_only_the_reference_logits(smollm2):
 
     samples = load_dataset("refusal-topics")
     val = [s for s in samples if s.subject == "neutral"][:5] + [s for s in samples if s.subject == "harmful"][:2]
-    ref = RS.evaluate_condition(smollm2, val, [], mode="score", batch_size=2)
+    cfg = RS.EvalConfig(mode="score", batch_size=2)
+    ref = RS.evaluate_condition(smollm2, val, [], cfg)
     assert len(ref["_logits"]) == 3 and ref["kl_neutral"] == 0.0  # 5 neutral prompts in batches of 2
-    same = RS.evaluate_condition(smollm2, val, [], mode="score", batch_size=2, unsteered=ref)
+    same = RS.evaluate_condition(smollm2, val, [], cfg, unsteered=ref)
     assert "_logits" not in same and same["kl_neutral"] == pytest.approx(0.0, abs=1e-6)
     vec = torch.randn(smollm2.n_layers, smollm2.hidden_size, generator=torch.Generator().manual_seed(0)) * 8
-    steered = RS.evaluate_condition(smollm2, val, [AddVector(vec, [10], 1.0)], mode="score", batch_size=2,
-                                    unsteered=ref)
+    steered = RS.evaluate_condition(smollm2, val, [AddVector(vec, [10], 1.0)], cfg, unsteered=ref)
     assert "_logits" not in steered and steered["kl_neutral"] > 0.01
 
 
@@ -365,24 +371,138 @@ def test_evaluate_condition_cache_reuses_results_and_recomputes_reference_logits
     samples = load_dataset("refusal-topics")
     val = [s for s in samples if s.subject == "neutral"][:3] + [s for s in samples if s.subject == "political"][:2]
     vec = torch.randn(smollm2.n_layers, smollm2.hidden_size, generator=torch.Generator().manual_seed(1)) * 8
-    kw = dict(mode="score", batch_size=2, cache_dir=tmp_path)
-    ref = RS.evaluate_condition(smollm2, val, [], **kw)
-    steered = RS.evaluate_condition(smollm2, val, [AddVector(vec, [10], 1.0)], unsteered=ref, **kw)
+    cfg = RS.EvalConfig(mode="score", batch_size=2, cache_dir=tmp_path)
+    ref = RS.evaluate_condition(smollm2, val, [], cfg)
+    steered = RS.evaluate_condition(smollm2, val, [AddVector(vec, [10], 1.0)], cfg, unsteered=ref)
     assert len(list(tmp_path.glob("condition-*.json"))) == 2
 
     def no_model(*a, **k):
         raise AssertionError("the model ran although the result was cached")
 
-    monkeypatch.setattr(RS, "refusal_score", no_model)
-    ref2 = RS.evaluate_condition(smollm2, val, [], **kw)
+    monkeypatch.setattr(search_mod, "refusal_score", no_model)
+    ref2 = RS.evaluate_condition(smollm2, val, [], cfg)
     assert "_logits" not in ref2 and ref2["refused"] == ref["refused"]
-    again = RS.evaluate_condition(smollm2, val, [AddVector(vec, [10], 1.0)], unsteered=ref2, **kw)
+    again = RS.evaluate_condition(smollm2, val, [AddVector(vec, [10], 1.0)], cfg, unsteered=ref2)
     assert again["kl_neutral"] == steered["kl_neutral"] and again["refused"] == steered["refused"]
     monkeypatch.undo()
-    other = RS.evaluate_condition(smollm2, val, [AddVector(vec, [10], 2.0)], unsteered=ref2, **kw)
-    fresh = RS.evaluate_condition(smollm2, val, [AddVector(vec, [10], 2.0)], unsteered=ref, mode="score",
-                                  batch_size=2)
+    other = RS.evaluate_condition(smollm2, val, [AddVector(vec, [10], 2.0)], cfg, unsteered=ref2)
+    fresh = RS.evaluate_condition(smollm2, val, [AddVector(vec, [10], 2.0)], RS.EvalConfig(mode="score", batch_size=2),
+                                  unsteered=ref)
     assert len(list(tmp_path.glob("condition-*.json"))) == 3 and len(ref2["_logits"]) == 2
     assert other["kl_neutral"] == pytest.approx(fresh["kl_neutral"], rel=1e-6) and other["kl_neutral"] > 0.01
     with pytest.raises(ValueError, match="no samples"):
-        RS.evaluate_condition(smollm2, [], [], **kw)
+        RS.evaluate_condition(smollm2, [], [], cfg)
+
+
+# ------------------------------------------------------------------------------- configs, artifact, caches
+
+
+def test_configs_validate_themselves():
+    with pytest.raises(ValueError, match="tau"):
+        RS.FitConfig(tau=1.5)
+    with pytest.raises(ValueError, match="topics must differ"):
+        RS.FitConfig(remove="harmful", keep="harmful")
+    with pytest.raises(ValueError, match="search_by"):
+        RS.FitConfig(search_by="guess")
+    with pytest.raises(ValueError, match="alphas must be positive"):
+        RS.SearchConfig(alphas=(0.5, -1.0))
+    with pytest.raises(ValueError, match="mode"):
+        RS.EvalConfig(mode="vibes")
+    assert RS.SearchConfig(alphas=(2, 0.5)).alphas == (0.5, 2.0)
+    cfg = RS.FitConfig("wrmd", val_tokens=12, search_by="score", alphas=[1.0, 0.25])
+    s = cfg.search_config()
+    assert (s.max_new_tokens, s.mode, s.alphas, s.remove, s.keep) == (12, "score", (0.25, 1.0), "political", "harmful")
+    assert RS.StudyConfig(gated=()).conditions == ["mean-diff", "rmd", "wrmd"]
+    with pytest.raises(ValueError, match="unknown methods"):
+        RS.StudyConfig(methods=["pca"])
+
+
+class _Shape:
+    spec, key, hidden_size, n_layers = "tiny", "tiny", 4, 3
+
+
+def _fit(gate=True):
+    from crvlm_core.core.artifacts import model_info
+    from crvlm_core.vectors.steering_vector import SteeringVector
+
+    g = RS.TopicGate(1, torch.tensor([1.0, 0.0, 0.5, 0.0]), 0.25, 0.9)
+    vec = SteeringVector(directions=torch.arange(12.0).reshape(3, 4), method="rmd", layers=[1, 2], operation="add",
+                         alpha=-0.75, positions="last", model_spec="tiny", fingerprint="fp",
+                         extra={"remove": "political", "n_refuse": 3, **({"gate": g.to_json()} if gate else {})})
+    return RS.RefusalSteeringFit(vec, {}, [], model=model_info(_Shape()), inputs={"data": "x"})
+
+
+def test_refusal_steering_artifact_round_trip_refusal_and_damage(tmp_path):
+    """One folder (artifact.json of kind refusal-steering + safetensors + fit.json); the gate and every setting come
+    back; a second save without force is refused and leaves the folder byte-identical; a changed file, another
+    model's shape or another kind give one-line ArtifactErrors."""
+    from crvlm_core.core.artifacts import ArtifactError, ArtifactExists
+
+    folder = _fit().save(tmp_path / "a", extra_json={"fit.json": {"kind": "refusal-steering"}})
+    manifest = json.loads((folder / "artifact.json").read_text())
+    assert manifest["kind"] == "refusal-steering" and manifest["config"]["gate"]["layer"] == 1
+    assert {"vector.safetensors", "fit.json"} <= set(manifest["files"])
+    back = RS.read_refusal_steering(folder, _Shape())
+    assert torch.equal(back.directions, torch.arange(12.0).reshape(3, 4)) and back.layers == [1, 2]
+    assert back.alpha == -0.75 and back.extra["n_refuse"] == 3 and back.extra["gate"]["direction"] == [1, 0, 0.5, 0]
+    ivs = RS.load_refusal_steering(folder, _Shape(), alpha=-2.0, layers=[2])
+    assert isinstance(ivs[0], RS.TopicGatedAdd) and ivs[0].alpha == -2.0 and ivs[0].layers == (2,)
+    assert ivs[0].threshold == 0.25 and ivs[0].gate_layer == 1
+    plain = _fit(gate=False).save(tmp_path / "b")
+    assert not isinstance(RS.load_refusal_steering(plain)[0], RS.TopicGatedAdd)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(ArtifactExists, match="--force"):
+        _fit(gate=False).save(folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    _fit(gate=False).save(folder, force=True)
+    assert RS.read_refusal_steering(folder).extra.get("gate") is None
+    other = type("Other", (), {"spec": "big", "hidden_size": 8, "n_layers": 3})()
+    with pytest.raises(ArtifactError, match="fitted on"):
+        RS.load_refusal_steering(folder, other)
+    (folder / "vector.safetensors").write_bytes(b"broken")
+    with pytest.raises(ArtifactError, match="changed or damaged"):
+        RS.load_refusal_steering(folder)
+    with pytest.raises(ArtifactError, match="not an artifact folder"):
+        RS.load_refusal_steering(tmp_path / "missing")
+
+
+def test_score_prompts_caches_through_cache_dir(tmp_path, monkeypatch):
+    """Scores are computed once per key and read back (ids checked); cache_dir=None computes every time."""
+    from crvlm_core.judges.base import JudgeResult
+
+    calls = []
+
+    def fake_sample(handle, prompts, k, *a, **kw):
+        calls.append(len(prompts))
+        return [[f"{p} answer {i}" for i in range(k)] for p in prompts]
+
+    class FakeJudge:
+        name, info = "fake", {}
+
+        def judge(self, prompts, responses):
+            return [JudgeResult(refused=i % 2 == 0, confidence=None) for i, _ in enumerate(responses)]
+
+    monkeypatch.setattr(score_mod, "sample_responses", fake_sample)
+    handle = type("H", (), {"key": "fake-model"})()
+    samples = [Sample(f"s{i}", f"q{i}", "political") for i in range(3)]
+    first = RS.score_prompts(handle, samples, FakeJudge(), k=2, cache_dir=tmp_path, progress=False)
+    again = RS.score_prompts(handle, samples, FakeJudge(), k=2, cache_dir=tmp_path, progress=False)
+    assert calls == [3] and [p.confidences for p in again] == [p.confidences for p in first] == [[1.0, -1.0]] * 3
+    assert len(list(tmp_path.glob("refusal-steering-scores-*.json"))) == 1
+    RS.score_prompts(handle, samples, FakeJudge(), k=2, cache_dir=None, progress=False)
+    assert calls == [3, 3]
+
+
+def test_study_metrics_keep_the_notebook_keys(tmp_path):
+    cfg = RS.StudyConfig(model="m", methods=("rmd",), gated=())
+    row = {"refusal_political": 0.1, "refusal_harmful": 0.9, "refusal_neutral": 0.0, "kl_neutral": float("nan"),
+           "unchanged_neutral": 1.0}
+    results = {"m": {"spec": "m", "unsteered": row, "_base_test": {}, "scored": {"n": 4},
+                     "rmd": {**row, "layers": [3], "alpha": -1.0, "lambda_rel": 0.1, "lambda_table": {},
+                             "alpha_search": [], "n_refuse": 2, "n_comply": 2}}}
+    path = RS.write_study_metrics(tmp_path / "metrics.json", results, {"alpha": 1.0}, cfg)
+    m = json.loads(path.read_text())
+    assert {"refusal_rate_by_subject", "fits", "profile", "induction", "table", "judge"} <= set(m)
+    assert m["refusal_rate_by_subject"]["m"]["rmd"] == {"political": 0.1, "harmful": 0.9, "neutral": 0.0}
+    assert m["fits"]["m"]["rmd"]["layers"] == [3] and m["table"][1]["kl_neutral"] is None
+    assert [r["condition"] for r in m["table"]] == ["unsteered", "rmd"]
