@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 __all__ = ["save_figure", "plot_vector_norms", "plot_method_cosines", "plot_sweep_heatmap", "plot_method_metrics",
            "plot_refusal_scores", "plot_calibration_pca", "plot_score_distributions", "plot_mb_with_ci",
-           "plot_ablation", "plot_layer_explorer"]
+           "plot_ablation", "plot_layer_explorer", "plot_refusal_steering_layers"]
 
 SCOPE_NAMES = {"in": "in-scope", "out": "out-of-scope"}
 
@@ -182,3 +182,55 @@ def plot_layer_explorer(original: torch.Tensor, calibrated: torch.Tensor | None,
     b.set(title=f"Refusal score, vector at layer {layer}, α = {alpha:g}", xlabel="refusal log-odds", ylabel="prompts")
     fig.tight_layout()
     return fig
+
+
+def plot_refusal_steering_layers(results: Mapping[str, Mapping], methods: Sequence[str]):
+    """Refusal Steering's layer profile, one row per model of ``results`` that has a ``profile``: held-out AUC and d′
+    per layer of each method's direction (its steered layers shaded), and how many principal directions carry 90 %
+    of μ_refuse − μ_comply. ``results[spec]`` holds ``profile`` (per-layer lists) and ``<method>["layers"]``."""
+    profiled = [(spec, res) for spec, res in results.items() if "profile" in res]
+    fig, axes = plt.subplots(len(profiled) or 1, 3, figsize=(15, 3.6 * max(1, len(profiled))), squeeze=False)
+    for row, (spec, res) in zip(axes, profiled):
+        prof = res["profile"]
+        for m, style in zip(methods, ["-", "-", "--"]):  # wrmd dashed: it often lies on rmd
+            row[0].plot(prof["layer"], prof[f"{m}_auc"], style, marker=".", label=m)
+            row[1].plot(prof["layer"], prof[f"{m}_dprime"], style, marker=".", label=m)
+        row[2].bar(prof["layer"], prof["pcs_for_90pct"], color="grey")
+        for m in methods:
+            for layer in res[m]["layers"]:
+                row[1].axvline(layer, color="k", alpha=0.15)
+        row[0].set(title=f"{spec}: held-out AUC", xlabel="layer", ylim=(0.4, 1.02))
+        row[1].set(title="held-out d′ (steered layers shaded)", xlabel="layer")
+        row[2].set(title="principal directions for 90 % of μ_r − μ_c", xlabel="layer")
+        row[0].legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_cast_grid(grid: Sequence[Mapping], condition_layer: int,
+                   title: str = "CAST condition: layer grid search on the training split"):
+    """CAST's condition search per candidate layer (the rows of ``grid_search_condition``'s ``table``): the
+    out-of-fold training MB of the condition and how often it fires in scope; the chosen layer dashed."""
+    grid = pd.DataFrame(list(grid))
+    fig, ax = plt.subplots(figsize=(7, 2.8))
+    sns.lineplot(grid, x="layer", y="mb", marker="o", ax=ax, label="train MB of the condition (out of fold)")
+    sns.lineplot(grid, x="layer", y="fires_in", marker=".", ax=ax, label="fires on in-scope")
+    ax.axvline(condition_layer, color="grey", ls="--")
+    ax.set(title=title, ylabel="rate", ylim=(-0.05, 1.05))
+    return fig
+
+
+def plot_policy_mb(table: pd.DataFrame, title: str, columns: Sequence[str] = ("single MB", "composed MB", "union MB"),
+                   goal: float = 0.9):
+    """MB per constraint (and jointly) of a policy: one bar per design in ``columns`` of ``table`` (index: the
+    constraints), the goal dashed."""
+    plot = table[list(columns)].rename(columns=lambda s: s.replace(" MB", ""))
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    plot.plot.bar(ax=ax, rot=0, width=0.8, color=["#999999", "#1f77b4", "#ff7f0e"][:len(columns)])
+    ax.axhline(goal, ls="--", lw=1, color="k", alpha=0.5)
+    ax.set(ylim=(0, 1.05), ylabel="MB score", xlabel="", title=title)
+    ax.legend(loc="lower left", fontsize=8)
+    return fig
+
+
+__all__ += ["plot_cast_grid", "plot_policy_mb"]

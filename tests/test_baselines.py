@@ -7,8 +7,15 @@ import json
 import pytest
 import torch
 
-from crvlm_core.methods.baselines.baselines import (BASELINES, ConditionalSteering, comparison_row, condition_scores, fit_baseline,
-                                  grid_search_condition, in_scope_kl, load_baseline, scope_system_prompt)
+from crvlm_core.core.artifacts import ArtifactError, ArtifactExists
+from crvlm_core.core.errors import InputError
+from crvlm_core.methods.baselines.artifact import load_baseline
+from crvlm_core.methods.baselines.cast import ConditionalSteering, condition_scores, grid_search_condition
+from crvlm_core.methods.baselines.compare import comparison_row, in_scope_kl
+from crvlm_core.methods.baselines.config import BASELINES, BaselineConfig
+from crvlm_core.methods.baselines.fit import fit_baseline, fit_or_load_baseline
+from crvlm_core.methods.baselines.lora import LoraTrainConfig, lora_targets, train_lora
+from crvlm_core.methods.baselines.system_prompt import scope_system_prompt
 from crvlm_core.cli.main import build_parser, main
 from crvlm_core.data.samples import assign_scope, load_dataset, split
 from crvlm_core.methods.refusal_vectors import evaluate
@@ -33,8 +40,12 @@ def test_round_trip(method, tiny, scoped, tmp_path):
     train, test = scoped
     before = steered_logits(tiny, tiny.build_inputs([s.prompt for s in test]), [], last_only=True)
     weights = {n: p.detach().clone() for n, p in tiny.hf_model.named_parameters()}
-    fitted = fit_baseline(tiny, train, method, tmp_path, in_scope=["biology"], layers=[1], alpha=2.0, lora_steps=2,
-                          lora_target_tokens=4, progress=False)
+    config = BaselineConfig(method, in_scope=["biology"], layers=[1], alpha=2.0, lora_steps=2, lora_target_tokens=4)
+    fitted = fit_baseline(tiny, train, config, progress=False)
+    assert not any(tmp_path.iterdir()), "a fit writes nothing into the artifact folder"
+    fitted.save(tmp_path)
+    manifest = json.loads((tmp_path / "artifact.json").read_text())
+    assert manifest["kind"] == "baseline" and manifest["config"]["method"] == method
     assert json.loads((tmp_path / "baseline.json").read_text())["method"] == method
     loaded = load_baseline(tmp_path, tiny)
     assert loaded.method == method and loaded.system == fitted.system
@@ -73,7 +84,7 @@ def test_round_trip(method, tiny, scoped, tmp_path):
     cache = tmp_path / "kl_cache"
     assert in_scope_kl(tiny, loaded, test, cache_dir=cache) == pytest.approx(kl, abs=1e-6)
     (stored,) = cache.glob("kl-*.json")
-    stored.write_text(json.dumps({"kl_in": 123.0}))
+    stored.write_text(json.dumps({**json.loads(stored.read_text()), "value": 123.0}))
     assert in_scope_kl(tiny, loaded, test, cache_dir=cache) == 123.0
     assert in_scope_kl(tiny, loaded, test[:1], cache_dir=cache) != 123.0
     assert len(list(cache.glob("kl-*.json"))) == 2
@@ -85,7 +96,8 @@ def test_cast_on_smollm2_leaves_prompts_whose_condition_does_not_fire_unchanged(
     others' greedy answers exactly as the plain model's."""
     data = assign_scope(load_dataset("mmlu"), in_scope=["biology"])
     train, test = split(data, n_train=6, n_test=2, seed=42)
-    fit_baseline(smollm2, train, "cast", tmp_path, layers=[5], condition_layers=[5, 20, 25], progress=False)
+    fit_baseline(smollm2, train, BaselineConfig("cast", layers=[5], condition_layers=[5, 20, 25]),
+                 progress=False).save(tmp_path)
     cast = load_baseline(tmp_path, smollm2)
     iv = cast.interventions[0]
     prompts = [s.prompt for s in test]
@@ -149,7 +161,7 @@ def test_system_prompt_names_the_scope_and_bad_input():
     with pytest.raises(ValueError, match="no in-scope"):
         scope_system_prompt([" "])
     with pytest.raises(ValueError, match="unknown baseline"):
-        fit_baseline(None, [], "telepathy", "/tmp/unused")
+        fit_baseline(None, [], BaselineConfig("telepathy"))
 
 
 def test_eval_writes_the_judge_and_its_validation(tiny, tmp_path):
@@ -193,14 +205,78 @@ def test_lora_training_loop_lowers_the_loss_and_stops_on_divergence():
 def test_lora_with_gradient_checkpointing_trains_the_same_adapter(smollm2, scoped):
     """Checkpointing (the default) changes memory and time only: same losses, same adapter; the caller's model is
     left without checkpointing."""
-    from crvlm_core.methods.baselines.baselines import train_lora
-
     train, _ = scoped
     targets = ["Sorry, I can't help with that." if s.scope == "out" else "Cells divide by mitosis." for s in train]
-    runs = {ck: train_lora(smollm2, train, targets, steps=2, batch_size=2, progress=False, checkpointing=ck)
+    runs = {ck: train_lora(smollm2, train, targets, LoraTrainConfig(steps=2, batch_size=2, checkpointing=ck),
+                           progress=False)
             for ck in (False, True)}
     assert [h["loss"] for h in runs[True][1]] == [h["loss"] for h in runs[False][1]]
     a, b = ({k: v for k, v in m.state_dict().items() if "lora_" in k} for m, _ in (runs[False], runs[True]))
     assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not any(getattr(m, "gradient_checkpointing", False) for m in smollm2.hf_model.modules())
     assert not any(getattr(m, "gradient_checkpointing", False) for m in runs[True][0].modules())
+
+
+def test_config_validates_its_fields():
+    c = BaselineConfig("cast", layers=[3, 1], condition_layers=range(2, 4), in_scope=["biology"])
+    assert c.layers == (3, 1) and c.condition_layers == (2, 3) and c.in_scope == ("biology",)
+    assert BaselineConfig(**c.to_dict()) == c  # what artifact.json records round-trips
+    assert c.lora() == LoraTrainConfig(rank=8, steps=48, lr=5e-4, batch_size=4, seed=42)
+    for bad, match in [({"alpha": float("nan")}, "alpha"), ({"layers": []}, "layers is empty"),
+                       ({"lora_rank": 0}, "rank"), ({"lora_lr": -1.0}, "lr"), ({"batch_size": 0}, "batch_size"),
+                       ({"layers": ["x"]}, "layer numbers")]:
+        with pytest.raises(InputError, match=match):
+            BaselineConfig("actadd", **bad)
+    with pytest.raises(ValueError, match="modules"):
+        LoraTrainConfig(modules=())
+
+
+def test_artifact_is_written_whole_once_and_verified(tiny, scoped, tmp_path):
+    """A second save into a fitted folder stops and leaves it byte-identical; force replaces it; a damaged file or
+    another model's shape is one clear error; an unchanged fit is reused from the folder."""
+    train, _ = scoped
+    config = BaselineConfig("actadd", layers=[1], alpha=2.0)
+    fitted = fit_baseline(tiny, train, config, progress=False)
+    art = fitted.save(tmp_path / "art", extra_json={"fit.json": {"method": "actadd"}})
+    before = {p: p.read_bytes() for p in art.rglob("*") if p.is_file()}
+    assert {p.relative_to(art).as_posix() for p in before} >= {"artifact.json", "fit.json", "baseline.json",
+                                                                 "vector/vector.json", "vector/vector.safetensors"}
+    with pytest.raises(ArtifactExists):
+        fitted.save(art)
+    assert {p: p.read_bytes() for p in art.rglob("*") if p.is_file()} == before
+    fitted.save(art, force=True)
+    assert load_baseline(art, tiny).interventions[0].alpha == 2.0
+    assert load_baseline(art, tiny, alpha=0.5, layers=[0]).interventions[0].layers == (0,)
+    fit_baseline(tiny, train, BaselineConfig("system-prompt"), progress=False).save(tmp_path / "sp")
+    with pytest.raises(InputError, match="do not apply"):
+        load_baseline(tmp_path / "sp", tiny, alpha=1.0)
+    other = type("Other", (), {"spec": "other", "hidden_size": tiny.hidden_size + 1, "n_layers": tiny.n_layers})()
+    with pytest.raises(ArtifactError, match="was fitted on"):
+        load_baseline(art, other)
+    with pytest.raises(ArtifactError, match="holds a 'baseline' artifact"):
+        from crvlm_core.core.artifacts import read_manifest
+
+        read_manifest(art, kinds=("policy",))
+    (art / "vector" / "vector.safetensors").write_bytes(b"damaged")
+    with pytest.raises(ArtifactError, match="changed or damaged"):
+        load_baseline(art, tiny)
+    reused = tmp_path / "reused"
+    first = fit_or_load_baseline(tiny, train, config, reused, progress=False)
+    written = (reused / "artifact.json").stat().st_mtime_ns
+    again = fit_or_load_baseline(tiny, train, config, reused, progress=False)
+    assert again.info == first.info and (reused / "artifact.json").stat().st_mtime_ns == written  # read back
+    assert torch.equal(again.vector.directions, first.vector.directions)
+    changed = fit_or_load_baseline(tiny, train, BaselineConfig("actadd", layers=[1], alpha=3.0), reused, progress=False)
+    assert changed.info["alpha"] == 3.0 and load_baseline(reused, tiny).interventions[0].alpha == 3.0  # refitted
+
+
+def test_lora_targets_are_cached(tiny, scoped, tmp_path):
+    train, _ = scoped
+    targets = lora_targets(tiny, train, max_new_tokens=3, cache_dir=tmp_path, progress=False)
+    assert [t for t, s in zip(targets, train) if s.scope == "out"] == ["I'm sorry, but I can't assist with that."] * 3
+    (entry,) = tmp_path.glob("lora_targets-*.json")
+    stored = json.loads(entry.read_text())
+    stored["value"] = {k: "planted" for k in stored["value"]}
+    entry.write_text(json.dumps(stored))
+    again = lora_targets(tiny, train, max_new_tokens=3, cache_dir=tmp_path, progress=False)
+    assert [t for t, s in zip(again, train) if s.scope == "in"] == ["planted"] * 3

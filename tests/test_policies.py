@@ -8,10 +8,16 @@ import pytest
 import torch
 import yaml
 
-from crvlm_core.cli.main import load_interventions, main
+from crvlm_core.cli.main import main
+from crvlm_core.core.artifacts import ArtifactExists
+from crvlm_core.methods.loading import load_interventions
+from crvlm_core.methods.policies.artifact import fitted_artifact, load_policy_steering
+from crvlm_core.methods.policies.data import policy_data
+from crvlm_core.methods.policies.evaluate import evaluate_policy
+from crvlm_core.methods.policies.fit import fit_policy
+from crvlm_core.methods.policies.spec import PolicyError, compose_gates, decide, load_policy, parse_policy
+from crvlm_core.methods.policies.steering import PolicySteering
 from crvlm_core.models.loading import load_model
-from crvlm_core.methods.policies.policies import (PolicyError, PolicySteering, compose_gates, decide, evaluate_policy, fit_policy,
-                                 fitted_artifact, load_policy, load_policy_steering, parse_policy, policy_data)
 from crvlm_core.steer.interventions import steered_logits
 
 EXAMPLE = {
@@ -51,6 +57,9 @@ def test_example_file_parses():
     ({**EXAMPLE, "default": "refuse"}, "default must be `allow`"),
     ({**EXAMPLE, "fit": {"design": "magic"}}, "fit.design"),
     ({**EXAMPLE, "fit": {"epochz": 3}}, "unknown fit option"),
+    ({**EXAMPLE, "fit": {"epochs": "many"}}, "fit.epochs must be an integer"),
+    ({**EXAMPLE, "fit": {"lr": 0}}, "fit.lr must be a positive number"),
+    ({**EXAMPLE, "fit": {"layers": []}}, "fit.layers must be a non-empty list"),
     ([1, 2], "a policy is a mapping"),
 ])
 def test_validation_errors_name_the_problem(raw, match):
@@ -120,8 +129,19 @@ def test_fit_eval_round_trip_on_a_tiny_model(tiny, tmp_path, design):
         g = loaded.last_gates
         assert torch.allclose(g["composed:physics"], g["raw:physics"] * (1 - g["raw:biology"]))
         assert torch.allclose(g["composed:harmful"], g["raw:harmful"])  # nothing outranks harmful
+    manifest = json.loads((tmp_path / "artifact.json").read_text())
+    assert manifest["kind"] == "policy" and manifest["config"]["design"] == design
+    parts = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.safetensors")}
+    if design == "composed":  # one sub-folder per constraint: the refusing ones' calibrators, the allowing one's head
+        assert {p.split("/")[1] for p in parts} == {"harmful", "biology", "physics"}
+        assert "constraints/biology/head.safetensors" in parts
+    else:
+        assert parts and all(p.startswith("union/") for p in parts)
     again, fit2 = fit_policy(tiny, policy, tmp_path, progress=False)  # unchanged inputs: reused, not refitted
     assert fit2["created"] == fit["created"] and fit2["key"] == fit["key"]
+    with pytest.raises(ArtifactExists):  # other options into the fitted folder: stops, the folder is kept
+        fit_policy(tiny, policy, tmp_path, progress=False, seed=7)
+    assert json.loads((tmp_path / "fit.json").read_text()) == fit
     data = policy_data(policy, 3, 2)
     metrics, rows = evaluate_policy(tiny, policy, data, [loaded], max_new_tokens=2, progress=False)
     assert set(metrics["constraints"]) == {"harmful", "biology", "physics"} and len(rows) == 6
@@ -136,6 +156,11 @@ def test_cli_fit_and_eval_policy(tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["fit", "--model", "tiny-llava", "--policy", str(tmp_path / "policy.yaml"), "--out", str(tmp_path / "art")])
     assert exc.value.code == 0
+    before = {p: p.read_bytes() for p in (tmp_path / "art").rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as exc:  # a second fit into the folder stops with exit 2 and leaves it as it was
+        main(["fit", "--model", "tiny-llava", "--policy", str(tmp_path / "policy.yaml"), "--out", str(tmp_path / "art")])
+    assert exc.value.code == 2
+    assert {p: p.read_bytes() for p in (tmp_path / "art").rglob("*") if p.is_file()} == before
     with pytest.raises(SystemExit) as exc:
         main(["eval", "--policy", str(tmp_path / "policy.yaml"), "--max-new-tokens", "2", "--out", str(tmp_path / "ev")])
     assert exc.value.code == 0

@@ -18,6 +18,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "sha256_hex",
+    "write_run_outputs",
 ]
 
 
@@ -133,6 +134,19 @@ def file_sha256(path) -> str:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+METRICS_JSON = "metrics.json"
+SAMPLES_JSONL = "samples.jsonl"
+
+
+def write_run_outputs(out: str | os.PathLike, metrics: dict, rows: list[dict]) -> Path:
+    """Write an evaluation's ``metrics.json`` and ``samples.jsonl`` (one JSON row per line) into ``out``, each
+    atomically. Returns ``out``."""
+    out = Path(out)
+    atomic_write_json(out / METRICS_JSON, metrics)
+    atomic_write_bytes(out / SAMPLES_JSONL, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+    return out
 
 
 def cache_path(cache_dir: str | os.PathLike, prefix: str, key: Any) -> Path:

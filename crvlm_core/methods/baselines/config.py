@@ -1,0 +1,95 @@
+"""What a baseline fit needs to know: the method (one of :data:`BASELINES`) and its settings, as one frozen,
+self-validating :class:`BaselineConfig` (the ``crvlm fit --method <baseline>`` options map onto its fields)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from crvlm_core.core.errors import InputError
+from crvlm_core.methods.baselines.lora import LoraTrainConfig
+
+__all__ = ["BASELINES", "VECTOR_METHODS", "BaselineConfig"]
+
+#: method → one-line description (the ``crvlm fit --method`` names).
+BASELINES: dict[str, str] = {
+    "system-prompt": "no training: a system prompt states the scope and asks to refuse everything else",
+    "persona": "prompt-based vector (refusal system prompt with vs without) added unconditionally",
+    "actadd": "teacher-forced refusal vector added unconditionally (the over-refusal trap)",
+    "cast": "conditional activation steering: the refusal vector added only to prompts whose last-token state at "
+            "a condition layer has cosine > threshold with the out- minus in-scope condition vector (grid-searched "
+            "on the training split)",
+    "lora": "LoRA adapter fine-tuned on out-of-scope → a refusal, in-scope → the model's own unsteered answer",
+}
+#: The baselines that add a refusal vector (their ``layers`` / ``alpha`` apply, and can be overridden at load).
+VECTOR_METHODS = ("persona", "actadd", "cast")
+
+
+def _ints(value, name: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        out = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise InputError(f"baseline {name} must be a list of layer numbers, got {value!r}") from None
+    if not out:
+        raise InputError(f"baseline {name} is empty: give at least one layer, or None for the default")
+    return out
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """Settings of one baseline fit.
+
+    Attributes:
+        method: one of :data:`BASELINES`.
+        in_scope: subjects the system prompt names (None: the in-scope subjects of the training data).
+        layers / alpha: where and how strongly the refusal vector is added (persona, actadd, cast; None: a third
+            of the way up).
+        condition_layers: CAST's candidate condition layers (None: every layer but the first).
+        lora_rank / lora_steps / lora_lr / lora_batch_size: the adapter's rank, optimiser steps, learning rate and
+            batch size; ``lora_target_tokens``: the length of the in-scope answers it learns.
+        batch_size: batch of the extraction and generation passes.
+        seed: CAST's fold split, the adapter's initialisation and batch order.
+    """
+
+    method: str
+    in_scope: tuple[str, ...] | None = None
+    layers: tuple[int, ...] | None = None
+    alpha: float = 1.0
+    condition_layers: tuple[int, ...] | None = None
+    lora_rank: int = 8
+    lora_steps: int = 48
+    lora_lr: float = 5e-4
+    lora_batch_size: int = 4
+    lora_target_tokens: int = 24
+    batch_size: int = 8
+    seed: int = 42
+
+    def __post_init__(self):
+        if self.method not in BASELINES:
+            raise InputError(f"unknown baseline {self.method!r}; choose from {', '.join(BASELINES)}")
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen: normalise once
+        set_("layers", _ints(self.layers, "layers"))
+        set_("condition_layers", _ints(self.condition_layers, "condition_layers"))
+        if self.in_scope is not None:
+            set_("in_scope", tuple(str(s) for s in self.in_scope) or None)
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha)):
+            raise InputError(f"baseline alpha must be a finite number, got {self.alpha!r}")
+        set_("alpha", float(self.alpha))
+        for name in ("lora_target_tokens", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise InputError(f"baseline {name} must be a positive integer, got {getattr(self, name)!r}")
+        self.lora()  # validates the adapter's settings
+
+    def lora(self) -> LoraTrainConfig:
+        """The adapter's training settings (``lora`` only)."""
+        try:
+            return LoraTrainConfig(rank=self.lora_rank, steps=self.lora_steps, lr=self.lora_lr,
+                                   batch_size=self.lora_batch_size, seed=self.seed)
+        except ValueError as err:
+            raise InputError(f"baseline {err}") from None
+
+    def to_dict(self) -> dict:
+        """JSON-able fields (``artifact.json``'s ``config``)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
