@@ -32,7 +32,7 @@ bench-quick: setup
 # The per-user `crvlm` kernel the notebooks name is re-pointed at this checkout's venv first (another checkout's
 # set-up may have registered its own).
 lab: setup
-	@$(PY) -c "from crvlm_core.workbook.runner import ensure_kernel; ensure_kernel()"
+	@$(PY) -c "from crvlm_core.workbook.kernels import ensure_kernel; ensure_kernel()"
 	@.venv/bin/jupyter lab workbook/
 
 clean-outputs:

@@ -18,10 +18,11 @@ from common import Bench, interleaved, parser, setup_torch
 def main(argv=None) -> None:
     args = parser(__doc__.splitlines()[0]).parse_args(argv)
     setup_torch(args.threads)
-    from crvlm_core.data.samples import assign_scope, load_dataset, split
+    from crvlm_core.data.bundled import load_dataset
+    from crvlm_core.data.splits import assign_scope, split
     from crvlm_core.extract import image_batches, prompt_batches
     from crvlm_core.models.loading import load_model
-    from crvlm_core.steer.interventions import _accepts_logits_to_keep
+    from crvlm_core.steer.score import accepts_logits_to_keep as _accepts_logits_to_keep
 
     handle = load_model(args.model)
     train, test = split(assign_scope(load_dataset("mmlu"), in_scope=["biology"]), n_train=100, n_test=50, seed=42)

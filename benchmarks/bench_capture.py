@@ -25,7 +25,7 @@ def main(argv=None) -> None:
     setup_torch(args.threads)
     from crvlm_core.extract import extract, prompt_batches
     from crvlm_core.models.loading import load_model
-    from crvlm_core.steer.interventions import _accepts_logits_to_keep
+    from crvlm_core.steer.score import accepts_logits_to_keep as _accepts_logits_to_keep
 
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else ([8, 16] if args.quick else [64, 256])
     repeats = args.repeats or (1 if args.quick else 2)
@@ -61,7 +61,7 @@ def main(argv=None) -> None:
         return reads
 
     def crvlm(samples, encs):  # the library call: builds its own batches, no cache
-        return extract(handle, samples, layers=layers, batch_size=batch, cache=False, progress=False)
+        return extract(handle, samples, layers=layers, batch_size=batch, cache_dir=False, progress=False)
 
     fns = {"plain_forward_full_logits": plain_full, "plain_forward": plain_last, "plain_hooks": hooks,
            "crvlm_extract": crvlm}

@@ -19,22 +19,25 @@ from common import Bench, interleaved, parser, prompts, setup_torch
 
 def quick_calibrator(handle, quick: bool, gate_layer="auto", progress: bool = False):
     """A CR-VLM calibrator at the default steered layer, fitted on few samples (cached per model and settings)."""
-    from crvlm_core.methods.crvlm.steering import fit_crvlm, load_calibrated
-    from crvlm_core.data.samples import assign_scope, load_dataset, split
     from crvlm_core.core.paths import outputs_dir
+    from crvlm_core.data.bundled import load_dataset
+    from crvlm_core.data.splits import assign_scope, split
+    from crvlm_core.methods.crvlm.calibrated import load_calibrated
+    from crvlm_core.methods.crvlm.config import CrvlmConfig
+    from crvlm_core.methods.crvlm.steering import fit_crvlm
 
     n, epochs = (8, 1) if quick else (24, 3)
     tag = f"{handle.spec.replace('/', '_')}-n{n}-e{epochs}-gate{gate_layer}"
     folder = outputs_dir() / "bench" / "cache" / f"calibrator-{tag}"
-    if (folder / "crvlm.json").exists():
+    if folder.exists():
         try:
-            return load_calibrated(folder)
-        except Exception:
+            return load_calibrated(folder, handle)
+        except Exception:  # damaged, an older format, or another model: fitted again and replaced
             pass
     data = assign_scope(load_dataset("mmlu"), in_scope=["biology"])
     train, _ = split(data, n_train=n, seed=7)
-    cal = fit_crvlm(handle, train, gate_layer=gate_layer, epochs=epochs, progress=progress)
-    cal.save(folder)
+    cal = fit_crvlm(handle, train, CrvlmConfig(gate_layer=gate_layer, epochs=epochs), progress=progress)
+    cal.save(folder, force=True)
     return cal
 
 
@@ -68,8 +71,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     setup_torch(args.threads)
     from crvlm_core.models.loading import load_model
-    from crvlm_core.methods.refusal_vectors import fit_vector
-    from crvlm_core.steer.interventions import AddVector, steered_generate
+    from crvlm_core.methods.refusal_vectors import VectorConfig, fit_vector
+    from crvlm_core.steer.generate import steered_generate
+    from crvlm_core.steer.interventions import AddVector
 
     batches = [int(b) for b in args.batches.split(",")] if args.batches else ([1, 8] if args.quick else [1, 8, 32])
     new = args.max_new_tokens or (8 if args.quick else 32)
@@ -79,7 +83,7 @@ def main(argv=None) -> None:
     cal = quick_calibrator(handle, args.quick)
     paper = quick_calibrator(handle, args.quick, gate_layer=None)
     layers = list(cal.layers)
-    vector = cal.vector if cal.vector is not None else fit_vector(handle, prompts(16), layers=layers, progress=False)
+    vector = cal.vector if cal.vector is not None else fit_vector(handle, prompts(16), VectorConfig(layers=layers), progress=False)
     variants = {
         "unsteered": [],
         "vector": [AddVector(vector.directions, tuple(layers), 1.0)],

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import gc
 
-from common import Bench, PeakRSS, parser, proc_status_kb, setup_torch
+from common import Bench, PeakRSS, memory_status, parser, setup_torch
+
+#: The names the results use (those of /proc/self/status) for :func:`common.memory_status`'s fields.
+_NAMES = {"VmRSS": "rss", "VmHWM": "peak", "RssAnon": "anon", "RssFile": "file"}
 
 
 def _status_gb() -> dict:
     """VmRSS, VmHWM, RssAnon and RssFile of this process, in GiB."""
-    return {k: round(kb / 2**20, 3) for k, kb in proc_status_kb("VmRSS", "VmHWM", "RssAnon", "RssFile").items()}
+    status = memory_status()
+    return {name: round(status[key] / 2**30, 3) for name, key in _NAMES.items()}
 
 
 def main(argv=None) -> None:
@@ -25,9 +29,10 @@ def main(argv=None) -> None:
     p.add_argument("--images", type=int, default=4, help="image prompts in the forward (default %(default)s)")
     args = p.parse_args(argv)
     setup_torch(args.threads)
-    from crvlm_core.data.samples import load_dataset
-    from crvlm_core.models.loading import COMPOSITES, load_model, unload_model
-    from crvlm_core.steer.interventions import refusal_score
+    from crvlm_core.data.bundled import load_dataset
+    from crvlm_core.models.loading import load_model, unload_model
+    from crvlm_core.models.specs import COMPOSITES
+    from crvlm_core.steer.score import refusal_score
 
     spec = "llava-smollm2" if args.quick else (args.model if args.model in COMPOSITES else "llava-qwen2.5-0.5b")
     base_spec = COMPOSITES[spec]

@@ -37,8 +37,10 @@ def main(argv=None) -> None:
     setup_torch(args.threads)
     from crvlm_core.extract import prompt_batches
     from crvlm_core.models.loading import load_model
-    from crvlm_core.methods.refusal_vectors import default_layers, fit_vector
-    from crvlm_core.steer.interventions import AddVector, steered_generate, steered_logits
+    from crvlm_core.methods.refusal_vectors import VectorConfig, default_layers, fit_vector
+    from crvlm_core.steer.generate import steered_generate
+    from crvlm_core.steer.interventions import AddVector
+    from crvlm_core.steer.score import steered_logits
 
     batch = args.batch or (4 if args.quick else 8)
     n = batch * (1 if args.quick else 2)
@@ -51,7 +53,7 @@ def main(argv=None) -> None:
     bench = Bench("peers", args, batch=batch, n_prompts=n, max_new_tokens=new, repeats=repeats, layer=layer,
                   alpha=alpha, peers=status)
     train = prompts(16 if args.quick else 32, seed=3)
-    vector = fit_vector(handle, train, "teacher-forced", layers=[layer], progress=False)
+    vector = fit_vector(handle, train, VectorConfig("teacher-forced", layers=[layer]), progress=False)
     v = vector.directions[layer].to(handle.device, handle.dtype)
     ps = [s.prompt for s in prompts(n)]
     enc0 = handle.build_inputs(ps[:batch])

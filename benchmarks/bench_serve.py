@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> dict:
     from crvlm_core.core.io import atomic_write_json
     from crvlm_core.models.loading import load_model
     from crvlm_core.core.paths import outputs_dir
-    from crvlm_core.serve.server import STEERED_SUFFIX, ModelServer, ServeLimits, load_variants, running
+    from crvlm_core.serve.batcher import ModelServer
+    from crvlm_core.serve.limits import ServeLimits
+    from crvlm_core.serve.server import running
+    from crvlm_core.serve.variants import STEERED_SUFFIX, load_variants
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="model spec (the default model: qwen2.5-0.5b)")

@@ -129,28 +129,24 @@ def rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
-def proc_status_kb(*keys: str) -> dict[str, int]:
-    """Fields of ``/proc/self/status`` in kB (e.g. ``VmRSS``, ``VmHWM``, ``RssAnon``, ``RssFile``); the ones not
-    found are absent, and all are where /proc is not available."""
-    out = {}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                key = line.split(":", 1)[0]
-                if key in keys:
-                    out[key] = int(line.split()[1])
-    except OSError:
-        pass
-    return out
+def memory_status() -> dict[str, int]:
+    """This process's memory now, in bytes (psutil): ``rss`` (resident set), ``file`` (its file-backed and shared
+    part, e.g. memory-mapped weights), ``anon`` (the rest: tensors and other anonymous memory) and ``peak`` (the
+    resident high-water mark since the process started, ``getrusage``)."""
+    import resource
+
+    import psutil
+
+    mem = psutil.Process().memory_info()
+    shared = getattr(mem, "shared", 0)  # Linux: file-backed + shared resident pages
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    return {"rss": mem.rss, "file": shared, "anon": mem.rss - shared, "peak": max(peak, mem.rss)}
 
 
 def anon_bytes() -> int:
-    """Resident anonymous memory (``RssAnon``: tensors, not the model's memory-mapped weight pages, which count in
-    RSS the first time a pass touches them); the full RSS where /proc is not available."""
-    anon = proc_status_kb("RssAnon")
-    if anon:
-        return anon["RssAnon"] * 1024
-    return rss_bytes()
+    """Resident anonymous memory (tensors, not the model's memory-mapped weight pages, which count in RSS the first
+    time a pass touches them)."""
+    return memory_status()["anon"]
 
 
 class PeakRSS:
@@ -241,7 +237,8 @@ def validate_result(doc: dict) -> None:
 
 def prompts(n: int, seed: int = 0) -> list:
     """``n`` bundled MMLU samples (half biology, half other subjects), deterministic; scopes assigned."""
-    from crvlm_core.data.samples import assign_scope, load_dataset, split
+    from crvlm_core.data.bundled import load_dataset
+    from crvlm_core.data.splits import assign_scope, split
 
     data = assign_scope(load_dataset("mmlu"), in_scope=["biology"])
     per = (n + 1) // 2

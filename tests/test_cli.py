@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from crvlm_core.cli.main import main, parse_layers
+from crvlm_core.cli.main import main
+from crvlm_core.cli.options import parse_layers
 
 
 def _run(argv):

@@ -13,7 +13,11 @@ import torch
 
 from crvlm_core.cli.main import main
 from crvlm_core.judges.judges import HTTPBackend, LLMJudge, LocalLMBackend
-from crvlm_core.serve.server import ModelServer, ServeLimits, _stop_aware_delta, load_variants, running
+from crvlm_core.serve.batcher import ModelServer
+from crvlm_core.serve.limits import ServeLimits
+from crvlm_core.serve.server import running
+from crvlm_core.serve.streaming import stop_aware_delta as _stop_aware_delta
+from crvlm_core.serve.variants import load_variants
 from crvlm_core.steer.interventions import steered_generate
 
 SPEC = "smollm2-135m"
@@ -65,7 +69,7 @@ def test_models_lists_plain_and_steered(served):
 
 def test_concurrent_steered_and_plain_requests_are_batched_and_match_offline_generation(served, smollm2, artifact):
     base, model_server = served
-    from crvlm_core.cli.main import load_interventions
+    from crvlm_core.methods.loading import load_interventions
 
     # the same batches as the server makes of these requests: one per model name, both prompts left-padded together
     ivs = load_interventions(artifact, smollm2)

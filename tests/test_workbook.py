@@ -9,8 +9,9 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from crvlm_core.workbook import runner as workbook
 from crvlm_core.core.paths import repo_root
+from crvlm_core.workbook import kernels, runner as workbook, summary as records
+from crvlm_core.workbook.params import WorkbookError, notebooks
 
 NOTEBOOKS = sorted((repo_root() / "workbook").glob("*.ipynb"))
 KERNELSPEC = {"name": "crvlm", "display_name": "crvlm (.venv)", "language": "python"}
@@ -35,7 +36,7 @@ def _problems(path):
 
 
 def test_workbook_has_notebooks():
-    assert [p.stem for p in workbook.notebooks()][:1] == ["00_setup_and_data"]
+    assert [p.stem for p in notebooks()][:1] == ["00_setup_and_data"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -118,9 +119,9 @@ def test_failing_notebook_stops_the_run(tmp_path, capsys):
     # a smoke run does not carry a full run's records
     assert workbook.run(only=["01"], run_name="t2", smoke=True, workbook_dir=wb,
                         out_root=tmp_path / "out")["notebooks"]["00_fine"]["status"] == "skipped"
-    with pytest.raises(workbook.WorkbookError, match="set by the runner"):
+    with pytest.raises(WorkbookError, match="set by the runner"):
         workbook.run(params={"RUN": "other"}, workbook_dir=wb, out_root=tmp_path / "out")
-    with pytest.raises(workbook.WorkbookError, match="matches no notebook"):
+    with pytest.raises(WorkbookError, match="matches no notebook"):
         workbook.run(only=["09"], workbook_dir=wb, out_root=tmp_path / "out")
 
 
@@ -204,10 +205,10 @@ def test_concurrent_only_runs_keep_each_others_records(tmp_path):
                           "05_figures": {"status": "ok", "seconds": 10.0}}}
     path.write_text(json.dumps({"smoke": False, "started": "T0", "notebooks": {
         "04_ablations": {"status": "ok", "seconds": 99.0}, "05_figures": {"status": "failed"}}}))
-    workbook._refresh_others(ours, path, {"05_figures"}, smoke=False)
+    records.refresh_others(ours, path, {"05_figures"}, smoke=False)
     assert ours["notebooks"]["04_ablations"] == {"status": "ok", "seconds": 99.0, "carried_over": "T0"}
     assert ours["notebooks"]["05_figures"] == {"status": "ok", "seconds": 10.0}
-    workbook._refresh_others(ours, path, {"05_figures"}, smoke=True)  # a smoke summary is not ours to take
+    records.refresh_others(ours, path, {"05_figures"}, smoke=True)  # a smoke summary is not ours to take
     assert ours["notebooks"]["04_ablations"]["seconds"] == 99.0
 
 
@@ -215,7 +216,7 @@ def test_whole_workbook_smoke_and_cached_rerun(tmp_path):
     """Every notebook end to end through papermill with --smoke on SmolLM2 (and tiny VLMs), then again: the second
     run reuses the cached artifacts, so it is faster and writes the same metrics."""
     summary, metrics, first = _run_smoke(tmp_path)
-    assert list(summary["notebooks"]) == [p.stem for p in workbook.notebooks()]
+    assert list(summary["notebooks"]) == [p.stem for p in notebooks()]
     assert set(summary["notebooks"]) >= set(EXPECTED_KEYS)
     for name, m in metrics.items():
         assert m, name
@@ -278,7 +279,7 @@ def test_headless_runs_use_this_environments_kernel_and_leave_the_users_alone(tm
               "(d / 'metrics.json').write_text(json.dumps({'prefix': sys.prefix}))")
     summary = workbook.run(run_name="k", workbook_dir=wb, out_root=tmp_path / "out")
     assert summary["ok"] is True, summary["notebooks"]["00_where"].get("error")
-    assert summary["kernel"] == workbook.venv_kernel() != workbook.DEFAULT_KERNEL
+    assert summary["kernel"] == kernels.venv_kernel() != kernels.DEFAULT_KERNEL
     assert json.loads((tmp_path / "out" / "k" / "00_where" / "metrics.json").read_text())["prefix"] == sys.prefix
     assert stale.read_text() == before  # the user's kernel, stale here, was neither used nor re-pointed
 
@@ -288,8 +289,6 @@ def test_default_kernel_is_repointed_at_this_interpreter(tmp_path, monkeypatch):
     import json
     import sys
 
-    from crvlm_core.workbook import runner as workbook
-
     monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
     stale = tmp_path / "kernels" / "crvlm"
@@ -297,9 +296,9 @@ def test_default_kernel_is_repointed_at_this_interpreter(tmp_path, monkeypatch):
     (stale / "kernel.json").write_text(json.dumps({"argv": ["/nonexistent/.venv/bin/python", "-m", "ipykernel_launcher",
                                                             "-f", "{connection_file}"],
                                                    "display_name": "crvlm (.venv)", "language": "python"}))
-    workbook.ensure_kernel("crvlm")
+    kernels.ensure_kernel("crvlm")
     argv = json.loads((stale / "kernel.json").read_text())["argv"]
-    assert workbook._same_interpreter(argv[0], sys.executable)
+    assert kernels._same_interpreter(argv[0], sys.executable)
 
 
 def test_each_notebook_reports_its_own_kernel_peak(tmp_path):

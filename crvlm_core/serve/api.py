@@ -1,0 +1,151 @@
+"""The HTTP side of ``crvlm serve`` (FastAPI): ``POST /v1/chat/completions`` (JSON or SSE chunks),
+``GET /v1/models``, ``GET /health``, and OpenAI-style JSON for every error."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from crvlm_core.serve.batcher import ModelServer
+from crvlm_core.serve.limits import RequestError
+from crvlm_core.serve.schema import parse_request
+from crvlm_core.serve.streaming import Job
+
+__all__ = ["create_app"]
+
+
+def _import_anyio_backend() -> None:
+    """Import anyio's asyncio backend (which sse-starlette loads lazily at the first stream) now, with nnsight's
+    process-wide ``object.save`` lifted meanwhile: anyio's typed-attribute classes reject any attribute they do
+    not declare, and would fail with "Attribute 'save' is missing its type annotation"."""
+    import sys
+
+    if "anyio._backends._asyncio" in sys.modules:
+        return
+    mounted = object.__dict__.get("save")
+    unmount = mount = None
+    if mounted is not None:
+        from nnsight._c import mount, unmount
+    if unmount is not None:
+        unmount("save")
+    try:
+        import anyio._backends._asyncio  # noqa: F401
+    finally:
+        if mount is not None:
+            mount(mounted, "save")
+
+
+_import_anyio_backend()
+
+
+def _error_response(err: RequestError):
+    headers = {"Retry-After": "1"} if err.code == "server_busy" else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+async def _read_body(request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"request body of {declared} bytes exceeds the limit of {limit}", "request_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestError(413, f"request body exceeds the limit of {limit} bytes", "request_too_large")
+    return bytes(body)
+
+
+def create_app(server: ModelServer):
+    """The FastAPI app: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``. Starts the worker."""
+    from sse_starlette.sse import EventSourceResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    app = FastAPI(title="crvlm serve", version="1", docs_url=None, redoc_url=None)
+    server.start()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):  # unknown paths, wrong methods: OpenAI-style JSON too
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse({"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None,
+                                       "code": code}}, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc):
+        return JSONResponse({"error": {"message": f"internal error: {type(exc).__name__}", "type": "server_error",
+                                       "param": None, "code": "internal_error"}}, status_code=500)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok" if server.alive else "worker_down", "models": sorted(server.variants),
+                "queued": server._queue.qsize(), **server.stats}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": server.created,
+                                            "owned_by": "crvlm", "steered": bool(ivs)}
+                                           for name, ivs in server.variants.items()]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            req = parse_request(await _read_body(request, server.limits.max_body_bytes))
+            job = server.make_job(req, asyncio.get_running_loop())
+            server.submit(job)
+        except RequestError as err:
+            return _error_response(err)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        base = {"id": cid, "created": created, "model": job.model, "system_fingerprint": "crvlm"}
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return EventSourceResponse(_stream_events(job, base, include_usage), ping=15, sep="\n")
+        content, entries = [], []
+        while True:
+            kind, a, b = await job.sink.get()
+            if kind == "token":
+                content.append(a)
+                if b is not None:
+                    entries.append(b)
+            elif kind == "error":
+                return JSONResponse({"error": {"message": a, "type": "server_error", "param": None,
+                                               "code": "generation_failed"}}, status_code=500)
+            else:
+                finish, usage = a, b
+                break
+        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(content)},
+                  "logprobs": {"content": entries} if job.logprobs else None, "finish_reason": finish}
+        return {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
+
+    return app
+
+
+async def _stream_events(job: Job, base: dict, include_usage: bool):
+    """SSE ``data:`` chunks in the OpenAI ``chat.completion.chunk`` format, then ``[DONE]``."""
+
+    def chunk(delta: dict, logprobs=None, finish=None) -> dict:
+        return {"data": json.dumps({**base, "object": "chat.completion.chunk", "choices": [
+            {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})}
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            kind, a, b = await job.sink.get()
+            if kind == "token":
+                if a or b is not None:
+                    yield chunk({"content": a}, {"content": [b]} if b is not None else None)
+            elif kind == "error":
+                yield {"data": json.dumps({"error": {"message": a, "type": "server_error", "param": None,
+                                                     "code": "generation_failed"}})}
+                break
+            else:
+                yield chunk({}, None, a)
+                if include_usage:
+                    yield {"data": json.dumps({**base, "object": "chat.completion.chunk", "choices": [], "usage": b})}
+                break
+        yield {"data": "[DONE]"}
+    finally:
+        job.cancelled = True  # a client that left early frees its batch row
