@@ -12,7 +12,6 @@ throughput ≥ 10× batch 1.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from common import Bench, interleaved, parser, prompts, setup_torch
 

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from crvlm_core.methods.crvlm.config import CrvlmConfig  # noqa: E402
 from crvlm_core.methods.crvlm.steering import fit_crvlm  # noqa: E402
-from crvlm_core.data.samples import assign_scope, load_dataset, split  # noqa: E402
+from crvlm_core.data.splits import assign_scope, split
+from crvlm_core.data.bundled import load_dataset
 from crvlm_core.core.io import atomic_write_json  # noqa: E402
 from crvlm_core.models.loading import load_model  # noqa: E402
 from crvlm_core.core.paths import outputs_dir  # noqa: E402

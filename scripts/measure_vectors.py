@@ -6,16 +6,17 @@ Writes outputs/measurements/vectors_<model>.json; the README's vector table come
 """
 
 import argparse
-import json
 import time
 
 import torch
 
-from crvlm_core.data.samples import assign_scope, load_dataset, split
+from crvlm_core.data.splits import assign_scope, split
+from crvlm_core.data.bundled import load_dataset
 from crvlm_core.core.io import atomic_write_json
 from crvlm_core.models.loading import load_model
 from crvlm_core.core.paths import outputs_dir
-from crvlm_core.methods.refusal_vectors import METHODS, fit_vector, sweep
+from crvlm_core.methods.refusal_vectors import METHODS, fit_vector
+from crvlm_core.evaluation import sweep
 
 
 def main() -> None:

@@ -11,9 +11,13 @@ import argparse
 import platform
 import time
 
-from crvlm_core.data.samples import fingerprint, load_dataset
+from crvlm_core.data.schema import fingerprint
+from crvlm_core.data.bundled import load_dataset
 from crvlm_core.core.io import atomic_write_json
-from crvlm_core.judges.judges import DEFAULT_JUDGE, KeywordJudge, LearnedJudge, get_judge, split_labelled, validate_judge
+from crvlm_core.judges.registry import DEFAULT_JUDGE, get_judge
+from crvlm_core.judges.keyword import KeywordJudge
+from crvlm_core.judges.learned import LearnedJudge, split_labelled
+from crvlm_core.judges.validation import validate_judge
 from crvlm_core.core.paths import outputs_dir
 
 

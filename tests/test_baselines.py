@@ -17,9 +17,11 @@ from crvlm_core.methods.baselines.fit import fit_baseline, fit_or_load_baseline
 from crvlm_core.methods.baselines.lora import LoraTrainConfig, lora_targets, train_lora
 from crvlm_core.methods.baselines.system_prompt import scope_system_prompt
 from crvlm_core.cli.main import build_parser, main
-from crvlm_core.data.samples import assign_scope, load_dataset, split
-from crvlm_core.methods.refusal_vectors import evaluate
-from crvlm_core.steer.interventions import steered_generate, steered_logits
+from crvlm_core.data.splits import assign_scope, split
+from crvlm_core.data.bundled import load_dataset
+from crvlm_core.evaluation import evaluate
+from crvlm_core.steer.generate import steered_generate
+from crvlm_core.steer.score import steered_logits
 
 
 @pytest.fixture(scope="module")

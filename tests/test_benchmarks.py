@@ -120,7 +120,8 @@ def tiny():
 
 
 def test_hook_fast_path_generates_the_same_tokens_as_nnsight(smollm2):
-    from crvlm_core.steer.interventions import AddVector, HiddenStateFn, ProjectOut, steered_generate
+    from crvlm_core.steer.interventions import AddVector, HiddenStateFn, ProjectOut
+    from crvlm_core.steer.generate import steered_generate
 
     torch.manual_seed(0)
     v = torch.randn(smollm2.n_layers, smollm2.hidden_size) * 2.0
@@ -138,9 +139,11 @@ def test_hook_fast_path_generates_the_same_tokens_as_nnsight(smollm2):
 
 def test_hook_fast_path_with_prefill_gated_calibrator(tiny):
     """The calibrator (prefill gate) through both backends on a tiny model: identical token ids."""
-    from crvlm_core.methods.crvlm.steering import CalibratedSteering
-    from crvlm_core.methods.crvlm.calibrator import Calibrator, CalibratorConfig
-    from crvlm_core.steer.interventions import _generate_batch, _prepared, _validated
+    from crvlm_core.methods.crvlm.calibrated import CalibratedSteering
+    from crvlm_core.methods.crvlm.module import Calibrator
+    from crvlm_core.methods.crvlm.config import CalibratorConfig
+    from crvlm_core.steer.apply import prepared, validated
+    from crvlm_core.steer.generate import generate_batch
 
     torch.manual_seed(0)
     cfg = CalibratorConfig(hidden_size=tiny.hidden_size, layers=[1], width=32, gate_dim=tiny.hidden_size)
@@ -150,11 +153,11 @@ def test_hook_fast_path_with_prefill_gated_calibrator(tiny):
             p.add_(torch.randn_like(p))
     steer = CalibratedSteering(cal, (1,), gate_layer=tiny.n_layers - 1)
     enc = tiny.build_inputs(["hello there", "a longer prompt with more words"])
-    table = _validated(tiny, [steer])
+    table = validated(tiny, [steer])
     ids = {}
     for backend in ("hooks", "nnsight"):
-        with _prepared(tiny, [steer], enc):
-            ids[backend] = _generate_batch(tiny, enc, table, 6, backend=backend)
+        with prepared(tiny, [steer], enc):
+            ids[backend] = generate_batch(tiny, enc, table, 6, backend=backend)
     plain = tiny.hf_model.generate(**enc, max_new_tokens=6, do_sample=False,
                                    pad_token_id=tiny.tokenizer.pad_token_id).cpu()
     assert torch.equal(ids["hooks"], ids["nnsight"])

@@ -12,9 +12,11 @@ from crvlm_core.methods.crvlm.config import BehaviouralConfig, CrvlmConfig
 from crvlm_core.methods.crvlm.steering import fit_crvlm
 from crvlm_core.methods.crvlm.train import CHECKPOINT_NAME
 from crvlm_core.cli.main import main
-from crvlm_core.data.samples import assign_scope, load_dataset, split
+from crvlm_core.data.splits import assign_scope, split
+from crvlm_core.data.bundled import load_dataset
 from crvlm_core.models.loading import load_model
-from crvlm_core.steer.interventions import steered_generate, steered_logits
+from crvlm_core.steer.generate import steered_generate
+from crvlm_core.steer.score import steered_logits
 
 
 @pytest.fixture(scope="module")

@@ -458,7 +458,8 @@ def test_check_compatible():
 def test_hook_through_steered_logits_and_generate_on_a_tiny_model():
     """The intervention runs inside nnsight traces: per-row gate override 0 reproduces the plain model exactly."""
     from crvlm_core.models.loading import load_model
-    from crvlm_core.steer.interventions import steered_generate, steered_logits
+    from crvlm_core.steer.generate import steered_generate
+    from crvlm_core.steer.score import steered_logits
 
     handle = load_model("tiny-llava")
     cal = Calibrator(CalibratorConfig(hidden_size=handle.hidden_size, layers=[1], width=16, seed=0),

@@ -54,7 +54,7 @@ def test_cli_bad_inputs(tmp_path, smollm2, capsys):
 def test_artifact_on_a_model_of_another_size_is_a_clear_error(tmp_path, smollm2):
     import torch
 
-    from crvlm_core.vectors.estimators import SteeringVector
+    from crvlm_core.vectors.steering_vector import SteeringVector
 
     art = tmp_path / "qwen-sized"
     SteeringVector(torch.zeros(24, 896), "teacher-forced", [8], model_spec="qwen2.5-0.5b").save(art)

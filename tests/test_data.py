@@ -291,8 +291,5 @@ def test_take_per_scope_is_a_prefix_of_a_larger_split():
         take_per_scope(big, -1)
 
 
-def test_data_error_is_an_input_error_and_the_old_module_still_exports():
-    import crvlm_core.data.samples as old
-
+def test_data_error_is_an_input_error():
     assert issubclass(DataError, InputError) and issubclass(DataError, ValueError)
-    assert old.Sample is Sample and old.split is split and old.load_dataset is load_dataset

@@ -7,7 +7,8 @@ import torch
 from crvlm_core.methods.crvlm.calibrated import CalibratedSteering
 from crvlm_core.methods.crvlm.config import CalibratorConfig, CrvlmConfig
 from crvlm_core.methods.crvlm.module import Calibrator
-from crvlm_core.data.samples import assign_scope, load_dataset, split
+from crvlm_core.data.splits import assign_scope, split
+from crvlm_core.data.bundled import load_dataset
 from crvlm_core.evaluation import evaluate
 from crvlm_core.methods.refusal_vectors import VectorConfig
 from crvlm_core.steer.interventions import AddVector, ProjectOut, intervention_fingerprint

@@ -6,7 +6,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from crvlm_core.data.samples import Sample, load_dataset
+from crvlm_core.data.schema import Sample
+from crvlm_core.data.bundled import load_dataset
 from crvlm_core.core.cache import entry_path
 from crvlm_core.extract import extract
 from crvlm_core.models.loading import load_model

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from crvlm_core.metrics import (bootstrap_ci, kl_to_unsteered, mb_score, mb_score_ci, rate, rates_by, scope_metrics,
+from crvlm_core.metrics import (bootstrap_ci, kl_to_unsteered, mb_score, mb_score_ci, rates_by, scope_metrics,
                                 unchanged_prefix_fraction)
 
 

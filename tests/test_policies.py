@@ -18,7 +18,7 @@ from crvlm_core.methods.policies.fit import fit_policy
 from crvlm_core.methods.policies.spec import PolicyError, compose_gates, decide, load_policy, parse_policy
 from crvlm_core.methods.policies.steering import PolicySteering
 from crvlm_core.models.loading import load_model
-from crvlm_core.steer.interventions import steered_logits
+from crvlm_core.steer.score import steered_logits
 
 EXAMPLE = {
     "name": "bio_physics_harmful",

@@ -209,11 +209,11 @@ def tiny_base(tmp_path_factory):
     """A random-weight miniature Llama with SmolLM2's tokenizer and chat template, saved as a local model folder."""
     from transformers import LlamaForCausalLM
 
-    from crvlm_core.models import architectures as A
+    from crvlm_core.models.tiny_vlms import _llama_text_config, _tiny_tokenizer
 
-    tok = A._tiny_tokenizer()
+    tok = _tiny_tokenizer()
     torch.manual_seed(0)
-    model = LlamaForCausalLM(A._llama_text_config(tok)).float()
+    model = LlamaForCausalLM(_llama_text_config(tok)).float()
     folder = tmp_path_factory.mktemp("tiny-causal")
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -266,7 +266,8 @@ def test_organism_config_errors():
 
 @pytest.mark.slow
 def test_qwen_organism_spec_loads():
-    from crvlm_core.models.loading import SPECS, load_model
+    from crvlm_core.models.specs import SPECS
+    from crvlm_core.models.loading import load_model
 
     assert "qwen2.5-0.5b+censored" in SPECS
     torch.set_num_threads(2)

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from crvlm_core.cli.main import main
-from crvlm_core.judges.judges import HTTPBackend, LLMJudge, LocalLMBackend
+from crvlm_core.judges.llm import HTTPBackend, LLMJudge, LocalLMBackend
 from crvlm_core.serve.batcher import ModelServer
 from crvlm_core.serve.limits import ServeLimits
 from crvlm_core.serve.server import running
 from crvlm_core.serve.streaming import stop_aware_delta as _stop_aware_delta
 from crvlm_core.serve.variants import load_variants
-from crvlm_core.steer.interventions import steered_generate
+from crvlm_core.steer.generate import steered_generate
 
 SPEC = "smollm2-135m"
 STEERED = SPEC + ":steered"

@@ -8,9 +8,10 @@ import torch
 
 from crvlm_core.methods.crvlm.config import CrvlmConfig
 from crvlm_core.methods.crvlm.steering import fit_crvlm, vision_counterfactual_shifts
-from crvlm_core.data.samples import assign_scope, load_dataset, split
+from crvlm_core.data.splits import assign_scope, split
+from crvlm_core.data.bundled import load_dataset
 from crvlm_core.models.loading import load_model
-from crvlm_core.steer.interventions import steered_generate
+from crvlm_core.steer.generate import steered_generate
 
 
 @pytest.fixture(scope="module")

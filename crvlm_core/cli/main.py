@@ -128,7 +128,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from crvlm_core.core.io import write_run_outputs
     from crvlm_core.judges.validation import judge_validation
     from crvlm_core.methods.loading import load_artifact
-    from crvlm_core.methods.refusal_vectors import evaluate
+    from crvlm_core.evaluation import evaluate
     from crvlm_core.models.loading import load_model
 
     fit, manifest = _fitted(Path(args.artifact)) if args.artifact else ({}, {})

@@ -18,7 +18,6 @@ from crvlm_core.vectors.checks import check_lam
 from crvlm_core.vectors.ridge import ridge_direction
 from crvlm_core.vectors.steering_vector import SteeringVector
 
-from crvlm_core.evaluation import EvalResult, evaluate, refusal_score_grid, score_sweep, sweep  # noqa: E402,F401  # re-export; integration rewrites importers
 
 __all__ = [
     "METHODS",

@@ -52,7 +52,6 @@ def build_llava_around(
 
     if image_size % patch_size:
         raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     if image_size % patch_size:
         raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")

@@ -21,9 +21,6 @@ from crvlm_core.models.pretrained import load_pretrained
 from crvlm_core.models.specs import COMPOSITES, DEFAULT_MODEL, EMBEDDED, ORGANISMS, ModelLoadError
 from crvlm_core.models.tiny_vlms import TINY_FAMILIES, build_tiny_vlm
 
-from crvlm_core.models.embedded import QWEN_SHA256, qwen_gguf_path, smollm2_gguf_path  # noqa: F401  re-export; integration rewrites importers
-from crvlm_core.models.handle import wrap_model as _wrap  # noqa: F401  re-export; integration rewrites importers
-from crvlm_core.models.specs import FAMILIES, SPECS, list_specs  # noqa: F401  re-export; integration rewrites importers
 
 __all__ = ["load_model", "unload_model"]
 

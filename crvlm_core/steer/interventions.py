@@ -105,11 +105,3 @@ def from_vector(vector: SteeringVector, alpha: float | None = None, layers: Sequ
     return AddVector(vector.directions, layers, alpha)
 
 
-# re-exports; integration rewrites importers
-from crvlm_core.steer.apply import hooked  # noqa: E402,F401  # re-export
-from crvlm_core.steer.apply import prepared as _prepared, validated as _validated  # noqa: E402,F401  # re-export
-from crvlm_core.steer.base import PrefillGate  # noqa: E402,F401  # re-export
-from crvlm_core.steer.generate import GENERATE_BACKEND, GENERATE_BACKENDS, steered_generate  # noqa: E402,F401  # re-export
-from crvlm_core.steer.generate import generate_batch as _generate_batch  # noqa: E402,F401  # re-export
-from crvlm_core.steer.score import REFUSAL_STARTS, refusal_score, refusal_token_ids, steered_logits  # noqa: E402,F401  # re-export
-from crvlm_core.steer.score import accepts_logits_to_keep as _accepts_logits_to_keep  # noqa: E402,F401  # re-export

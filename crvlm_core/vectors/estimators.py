@@ -127,9 +127,3 @@ def pca_direction(pos: Tensor, neg: Tensor) -> Tensor:
     return out.to(torch.float32)
 
 
-
-# re-exports; integration rewrites importers
-from crvlm_core.vectors.linalg import normalize, rescale_to  # noqa: E402,F401  # re-export
-from crvlm_core.vectors.ridge import ridge_direction, rmd, wrmd  # noqa: E402,F401  # re-export
-from crvlm_core.vectors.steering_vector import (FORMAT_VERSION, OPERATIONS, VECTOR_JSON,  # noqa: E402,F401  # re-export
-                                                VECTOR_SAFETENSORS, SteeringVector)

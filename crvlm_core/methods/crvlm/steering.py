@@ -20,10 +20,8 @@ from crvlm_core.methods.refusal_vectors import REFUSAL_PREFIX, VectorConfig, def
 from crvlm_core.models.handle import ModelHandle
 from crvlm_core.vectors.steering_vector import SteeringVector
 
-from crvlm_core.methods.crvlm.calibrated import load_calibrated  # re-export; integration rewrites importers
 
-__all__ = ["CalibratedSteering", "default_gate_layer", "finetune_behavioural", "fit_crvlm", "load_calibrated",
-           "vision_counterfactual_shifts"]
+__all__ = ["CalibratedSteering", "default_gate_layer", "finetune_behavioural", "fit_crvlm", "vision_counterfactual_shifts"]
 
 
 def vision_counterfactual_shifts(handle: ModelHandle, out: Sequence[Sample], inn: Sequence[Sample],
