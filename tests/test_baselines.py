@@ -224,7 +224,7 @@ def test_config_validates_its_fields():
     assert c.layers == (3, 1) and c.condition_layers == (2, 3) and c.in_scope == ("biology",)
     assert BaselineConfig(**c.to_dict()) == c  # what artifact.json records round-trips
     assert c.lora() == LoraTrainConfig(rank=8, steps=48, lr=5e-4, batch_size=4, seed=42)
-    for bad, match in [({"alpha": float("nan")}, "alpha"), ({"layers": []}, "layers is empty"),
+    for bad, match in [({"alpha": float("nan")}, "alpha"), ({"layers": []}, "layers must be a non-empty list"),
                        ({"lora_rank": 0}, "rank"), ({"lora_lr": -1.0}, "lr"), ({"batch_size": 0}, "batch_size"),
                        ({"layers": ["x"]}, "layer numbers")]:
         with pytest.raises(InputError, match=match):

@@ -38,7 +38,7 @@ def test_fingerprint_tracks_what_the_intervention_does():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(method="nope"), "unknown method"), (dict(layers=[]), "no layers"), (dict(ridge_lambda=-1.0), "ridge_lambda"),
+    (dict(method="nope"), "unknown method"), (dict(layers=[]), "layers must be a non-empty list"), (dict(ridge_lambda=-1.0), "ridge_lambda"),
     (dict(alpha=float("inf")), "alpha"), (dict(batch_size=0), "batch_size"),
 ])
 def test_vector_config_validation(bad, match):

@@ -3,18 +3,17 @@ estimator (:class:`VectorConfig` says which); the CLI, the methods and the noteb
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from crvlm_core.core.fields import int_field, layers_field, number_field
 from crvlm_core.data.schema import Sample
 from crvlm_core.extract import Activations, extract
 from crvlm_core.models.handle import ModelHandle
 from crvlm_core.vectors.estimators import mean_diff, pca_direction, prompt_based, teacher_forced_mean_diff
-from crvlm_core.vectors.checks import check_lam
 from crvlm_core.vectors.ridge import ridge_direction
 from crvlm_core.vectors.steering_vector import SteeringVector
 
@@ -86,18 +85,10 @@ class VectorConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(int(l) for l in self.layers))
-            if not self.layers:
-                raise ValueError("no layers to steer")
-        if not math.isfinite(float(self.alpha)):
-            raise ValueError(f"alpha must be finite, got {self.alpha!r}")
-        try:
-            object.__setattr__(self, "ridge_lambda", check_lam(self.ridge_lambda))
-        except (TypeError, ValueError):
-            raise ValueError(f"ridge_lambda must be a finite number >= 0, got {self.ridge_lambda!r}") from None
-        if isinstance(self.batch_size, bool) or int(self.batch_size) != self.batch_size or self.batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        layers_field(self, "layers", unique=False)
+        number_field(self, "alpha")
+        number_field(self, "ridge_lambda", 0.0)
+        int_field(self, "batch_size")
 
 
 def _out_in(samples: Sequence[Sample]) -> tuple[list[Sample], list[Sample]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from crvlm_core.core.fields import int_field
+
 __all__ = ["RequestError", "ServeLimits"]
 
 
@@ -37,8 +39,7 @@ class ServeLimits:
     def __post_init__(self):
         for name in ("max_body_bytes", "max_prompt_chars", "max_prompt_tokens", "max_tokens", "default_max_tokens",
                      "max_batch_size", "max_queue"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"ServeLimits.{name} must be >= 1, got {getattr(self, name)}")
+            int_field(self, name, prefix="ServeLimits.")
         if self.default_max_tokens > self.max_tokens:
             raise ValueError("ServeLimits.default_max_tokens must not exceed max_tokens")
         if self.batch_window_ms < 0:

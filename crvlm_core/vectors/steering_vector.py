@@ -11,8 +11,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
-import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,8 @@ import torch
 from torch import Tensor
 
 from crvlm_core.core.artifacts import check_model, read_manifest, write_artifact
+from crvlm_core.core.errors import InputError
+from crvlm_core.core.fields import index_list, number_field, set_field
 from crvlm_core.core.io import atomic_save_safetensors, atomic_write_json, sha256_hex
 
 __all__ = ["FORMAT_VERSION", "KIND", "OPERATIONS", "SteeringVector", "VECTOR_JSON", "VECTOR_SAFETENSORS", "load_vector"]
@@ -92,34 +92,25 @@ class SteeringVector:
             raise ValueError(f"directions must be a floating-point tensor, got {d.dtype}")
         if not torch.isfinite(d).all():
             raise ValueError("directions contains NaN or inf")
-        object.__setattr__(self, "directions", d.detach().to(torch.float32))
+        set_field(self, "directions", d.detach().to(torch.float32))
 
         if not isinstance(self.method, str) or not self.method:
             raise ValueError(f"method must be a non-empty string, got {self.method!r}")
         if self.operation not in OPERATIONS:
             raise ValueError(f"operation must be one of {OPERATIONS}, got {self.operation!r}")
 
-        try:
-            if isinstance(self.layers, (str, bytes)) or any(isinstance(l, bool) for l in self.layers):
-                raise TypeError
-            layers = [operator.index(l) for l in self.layers]  # accepts numpy / 0-d torch ints
-        except TypeError:
-            raise ValueError(f"layers must be a list of ints, got {self.layers!r}") from None
+        layers = list(index_list("layers", self.layers))  # accepts numpy / 0-d torch ints
         if not layers:
-            raise ValueError("layers must be non-empty")
+            raise InputError("layers must be non-empty")
         n_layers = d.shape[0]
         bad = [l for l in layers if not 0 <= l < n_layers]
         if bad:
-            raise ValueError(f"layers {bad} out of range: the vector has {n_layers} layers (0..{n_layers-1})")
+            raise InputError(f"layers {bad} out of range: the vector has {n_layers} layers (0..{n_layers-1})")
         if len(set(layers)) != len(layers):
-            raise ValueError(f"layers contains duplicates: {layers}")
-        object.__setattr__(self, "layers", sorted(layers))
-
-        alpha = float(self.alpha)
-        if not math.isfinite(alpha):
-            raise ValueError(f"alpha must be finite, got {self.alpha!r}")
-        object.__setattr__(self, "alpha", alpha)
-        object.__setattr__(self, "normalized", bool(self.normalized))
+            raise InputError(f"layers contains duplicates: {layers}")
+        set_field(self, "layers", sorted(layers))
+        number_field(self, "alpha")
+        set_field(self, "normalized", bool(self.normalized))
         for name in ("positions", "hook_site", "model_spec", "fingerprint"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")

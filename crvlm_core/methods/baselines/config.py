@@ -3,10 +3,10 @@ self-validating :class:`BaselineConfig` (the ``crvlm fit --method <baseline>`` o
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 from crvlm_core.core.errors import InputError
+from crvlm_core.core.fields import int_field, layers_field, number_field, set_field
 from crvlm_core.methods.baselines.lora import LoraTrainConfig
 
 __all__ = ["BASELINES", "VECTOR_METHODS", "BaselineConfig"]
@@ -23,18 +23,6 @@ BASELINES: dict[str, str] = {
 }
 #: The baselines that add a refusal vector (their ``layers`` / ``alpha`` apply, and can be overridden at load).
 VECTOR_METHODS = ("persona", "actadd", "cast")
-
-
-def _ints(value, name: str) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    try:
-        out = tuple(int(v) for v in value)
-    except (TypeError, ValueError):
-        raise InputError(f"baseline {name} must be a list of layer numbers, got {value!r}") from None
-    if not out:
-        raise InputError(f"baseline {name} is empty: give at least one layer, or None for the default")
-    return out
 
 
 @dataclass(frozen=True)
@@ -69,17 +57,13 @@ class BaselineConfig:
     def __post_init__(self):
         if self.method not in BASELINES:
             raise InputError(f"unknown baseline {self.method!r}; choose from {', '.join(BASELINES)}")
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen: normalise once
-        set_("layers", _ints(self.layers, "layers"))
-        set_("condition_layers", _ints(self.condition_layers, "condition_layers"))
+        layers_field(self, "layers", prefix="baseline ", unique=False)
+        layers_field(self, "condition_layers", prefix="baseline ", unique=False)
         if self.in_scope is not None:
-            set_("in_scope", tuple(str(s) for s in self.in_scope) or None)
-        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha)):
-            raise InputError(f"baseline alpha must be a finite number, got {self.alpha!r}")
-        set_("alpha", float(self.alpha))
+            set_field(self, "in_scope", tuple(str(s) for s in self.in_scope) or None)
+        number_field(self, "alpha", prefix="baseline ")
         for name in ("lora_target_tokens", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise InputError(f"baseline {name} must be a positive integer, got {getattr(self, name)!r}")
+            int_field(self, name, prefix="baseline ")
         self.lora()  # validates the adapter's settings
 
     def lora(self) -> LoraTrainConfig:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,8 @@ from typing import Sequence
 import torch
 
 from crvlm_core.core.cache import cached_json
+from crvlm_core.core.errors import InputError
+from crvlm_core.core.fields import int_field, layers_field, number_field, set_field
 from crvlm_core.data.schema import Sample
 from crvlm_core.methods.baselines.system_prompt import REFUSAL_TEXT
 from crvlm_core.models.handle import ModelHandle, wrap_model
@@ -57,15 +58,12 @@ class LoraTrainConfig:
 
     def __post_init__(self):
         for name in ("rank", "steps", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"LoRA {name} must be a positive integer, got {getattr(self, name)!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"LoRA lr must be a positive number, got {self.lr!r}")
-        object.__setattr__(self, "modules", tuple(self.modules))
+            int_field(self, name, prefix="LoRA ")
+        number_field(self, "lr", 0.0, strict=True, prefix="LoRA ")
+        set_field(self, "modules", tuple(self.modules))
         if not self.modules:
-            raise ValueError("LoRA modules must name at least one projection")
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(int(l) for l in self.layers))
+            raise InputError("LoRA modules must name at least one projection")
+        layers_field(self, "layers", prefix="LoRA ")
 
 
 def lora_targets(handle: ModelHandle, train: Sequence[Sample], max_new_tokens: int = 24, batch_size: int = 8,

@@ -4,67 +4,14 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import operator
 from dataclasses import dataclass
 
-__all__ = ["BEHAVIOURAL_REFUSAL", "BehaviouralConfig", "CalibratorConfig", "CrvlmConfig", "index_list"]
+from crvlm_core.core.fields import int_field, layers_field, number_field, set_field
+
+__all__ = ["BEHAVIOURAL_REFUSAL", "BehaviouralConfig", "CalibratorConfig", "CrvlmConfig"]
 
 #: The refusal the behavioural loss teaches out of scope (teacher-forced after the prompt).
 BEHAVIOURAL_REFUSAL = "I'm sorry, but I can't assist with that."
-
-
-def index_list(name: str, values) -> tuple[int, ...]:
-    """``values`` as a tuple of ints (numpy / 0-d torch ints accepted; bools and strings refused)."""
-    try:
-        if isinstance(values, (str, bytes)) or any(isinstance(v, bool) for v in values):
-            raise TypeError
-        return tuple(operator.index(v) for v in values)
-    except TypeError:
-        raise ValueError(f"{name} must be a list of ints, got {values!r}") from None
-
-
-def _set(obj, name: str, value) -> None:
-    object.__setattr__(obj, name, value)
-
-
-def _int(obj, name: str, minimum: int = 1) -> int:
-    v = getattr(obj, name)
-    try:
-        if isinstance(v, bool):
-            raise TypeError
-        v = operator.index(v)
-    except TypeError:
-        raise ValueError(f"{name} must be an int, got {v!r}") from None
-    if v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}")
-    _set(obj, name, v)
-    return v
-
-
-def _float(obj, name: str, minimum: float | None = None, strict: bool = False) -> float:
-    try:
-        v = float(getattr(obj, name))
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {getattr(obj, name)!r}") from None
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    if minimum is not None and (v <= minimum if strict else v < minimum):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {v}")
-    _set(obj, name, v)
-    return v
-
-
-def _layers(obj, name: str) -> tuple[int, ...]:
-    layers = index_list(name, getattr(obj, name))
-    if not layers:
-        raise ValueError(f"{name} must be non-empty")
-    if any(l < 0 for l in layers):
-        raise ValueError(f"{name} must be >= 0, got {list(layers)}")
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"{name} contains duplicates: {list(layers)}")
-    _set(obj, name, layers)
-    return layers
 
 
 @dataclass(frozen=True)
@@ -116,24 +63,24 @@ class CalibratorConfig:
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "width", "batch_size", "epochs"):
-            _int(self, name)
+            int_field(self, name)
         if self.gate_dim is not None:
-            _int(self, "gate_dim")
-        _int(self, "seed", minimum=0)
-        _layers(self, "layers")
-        _set(self, "shared", bool(self.shared))
-        _set(self, "gate_supervision", bool(self.gate_supervision))
-        _float(self, "target_scale")
+            int_field(self, "gate_dim")
+        int_field(self, "seed", minimum=0)
+        layers_field(self, "layers", optional=False)
+        set_field(self, "shared", bool(self.shared))
+        set_field(self, "gate_supervision", bool(self.gate_supervision))
+        number_field(self, "target_scale")
         for name in ("w_out", "w_in", "w_ortho", "w_vision"):
-            _float(self, name, minimum=0.0)
+            number_field(self, name, minimum=0.0)
         if self.w_out == self.w_in == self.w_ortho == self.w_vision == 0:
             raise ValueError("all loss weights are 0; nothing to train")
-        _float(self, "lr", minimum=0.0, strict=True)
-        f = _float(self, "val_fraction", minimum=0.0)
+        number_field(self, "lr", minimum=0.0, strict=True)
+        f = number_field(self, "val_fraction", minimum=0.0)
         if f >= 1:
             raise ValueError(f"val_fraction must be < 1, got {f}")
         if self.patience is not None:
-            _int(self, "patience")
+            int_field(self, "patience")
             if f == 0:
                 raise ValueError("patience (early stopping) needs a validation set: set val_fraction > 0")
 
@@ -164,12 +111,12 @@ class BehaviouralConfig:
     seed: int = 42
 
     def __post_init__(self) -> None:
-        _int(self, "epochs", minimum=0)
-        _int(self, "batch_size")
-        _int(self, "seed", minimum=0)
-        _float(self, "lr", minimum=0.0, strict=True)
-        _float(self, "w_ce", minimum=0.0)
-        _float(self, "w_kl", minimum=0.0)
+        int_field(self, "epochs", minimum=0)
+        int_field(self, "batch_size")
+        int_field(self, "seed", minimum=0)
+        number_field(self, "lr", minimum=0.0, strict=True)
+        number_field(self, "w_ce", minimum=0.0)
+        number_field(self, "w_kl", minimum=0.0)
         if not isinstance(self.refusal_text, str) or not self.refusal_text:
             raise ValueError(f"refusal_text must be a non-empty string, got {self.refusal_text!r}")
 
@@ -228,20 +175,20 @@ class CrvlmConfig:
 
     def __post_init__(self) -> None:
         if self.layers is not None:
-            _set(self, "layers", tuple(sorted(_layers(self, "layers"))))
+            set_field(self, "layers", tuple(sorted(layers_field(self, "layers"))))
         if self.gate_layer is not None and self.gate_layer != "auto":
-            _int(self, "gate_layer", minimum=0)
+            int_field(self, "gate_layer", minimum=0)
         if self.train_positions not in ("tokens", "last"):
             raise ValueError(f"train_positions must be 'tokens' or 'last', got {self.train_positions!r}")
-        _int(self, "extract_batch_size")
-        _int(self, "positions_per_prompt", minimum=0)
+        int_field(self, "extract_batch_size")
+        int_field(self, "positions_per_prompt", minimum=0)
         if isinstance(self.behavioural, dict):
-            _set(self, "behavioural", BehaviouralConfig(**self.behavioural))
+            set_field(self, "behavioural", BehaviouralConfig(**self.behavioural))
         elif self.behavioural is not None and not isinstance(self.behavioural, BehaviouralConfig):
             raise ValueError(f"behavioural must be a BehaviouralConfig or None, got {type(self.behavioural).__name__}")
         probe = self.calibrator_config(hidden_size=1, layers=(0,))  # CalibratorConfig validates the shared fields
         for name in _CALIBRATOR_FIELDS:
-            _set(self, name, getattr(probe, name))
+            set_field(self, name, getattr(probe, name))
 
     def calibrator_config(self, hidden_size: int, layers, gate_dim: int | None = None) -> CalibratorConfig:
         """The :class:`CalibratorConfig` of this fit for a model of width ``hidden_size``."""

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from crvlm_core.core.io import atomic_save_safetensors, atomic_write_json, sha256_hex
-from crvlm_core.methods.crvlm.config import CalibratorConfig, index_list
+from crvlm_core.core.fields import index_list
+from crvlm_core.methods.crvlm.config import CalibratorConfig
 from crvlm_core.steer.interventions import HiddenStateFn
 
 __all__ = ["CALIBRATOR_JSON", "CALIBRATOR_SAFETENSORS", "Calibrator", "FORMAT_VERSION", "GATE_EPS", "state_digest",

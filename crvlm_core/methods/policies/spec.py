@@ -4,7 +4,6 @@ does — in its hard (:func:`decide`) and soft (:func:`compose_gates`) forms."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -12,6 +11,7 @@ from typing import Any, Iterable, Mapping
 import torch
 import yaml
 
+from crvlm_core.core.fields import int_field, layers_field, number_field
 from crvlm_core.data.bundled import list_datasets, load_dataset
 from crvlm_core.data.schema import DataError, Sample
 
@@ -47,20 +47,9 @@ class PolicyFitConfig:
             raise PolicyError(f"fit.design must be one of {DESIGNS}, got {self.design!r}")
         for name, low in (("n_train", 1), ("n_test", 1), ("seed", 0), ("epochs", 1), ("width", 1),
                           ("behavioural_epochs", 0)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise PolicyError(f"fit.{name} must be an integer >= {low}, got {value!r}")
-        try:  # YAML reads 3e-4 (no dot) as a string
-            lr = float(self.lr) if not isinstance(self.lr, bool) else math.nan
-        except (TypeError, ValueError):
-            lr = math.nan
-        if not math.isfinite(lr) or lr <= 0:
-            raise PolicyError(f"fit.lr must be a positive number, got {self.lr!r}")
-        object.__setattr__(self, "lr", lr)
-        if self.layers is not None:
-            if isinstance(self.layers, int) or not all(isinstance(l, int) for l in self.layers) or not self.layers:
-                raise PolicyError(f"fit.layers must be a non-empty list of layer numbers, got {self.layers!r}")
-            object.__setattr__(self, "layers", tuple(self.layers))
+            int_field(self, name, low, prefix="fit.", error=PolicyError)
+        number_field(self, "lr", 0.0, strict=True, prefix="fit.", error=PolicyError)  # YAML reads 3e-4 as a string
+        layers_field(self, "layers", prefix="fit.", error=PolicyError)
 
     def to_dict(self) -> dict:
         """The options as JSON (``fit.json``'s ``options``)."""
