@@ -147,8 +147,3 @@ def write_run_outputs(out: str | os.PathLike, metrics: dict, rows: list[dict]) -
     atomic_write_json(out / METRICS_JSON, metrics)
     atomic_write_bytes(out / SAMPLES_JSONL, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
     return out
-
-
-def cache_path(cache_dir: str | os.PathLike, prefix: str, key: Any) -> Path:
-    """``<cache_dir>/<prefix>-<digest>.json``: where a JSON result keyed by the JSON-serialisable ``key`` lives."""
-    return Path(cache_dir) / f"{prefix}-{sha256_hex(json.dumps(key, sort_keys=True))[:24]}.json"
