@@ -4,6 +4,8 @@ only call them. ``save_figure`` writes PNG + SVG atomically next to each other."
 from __future__ import annotations
 
 import os
+import textwrap
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -17,20 +19,23 @@ import torch  # noqa: E402
 
 __all__ = ["save_figure", "plot_vector_norms", "plot_method_cosines", "plot_sweep_heatmap", "plot_method_metrics",
            "plot_refusal_scores", "plot_calibration_pca", "plot_score_distributions", "plot_mb_with_ci",
-           "plot_ablation", "plot_layer_explorer", "plot_refusal_steering_layers"]
+           "plot_ablation", "plot_layer_explorer", "plot_refusal_steering_layers", "plot_dataset_counts",
+           "plot_image_examples", "plot_training_losses", "plot_gate_strip", "plot_gate_histogram",
+           "plot_vision_ablation", "plot_gate_box"]
 
 SCOPE_NAMES = {"in": "in-scope", "out": "out-of-scope"}
 
 
-def save_figure(fig, path_stem: str | Path) -> list[Path]:
-    """Save ``fig`` as ``<stem>.png`` and ``<stem>.svg`` (temp file + rename); returns the paths."""
+def save_figure(fig, path_stem: str | Path, formats: Sequence[str] = ("png", "svg"), dpi: int = 130) -> list[Path]:
+    """Save ``fig`` as ``<stem>.png`` and ``<stem>.svg`` (or the given ``formats``; temp file + rename); returns the
+    paths."""
     stem = Path(path_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     written = []
-    for ext in ("png", "svg"):
+    for ext in formats:
         final = stem.with_suffix(f".{ext}")
         tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-        fig.savefig(tmp, format=ext, dpi=130, bbox_inches="tight")
+        fig.savefig(tmp, format=ext, dpi=dpi, bbox_inches="tight")
         os.replace(tmp, final)
         written.append(final)
     return written
@@ -234,3 +239,95 @@ def plot_policy_mb(table: pd.DataFrame, title: str, columns: Sequence[str] = ("s
 
 
 __all__ += ["plot_cast_grid", "plot_policy_mb"]
+
+
+@contextmanager
+def _setup_theme():
+    """Notebook 00's look (seaborn whitegrid, notebook context, deep palette) for the figures drawn inside only."""
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook"), sns.color_palette("deep"):
+        yield
+
+
+def plot_dataset_counts(counts: pd.DataFrame):
+    """Prompts per subject of each bundled dataset, one bar per dataset / subject on a log scale. ``counts`` has
+    columns ``dataset, subject, n``."""
+    with _setup_theme():
+        plot_df = counts.assign(label=counts["dataset"] + " / " + counts["subject"])
+        fig, ax = plt.subplots(figsize=(7, 0.28 * len(plot_df) + 1))
+        sns.barplot(data=plot_df, y="label", x="n", hue="dataset", dodge=False, legend=False, ax=ax)  # labels name it
+        ax.set_xscale("log")
+        ax.set_xlabel("prompts (log scale)")
+        ax.set_ylabel("")
+        fig.tight_layout()
+    return fig
+
+
+def plot_image_examples(images: Sequence, titles: Sequence[str], captions: Sequence[str], wrap: int = 34):
+    """One row of images (PIL images or arrays), each titled (e.g. its subject) with its caption (e.g. the question)
+    wrapped underneath."""
+    with _setup_theme():
+        fig, axes = plt.subplots(1, len(images), figsize=(3 * len(images), 4.2), squeeze=False)
+        for ax, image, title, caption in zip(axes[0], images, titles, captions):
+            ax.imshow(image)
+            ax.set_title(title, fontsize=11, fontweight="bold")
+            ax.set_xlabel("\n".join(textwrap.wrap(caption, wrap)), fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.tight_layout()
+    return fig
+
+
+def plot_training_losses(log: pd.DataFrame, terms: Sequence[str] = ("loss_out", "loss_in", "loss_ortho", "total"),
+                         title: str = "Calibrator training losses per epoch"):
+    """One log-scale panel per loss term (those of ``terms`` that ``log`` has) over epochs, a line per variant.
+    ``log`` has columns ``variant, epoch`` and the terms."""
+    terms = [c for c in terms if c in log.columns]
+    fig, axes = plt.subplots(1, len(terms), figsize=(3.2 * len(terms), 3), squeeze=False)
+    for ax, term in zip(axes[0], terms):
+        sns.lineplot(log, x="epoch", y=term, hue="variant", ax=ax, legend=term == terms[-1])
+        ax.set(title=term.replace("loss_", "L_") if term != "total" else "total loss", yscale="log")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_gate_strip(gates: pd.DataFrame, title: str = "Gate value ρ on held-out questions"):
+    """Gate value ρ of every question, one strip per variant and scope. ``gates`` has columns ``variant, scope,
+    rho``."""
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    sns.stripplot(gates, x="variant", y="rho", hue="scope", dodge=True, alpha=0.6, ax=ax)
+    ax.set(title=title, xlabel="", ylabel="ρ (mean over steered layers)", ylim=(-0.05, 1.05))
+    return fig
+
+
+def plot_gate_histogram(gates: pd.DataFrame, variant: str):
+    """Histogram of one variant's gate values ρ by scope. ``gates`` has columns ``variant, scope, rho``."""
+    fig, ax = plt.subplots(figsize=(6, 3))
+    sns.histplot(gates[gates["variant"] == variant], x="rho", hue="scope", bins=20, ax=ax)
+    ax.set(title=f"ρ on held-out questions — {variant}")
+    return fig
+
+
+def plot_gate_box(gates: pd.DataFrame, title: str = "Gate value ρ on held-out questions"):
+    """Box plot of the gate values ρ per variant and scope. ``gates`` has columns ``variant, scope, rho``."""
+    fig, ax = plt.subplots(figsize=(9, 3.4))
+    sns.boxplot(gates, x="variant", y="rho", hue="scope", ax=ax)
+    ax.set(title=title, xlabel="", ylabel="ρ (mean over steered layers)")
+    ax.tick_params(axis="x", rotation=20)
+    return fig
+
+
+def plot_vision_ablation(table: pd.DataFrame, model: str):
+    """The vision-loss ablation (CR-VLM Figure 6 / Table 5): per variant, the cosine of predicted vs vision-only
+    shifts and the image-only refusal scores out and in scope. ``table`` has columns ``variant, shift_cosine_mean,
+    image_only_score_out, image_only_score_in``."""
+    long = table.melt(id_vars="variant", value_vars=["shift_cosine_mean", "image_only_score_out", "image_only_score_in"],
+                      var_name="measure", value_name="value")
+    long["measure"] = long["measure"].map({"shift_cosine_mean": "cosine: predicted vs\nvision-only shift",
+                                           "image_only_score_out": "image-only refusal score\n(out-of-scope images)",
+                                           "image_only_score_in": "image-only refusal score\n(in-scope images)"})
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    sns.barplot(long, x="measure", y="value", hue="variant", ax=ax)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set(title=f"Vision loss ablation on {model}", xlabel="", ylabel="cosine / refusal log-odds")
+    return fig
