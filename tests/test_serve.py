@@ -2,8 +2,12 @@
 teacher-forced vector fitted here; concurrent requests, streaming, logprobs, bad input, and the LLM judge's HTTP
 backend pointed at it."""
 
+import http.client
 import json
 import math
+import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -13,9 +17,12 @@ import torch
 
 from crvlm_core.cli.main import main
 from crvlm_core.judges.llm import HTTPBackend, LLMJudge, LocalLMBackend
+from crvlm_core.models.loading import load_model
+from crvlm_core.serve import batcher
 from crvlm_core.serve.batcher import ModelServer
 from crvlm_core.serve.limits import ServeLimits
 from crvlm_core.serve.server import running
+from crvlm_core.serve.streaming import BatchStream
 from crvlm_core.serve.streaming import stop_aware_delta as _stop_aware_delta
 from crvlm_core.serve.variants import load_variants
 from crvlm_core.steer.generate import steered_generate
@@ -165,6 +172,7 @@ def test_bad_requests_get_clear_4xx_errors(served, payload, raw, status, code):
     got, body = post(base, payload, raw)
     err = json.loads(body)["error"]
     assert got == status and err["code"] == code and err["message"], body
+    assert "\n" not in err["message"] and "Traceback" not in err["message"], body
 
 
 def test_server_survives_bad_input(served):
@@ -245,3 +253,111 @@ def test_cli_serve_in_a_fresh_process_streams(tmp_path):
         proc.terminate()
         proc.wait(30)
         log.close()
+
+
+# -- the tiny random-weight VLM: content types and clients that leave -------------------------------------------------
+TINY = "tiny-llava"
+HOLD = 3  # tokens a held request gets before the worker waits for its client to leave
+LONG = 400  # max_tokens of a held request: far more than a cancelled one may generate
+
+
+@pytest.fixture(scope="module")
+def tiny_served():
+    handle = load_model(TINY, device="cpu")
+    model_server = ModelServer(handle, load_variants(handle), ServeLimits(max_tokens=LONG, default_max_tokens=4,
+                                                                          batch_window_ms=0))
+    with running(model_server) as base:
+        yield base, model_server
+
+
+@pytest.fixture
+def held(monkeypatch):
+    """Requests with ``max_tokens=LONG`` stop after HOLD tokens until their client has left (up to 60 s), so a test
+    disconnects mid-generation without racing the model; the returned event is set when one is held."""
+    reached = threading.Event()
+
+    class HeldStream(BatchStream):
+        def put(self, value):
+            for job in self.jobs:
+                if job.max_tokens == LONG and len(job.ids) == HOLD and not job.done:
+                    reached.set()
+                    deadline = time.monotonic() + 60
+                    while not job.cancelled and time.monotonic() < deadline:
+                        time.sleep(0.01)
+            super().put(value)
+
+    monkeypatch.setattr(batcher, "BatchStream", HeldStream)
+    return reached
+
+
+def _hostport(base):
+    host, port = base.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def _send(base, payload) -> socket.socket:
+    """A client that sends a request and may leave before the answer (closing the socket)."""
+    body = json.dumps(payload).encode()
+    sock = socket.create_connection(_hostport(base), timeout=60)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    return sock
+
+
+def _until(cond, what, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _hi(max_tokens, **kw):
+    return {"model": TINY, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "Hi"}], **kw}
+
+
+@pytest.mark.parametrize("ctype,status", [("text/plain", 415), (None, 415), ("application/x-www-form-urlencoded", 415),
+                                          ("text/plain; charset=utf-8", 415), ("application/json", 200),
+                                          ("application/json; charset=utf-8", 200), ("Application/JSON", 200)])
+def test_only_json_bodies_are_accepted(tiny_served, ctype, status):
+    """A web page may POST text/plain or a form to a server on localhost without a CORS preflight: 415 for those."""
+    base, model_server = tiny_served
+    conn = http.client.HTTPConnection(*_hostport(base), timeout=60)
+    try:  # http.client sends no Content-Type unless asked
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(_hi(2)).encode(),
+                     headers={"Content-Type": ctype} if ctype else {})
+        resp = conn.getresponse()
+        got, body = resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+    assert got == status, body
+    if status == 415:
+        err = body["error"]
+        assert err["code"] == "unsupported_media_type" and err["type"] == "invalid_request_error"
+        assert "application/json" in err["message"] and "\n" not in err["message"]
+    else:
+        assert body["choices"][0]["message"]["content"] and body["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_frees_the_worker(tiny_served, held, stream):
+    """A client that disconnects mid-generation: its job stops at the next token (not after LONG tokens), a queued
+    request whose client left is dropped without being generated, and the next request is answered."""
+    base, model_server = tiny_served
+    before = dict(model_server.stats)
+    first = _send(base, _hi(LONG, stream=stream))
+    try:
+        assert held.wait(60), "the long request never reached its HOLD-th token"
+        queued = _send(base, _hi(3))  # waits behind the held job, then leaves
+        _until(lambda: model_server._queue.qsize() == 1, "the second request to be queued")
+        queued.close()
+        _until(lambda: model_server._queue.qsize() == 0, "the queued request of a client that left to be dropped")
+    finally:
+        first.close()
+    _until(lambda: model_server.stats["cancelled_tokens"] > before["cancelled_tokens"], "the held job to stop")
+    answer = chat(base, "Hi", model=TINY, max_tokens=3)
+    assert answer["usage"]["completion_tokens"] == 3
+    stats = model_server.stats
+    assert stats["cancelled"] - before["cancelled"] == 2
+    assert stats["cancelled_tokens"] - before["cancelled_tokens"] == HOLD, "the held job went on after its client left"
+    assert stats["batches"] - before["batches"] == 2, "the queued request of a client that left was generated"
+    assert stats["errors"] == before["errors"]

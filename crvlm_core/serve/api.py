@@ -48,6 +48,23 @@ def _error_response(err: RequestError):
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
+def _check_content_type(request) -> None:
+    """Only ``application/json`` bodies (any parameters, e.g. ``; charset=utf-8``): a browser page may POST
+    ``text/plain`` or a form to a server on localhost without asking first, but not JSON (a CSRF guard)."""
+    declared = request.headers.get("content-type", "")
+    media = declared.split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        got = f"Content-Type {media[:80]!r}" if media else "no Content-Type"
+        raise RequestError(415, f"send the request body as Content-Type: application/json (got {got})",
+                           "unsupported_media_type")
+
+
+async def _until_disconnected(request) -> None:
+    """Returns when the client has gone (the body is read by then, so the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.05)
+
+
 async def _read_body(request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -93,6 +110,7 @@ def create_app(server: ModelServer):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         try:
+            _check_content_type(request)
             req = parse_request(await _read_body(request, server.limits.max_body_bytes))
             job = server.make_job(req, asyncio.get_running_loop())
             server.submit(job)
@@ -102,29 +120,51 @@ def create_app(server: ModelServer):
         base = {"id": cid, "created": created, "model": job.model, "system_fingerprint": "crvlm"}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return EventSourceResponse(_stream_events(job, base, include_usage), ping=15, sep="\n")
-        content, entries = [], []
-        while True:
-            kind, a, b = await job.sink.get()
-            if kind == "token":
-                content.append(a)
-                if b is not None:
-                    entries.append(b)
-            elif kind == "error":
-                return JSONResponse({"error": {"message": a, "type": "server_error", "param": None,
-                                               "code": "generation_failed"}}, status_code=500)
-            else:
-                finish, usage = a, b
-                break
-        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(content)},
-                  "logprobs": {"content": entries} if job.logprobs else None, "finish_reason": finish}
-        return {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
+            return EventSourceResponse(_stream_events(job, base, include_usage, server.cancel), ping=15, sep="\n")
+        watcher = asyncio.create_task(_until_disconnected(request))
+
+        def _gone(task: asyncio.Task) -> None:  # the client left (or its connection broke): stop waiting for it
+            if not task.cancelled():
+                task.exception()
+                job.sink.put_nowait(("gone", None, None))
+
+        watcher.add_done_callback(_gone)
+        try:
+            return await _answer(job, base)
+        finally:
+            watcher.cancel()
+            server.cancel(job)  # a client that left: its job leaves the queue or stops at the next token
 
     return app
 
 
-async def _stream_events(job: Job, base: dict, include_usage: bool):
-    """SSE ``data:`` chunks in the OpenAI ``chat.completion.chunk`` format, then ``[DONE]``."""
+async def _answer(job: Job, base: dict):
+    """The non-streaming answer: the job's events gathered into one ``chat.completion`` (a 500 if it failed)."""
+    from starlette.responses import Response
+
+    content, entries = [], []
+    while True:
+        kind, a, b = await job.sink.get()
+        if kind == "token":
+            content.append(a)
+            if b is not None:
+                entries.append(b)
+        elif kind == "error":
+            return JSONResponse({"error": {"message": a, "type": "server_error", "param": None,
+                                           "code": "generation_failed"}}, status_code=500)
+        elif kind == "gone":  # the client disconnected: nobody reads this
+            return Response(status_code=499)
+        else:
+            finish, usage = a, b
+            break
+    choice = {"index": 0, "message": {"role": "assistant", "content": "".join(content)},
+              "logprobs": {"content": entries} if job.logprobs else None, "finish_reason": finish}
+    return {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
+
+
+async def _stream_events(job: Job, base: dict, include_usage: bool, cancel):
+    """SSE ``data:`` chunks in the OpenAI ``chat.completion.chunk`` format, then ``[DONE]``; ``cancel(job)`` when
+    the stream ends (a no-op for a finished job), so a client that left frees the worker."""
 
     def chunk(delta: dict, logprobs=None, finish=None) -> dict:
         return {"data": json.dumps({**base, "object": "chat.completion.chunk", "choices": [
@@ -148,4 +188,4 @@ async def _stream_events(job: Job, base: dict, include_usage: bool):
                 break
         yield {"data": "[DONE]"}
     finally:
-        job.cancelled = True  # a client that left early frees its batch row
+        cancel(job)  # a client that left early: the job leaves the queue or stops at the next token

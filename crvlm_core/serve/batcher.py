@@ -42,7 +42,9 @@ class ModelServer:
         self._stop = threading.Event()
         self._tok_lock = threading.Lock()  # fast tokenizers must not be used from two threads at once
         self._thread: threading.Thread | None = None
-        self.stats = {"requests": 0, "batches": 0, "batched_requests": 0, "max_batch": 0, "errors": 0}
+        # cancelled: requests whose client left before the answer; cancelled_tokens: tokens generated for them
+        self.stats = {"requests": 0, "batches": 0, "batched_requests": 0, "max_batch": 0, "errors": 0,
+                      "cancelled": 0, "cancelled_tokens": 0}
         eos = handle.hf_model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if handle.tokenizer.eos_token_id is not None:
@@ -140,6 +142,21 @@ class ModelServer:
                                "server_busy", type_="server_error") from None
         self.stats["requests"] += 1
 
+    def cancel(self, job: Job) -> None:
+        """Give up a job whose client left (no-op once it finished): a queued job leaves the queue now, a job being
+        generated stops at the next token step (its row's stopping criterion), so the worker is free for others."""
+        if job.done or job.cancelled:
+            return
+        job.cancelled = True
+        self.stats["cancelled"] += 1
+        with self._queue.mutex:  # queue.Queue has no remove(): edit its deque under its own lock
+            try:
+                self._queue.queue.remove(job)
+            except ValueError:  # already taken by the worker
+                return
+            job.done = True
+            self._queue.not_full.notify()
+
     # -- worker ---------------------------------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -161,7 +178,9 @@ class ModelServer:
             for job in batch:
                 groups.setdefault(job.model, []).append(job)
             for jobs in groups.values():
-                self._generate([j for j in jobs if not j.cancelled])
+                for job in jobs:
+                    job.done = job.done or job.cancelled  # cancelled after it left the queue, before generation
+                self._generate([j for j in jobs if not j.done])
 
     def _generate(self, jobs: list[Job]) -> None:
         if not jobs:
@@ -178,6 +197,6 @@ class ModelServer:
         except Exception as err:  # one failed batch answers its requests with 500s; the worker goes on
             self.stats["errors"] += 1
             for job in jobs:
-                if not job.done:
+                if not job.done and not job.cancelled:
                     job.done = True
                     job.emit(("error", f"{type(err).__name__}: {err}", None))

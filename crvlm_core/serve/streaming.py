@@ -50,7 +50,7 @@ def generate_streaming(handle: ModelHandle, enc: dict, interventions: Sequence[I
                 hook.remove()
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """One chat completion waiting for, or in, a batch. Events go to ``sink`` on the request's event loop."""
 
@@ -101,7 +101,7 @@ class BatchStream(BaseStreamer):
             if job.done:
                 continue
             if job.cancelled:
-                job.done = True
+                self._drop(job)
                 continue
             if tok in self.eos:
                 self._flush(job)
@@ -129,6 +129,11 @@ class BatchStream(BaseStreamer):
             job.sent += rest
             job.emit(("token", rest, None))
 
+    def _drop(self, job: Job) -> None:
+        """A job whose client left: no more events; its tokens so far are counted in the server's stats."""
+        job.done = True
+        self.server.stats["cancelled_tokens"] += len(job.ids)
+
     def _finish(self, job: Job, reason: str) -> None:
         job.done = True
         job.emit(("done", reason, {"prompt_tokens": job.n_prompt_tokens, "completion_tokens": len(job.ids),
@@ -136,7 +141,11 @@ class BatchStream(BaseStreamer):
 
     def end(self) -> None:
         for job in self.jobs:
-            if not job.done:
+            if job.done:
+                continue
+            if job.cancelled:
+                self._drop(job)
+            else:
                 self._flush(job)
                 self._finish(job, "length")
 
