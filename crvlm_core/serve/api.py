@@ -1,5 +1,7 @@
 """The HTTP side of ``crvlm serve`` (FastAPI): ``POST /v1/chat/completions`` (JSON or SSE chunks),
-``GET /v1/models``, ``GET /health``, and OpenAI-style JSON for every error."""
+``GET /v1/models``, ``GET /health``, and OpenAI-style JSON for every error. Only ``application/json`` bodies are
+read (415 otherwise); a client that disconnects has its job cancelled (out of the queue, or stopped at the next
+token)."""
 
 from __future__ import annotations
 
