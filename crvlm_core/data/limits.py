@@ -85,7 +85,7 @@ def check_prompt_lengths(handle: Any, samples: Iterable[Any], limit: int | None 
     tokenizer = handle.tokenizer
     fast_chars = _NORMALISATION_SLACK * _longest_token_chars(tokenizer)
     what = "the model's context" if default else "the limit"
-    fix = "shorten it or pass --max-prompt-tokens" + (" (at most the model's context)" if default else " N")
+    fix = "shorten it or pass --max-prompt-tokens N"
     counts = []
     for i, sample in enumerate(samples):
         prompt = sample if isinstance(sample, str) else sample.prompt
