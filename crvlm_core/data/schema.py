@@ -15,7 +15,7 @@ from crvlm_core.core.io import file_sha256
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image as PILImage
 
-__all__ = ["SCOPES", "DataError", "Sample", "fingerprint", "read_jsonl"]
+__all__ = ["SCOPES", "DataError", "EmptyDataFile", "Sample", "fingerprint", "read_jsonl"]
 
 SCOPES = ("in", "out")
 """The two scopes a sample can be tagged with."""
@@ -24,6 +24,10 @@ _CORE_FIELDS = ("id", "prompt", "subject", "scope", "image")
 
 class DataError(InputError):
     """Bad input data: every error raised by the data stage names the file and, where known, the line."""
+
+
+class EmptyDataFile(DataError):
+    """A data file with no records: empty, or blank lines only."""
 
 
 @dataclass(frozen=True)
@@ -174,7 +178,7 @@ def read_jsonl(path: str | Path) -> list[Sample]:
         samples.append(Sample(sid, rec["prompt"], rec["subject"], scope, image, extra))
     if not samples:
         what = "empty file" if path.stat().st_size == 0 else "no records (only blank lines)"
-        raise DataError(f"{path}: {what}: {_EXPECTED}")
+        raise EmptyDataFile(f"{path}: {what}: {_EXPECTED}")
     return samples
 
 
