@@ -444,3 +444,18 @@ def test_prompt_length_unknown_context_checks_nothing():
     tok = SimpleNamespace(model_max_length=int(1e30))
     handle = SimpleNamespace(tokenizer=tok)
     assert context_length(handle) is None and check_prompt_lengths(handle, ["anything"]) == []
+
+
+def test_prompt_length_on_the_tiny_llava_handle():
+    """A real (random-weight) VLM handle: the context comes from its text config, the chat template and the image
+    placeholder are counted."""
+    from crvlm_core.data.limits import PromptTooLong, check_prompt_lengths, context_length
+    from crvlm_core.models.loading import load_model
+
+    handle = load_model("tiny-llava")
+    assert context_length(handle) == handle.hf_model.config.get_text_config().max_position_embeddings == 512
+    plain, with_image = check_prompt_lengths(handle, [Sample("a", "hi", "b"),
+                                                      Sample("b", "hi", "b", image=Path("unused.png"))])
+    assert with_image > plain > 1
+    with pytest.raises(PromptTooLong, match=r"sample 'long' \(mine\.jsonl\): prompt has \d+ tokens .*context is 512"):
+        check_prompt_lengths(handle, [Sample("long", "word " * 600, "b")], source="mine.jsonl")
