@@ -33,8 +33,9 @@ class EvalResult:
     rows: list[dict]
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
+def _mean(values: Sequence[float]) -> float | None:
+    """The mean; ``None`` (JSON null: not measured) for no values."""
+    return sum(values) / len(values) if values else None
 
 
 def _run_evaluation(handle: ModelHandle, test: list[Sample], interventions: Sequence[Intervention],
@@ -58,7 +59,7 @@ def _run_evaluation(handle: ModelHandle, test: list[Sample], interventions: Sequ
         "mean_refusal_score_out": _mean([float(sc) for s, sc in zip(test, scores) if s.scope == "out"]),
         "mean_refusal_score_in": _mean([float(sc) for s, sc in zip(test, scores) if s.scope == "in"]),
         "generation_seconds": gen_seconds,
-        "tokens_per_second": n_tokens / gen_seconds if gen_seconds > 0 else float("nan"),
+        "tokens_per_second": n_tokens / gen_seconds if gen_seconds > 0 else None,  # None: not measured
         "max_new_tokens": max_new_tokens,
         "model": handle.spec,
     })

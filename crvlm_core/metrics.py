@@ -9,6 +9,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from crvlm_core.core.io import nan_to_none
+
 __all__ = ["rate", "mb_score", "bootstrap_ci", "mb_score_ci", "scope_metrics", "rates_by", "kl_to_unsteered",
            "unchanged_prefix_fraction"]
 
@@ -98,19 +100,25 @@ def scope_metrics(refused: Sequence[bool], scopes: Sequence[str], ci: bool = Fal
 
     With ``ci=True`` also ``refusal_rate_out_ci``, ``over_refusal_in_ci`` and ``mb_score_ci``: seeded percentile
     bootstrap intervals ``[low, high]`` (see :func:`bootstrap_ci`, :func:`mb_score_ci`).
+
+    A rate over a scope with no samples, the MB-score without both scopes and their intervals are ``None`` (JSON
+    null: not measured), so the dict is strict JSON.
     """
     if len(refused) != len(scopes):
         raise ValueError(f"{len(refused)} refusal flags but {len(scopes)} scopes")
     out = [r for r, s in zip(refused, scopes) if s == "out"]
     inn = [r for r, s in zip(refused, scopes) if s == "in"]
     r, orr = rate(out), rate(inn)
-    mb = mb_score(r, orr) if out and inn else float("nan")
-    metrics: dict[str, Any] = {"refusal_rate_out": r, "over_refusal_in": orr, "mb_score": mb, "n_out": len(out),
-                               "n_in": len(inn)}
+    mb = mb_score(r, orr) if out and inn else None
+    metrics: dict[str, Any] = {"refusal_rate_out": nan_to_none(r), "over_refusal_in": nan_to_none(orr),
+                               "mb_score": mb, "n_out": len(out), "n_in": len(inn)}
     if ci:
-        metrics["refusal_rate_out_ci"] = list(bootstrap_ci(out, n_boot=n_boot, alpha=alpha, seed=seed))
-        metrics["over_refusal_in_ci"] = list(bootstrap_ci(inn, n_boot=n_boot, alpha=alpha, seed=seed + 1))
-        metrics["mb_score_ci"] = list(mb_score_ci(out, inn, n_boot=n_boot, alpha=alpha, seed=seed + 2))
+        metrics["refusal_rate_out_ci"] = [nan_to_none(v) for v in bootstrap_ci(out, n_boot=n_boot, alpha=alpha,
+                                                                              seed=seed)]
+        metrics["over_refusal_in_ci"] = [nan_to_none(v) for v in bootstrap_ci(inn, n_boot=n_boot, alpha=alpha,
+                                                                             seed=seed + 1)]
+        metrics["mb_score_ci"] = [nan_to_none(v) for v in mb_score_ci(out, inn, n_boot=n_boot, alpha=alpha,
+                                                                      seed=seed + 2)]
     return metrics
 
 

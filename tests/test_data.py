@@ -293,3 +293,169 @@ def test_take_per_scope_is_a_prefix_of_a_larger_split():
 
 def test_data_error_is_an_input_error():
     assert issubclass(DataError, InputError) and issubclass(DataError, ValueError)
+
+
+# --- bad data files (#24): one line naming the file (and line) and what to do ---------------------
+
+
+_FILE_CASES = [
+    # (name, file bytes, message pattern, line named or None)
+    ("empty", b"", r"empty file: expected one JSON object per line with a non-empty string `prompt`", None),
+    ("blank-lines", b"\n   \n\t\n", r"no records \(only blank lines\): expected one JSON object per line", None),
+    ("latin-1", json.dumps(rec(1)).encode() + b"\n" + '{"prompt": "caf\xe9", "subject": "b"}\n'.encode("latin-1"),
+     r"not UTF-8 \(byte 0xe9 at column \d+\): save the file as UTF-8", 2),
+    ("broken-json", json.dumps(rec(1)).encode() + b'\n{"prompt": "q?", "subject": \n', r"invalid JSON: .*expected one JSON", 2),
+    ("not-an-object", b'"just a string"\n', r"expected a JSON object, got str", 1),
+    ("number-row", b"42\n", r"expected a JSON object, got int", 1),
+    ("no-prompt", json.dumps({"subject": "b"}).encode() + b"\n", r"`prompt` is missing: expected", 1),
+    ("prompt-not-string", json.dumps({"prompt": 5, "subject": "b"}).encode() + b"\n",
+     r"`prompt` is empty or not a string \(5\)", 1),
+    ("prompt-a-list", json.dumps({"prompt": ["a"], "subject": "b"}).encode() + b"\n", r"`prompt` is empty or not a string", 1),
+    ("deeply-nested", b"[" * 100000 + b"]" * 100000 + b"\n", r"(invalid JSON|expected a JSON object)", 1),
+    ("missing-image", json.dumps(rec(1, image="nope.png")).encode() + b"\n",
+     r"image file does not exist: .*nope\.png \(`image` is a path relative to the JSONL file's folder\)", 1),
+    ("image-is-folder", json.dumps(rec(1, image=".")).encode() + b"\n", r"image file is a folder, not a file", 1),
+    ("garbage-image", json.dumps(rec(1, image="garbage.png")).encode() + b"\n",
+     r"image cannot be opened: .*garbage\.png .*give a readable PNG/JPEG file", 1),
+]
+
+
+@pytest.mark.parametrize("name, data, pattern, line", _FILE_CASES, ids=[c[0] for c in _FILE_CASES])
+def test_bad_data_file_is_one_line_naming_file_and_line(tmp_path, name, data, pattern, line):
+    (tmp_path / "garbage.png").write_bytes(b"\x00not a png" * 10)
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(data)
+    for load in (read_jsonl, load_dataset):
+        with pytest.raises(DataError, match=pattern) as err:
+            load(path)
+        msg = str(err.value)
+        assert "\n" not in msg and err.value.__cause__ is None
+        assert msg.startswith(f"{path}:{line}: " if line else f"{path}: "), msg
+
+
+def test_empty_file_fails_at_the_file_not_at_the_subjects(tmp_path):
+    """Before #24 an empty file ended as "unknown subject(s) ['biology']; available: []"."""
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"")
+    with pytest.raises(DataError, match=r"data\.jsonl: empty file"):
+        load_dataset(path, subjects=["biology"])
+    with pytest.raises(DataError, match=r"data\.jsonl: empty file"):
+        scope_dataset(["biology"], dataset=str(path))
+
+
+def test_missing_unreadable_and_folder_data_files(tmp_path):
+    with pytest.raises(DataError, match=r"nope\.jsonl: no such file: give a JSONL file"):
+        read_jsonl(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match=r"no such file \(it is a folder\)"):
+        read_jsonl(tmp_path)
+    path = write_jsonl(tmp_path / "locked.jsonl", [rec(1)])
+    path.chmod(0)
+    try:
+        if os.access(path, os.R_OK):  # root reads anything
+            pytest.skip("running as root: the file stays readable")
+        with pytest.raises(DataError, match=r"locked\.jsonl: cannot read the file .*check its permissions"):
+            read_jsonl(path)
+    finally:
+        path.chmod(0o644)
+
+
+def test_utf8_bom_and_crlf_are_accepted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(rec(1)).encode() + b"\r\n" + json.dumps(rec(2)).encode() + b"\r\n")
+    assert [s.id for s in read_jsonl(path)] == ["s1", "s2"]
+
+
+# --- the prompt-length limit (#24) -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_handle():
+    from types import SimpleNamespace
+
+    from crvlm_core.models.tiny_vlms import _tiny_tokenizer
+
+    tok = _tiny_tokenizer()
+
+    def format_prompt(prompt, system=None, assistant_prefix=None, has_image=False):
+        return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+
+    config = SimpleNamespace(max_position_embeddings=512)
+    return SimpleNamespace(tokenizer=tok, format_prompt=format_prompt, hf_model=SimpleNamespace(config=config))
+
+
+def test_prompt_length_default_is_the_models_context(tiny_handle):
+    from crvlm_core.data.limits import PromptTooLong, check_prompt_lengths, context_length
+
+    assert context_length(tiny_handle) == 512
+    counts = check_prompt_lengths(tiny_handle, [Sample("a", "What is a cell?", "biology")])
+    template = len(tiny_handle.tokenizer(tiny_handle.format_prompt("x"), add_special_tokens=False)["input_ids"])
+    assert counts[0] > len(tiny_handle.tokenizer("What is a cell?")["input_ids"]) and counts[0] >= template
+    long = Sample("long-1", "word " * 600, "biology")
+    with pytest.raises(PromptTooLong, match=r"sample 'long-1' \(train\.jsonl\): prompt has \d+ tokens "
+                                            r"\(chat-formatted\); the model's context is 512 tokens: shorten it "
+                                            r"or pass --max-prompt-tokens") as err:
+        check_prompt_lengths(tiny_handle, [Sample("ok", "hi", "b"), long], source="train.jsonl")
+    assert isinstance(err.value, InputError) and "\n" not in str(err.value)
+
+
+def test_prompt_length_explicit_limit_and_bad_limits(tiny_handle):
+    from crvlm_core.data.limits import PromptTooLong, check_prompt_lengths
+
+    sample = Sample("q", "word " * 30, "biology")
+    (n,) = check_prompt_lengths(tiny_handle, [sample], limit=1000)
+    assert check_prompt_lengths(tiny_handle, [sample], limit=n) == [n]  # exactly the limit passes
+    with pytest.raises(PromptTooLong, match=rf"sample 'q': prompt has {n} tokens .*the limit is {n - 1} tokens"):
+        check_prompt_lengths(tiny_handle, [sample], limit=n - 1)
+    for bad in (0, -3, 2.5, True, "100"):
+        with pytest.raises(DataError, match="positive integer"):
+            check_prompt_lengths(tiny_handle, [sample], limit=bad)
+    assert check_prompt_lengths(tiny_handle, ["plain prompt"], limit=100)[0] > 0  # plain strings work too
+
+
+def test_huge_prompt_refused_fast_without_tokenising(tiny_handle, monkeypatch):
+    import time
+    import tracemalloc
+
+    from crvlm_core.data import limits
+
+    def no_tokenising(*a, **k):
+        raise AssertionError("a 10 MB prompt must not be tokenised")
+
+    monkeypatch.setattr(limits, "_count_tokens", no_tokenising)
+    huge = Sample("huge", "x" * 10_000_000, "biology")
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(limits.PromptTooLong, match=r"sample 'huge': prompt has at least \d+ tokens "
+                                                       r"\(10000000 characters\); the limit is 8192 tokens"):
+            limits.check_prompt_lengths(tiny_handle, [huge], limit=8192)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - start < 5 and peak < 200 * 2**20
+
+
+def test_prompt_length_unknown_context_checks_nothing():
+    from types import SimpleNamespace
+
+    from crvlm_core.data.limits import check_prompt_lengths, context_length
+
+    tok = SimpleNamespace(model_max_length=int(1e30))
+    handle = SimpleNamespace(tokenizer=tok)
+    assert context_length(handle) is None and check_prompt_lengths(handle, ["anything"]) == []
+
+
+def test_prompt_length_on_the_tiny_llava_handle():
+    """A real (random-weight) VLM handle: the context comes from its text config, the chat template and the image
+    placeholder are counted."""
+    from crvlm_core.data.limits import PromptTooLong, check_prompt_lengths, context_length
+    from crvlm_core.models.loading import load_model
+
+    handle = load_model("tiny-llava")
+    assert context_length(handle) == handle.hf_model.config.get_text_config().max_position_embeddings == 512
+    plain, with_image = check_prompt_lengths(handle, [Sample("a", "hi", "b"),
+                                                      Sample("b", "hi", "b", image=Path("unused.png"))])
+    assert with_image > plain > 1
+    with pytest.raises(PromptTooLong, match=r"sample 'long' \(mine\.jsonl\): prompt has \d+ tokens .*context is 512"):
+        check_prompt_lengths(handle, [Sample("long", "word " * 600, "b")], source="mine.jsonl")

@@ -71,3 +71,30 @@ def test_sha256_hex_stable_and_framed():
     assert len(sha256_hex("x")) == 64
     with pytest.raises(TypeError):
         sha256_hex(3)  # type: ignore[arg-type]
+
+
+def test_atomic_save_safetensors_is_byte_identical_across_processes(tmp_path):
+    """The same tensors + metadata give the same bytes (#24): safetensors' own metadata order varies by process,
+    so each save runs in a fresh interpreter and the files must match; the metadata reads back unchanged."""
+    import subprocess
+    import sys
+
+    script = ("import sys, torch; from crvlm_core.core.io import atomic_save_safetensors as s; "
+              "s(sys.argv[1], {'b': torch.arange(4.0), 'a': torch.ones(2, 3)}, "
+              "metadata={k: k * 2 for k in 'zyxwvutsrq'} | {'format_version': '1', 'é': 'ü'})")
+    paths = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    for p in paths:
+        subprocess.run([sys.executable, "-c", script, str(p)], check=True)
+    data = [p.read_bytes() for p in paths]
+    assert data[0] == data[1] == data[2]
+    with safe_open(paths[0], "pt") as f:
+        assert f.metadata() == {**{k: k * 2 for k in "zyxwvutsrq"}, "format_version": "1", "é": "ü"}
+    size = int.from_bytes(data[0][:8], "little")
+    header = json.loads(data[0][8:8 + size])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])  # (safe_open's dict has no order)
+    back = load_file(paths[0])
+    assert torch.equal(back["b"], torch.arange(4.0)) and torch.equal(back["a"], torch.ones(2, 3))
+    assert (8 + size) % 8 == 0  # the header keeps safetensors' alignment
+    atomic_save_safetensors(tmp_path / "same.safetensors", {"b": torch.arange(4.0), "a": torch.ones(2, 3)},
+                            metadata={"format_version": "1", "é": "ü", **{k: k * 2 for k in "qrstuvwxyz"}})
+    assert (tmp_path / "same.safetensors").read_bytes() == data[0]  # the caller's key order does not matter

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from crvlm_core.core.errors import InputError
-from crvlm_core.core.io import atomic_write_json, file_sha256, sha256_hex
+from crvlm_core.core.io import atomic_write_bytes, file_sha256, json_text, sha256_hex
 
 __all__ = [
     "ARTIFACT_JSON", "FIT_JSON", "FORMAT_VERSION", "ArtifactError", "ArtifactExists", "check_model",
@@ -86,11 +86,11 @@ def write_artifact(folder: str | os.PathLike, kind: str, write_files: Callable[[
     tmp.mkdir()
     try:
         write_files(tmp)
-        for name, obj in (extra_json or {}).items():
-            atomic_write_json(tmp / name, obj)
+        for name, obj in (extra_json or {}).items():  # strict JSON; an error names the file in ``folder``
+            atomic_write_bytes(tmp / name, json_text(obj, folder / name).encode("utf-8"))
         manifest = {"kind": kind, "format_version": FORMAT_VERSION, "config": config, "model": model,
                     "inputs": inputs if isinstance(inputs, str) else fingerprint(inputs), "files": _files_of(tmp)}
-        atomic_write_json(tmp / ARTIFACT_JSON, manifest)
+        atomic_write_bytes(tmp / ARTIFACT_JSON, json_text(manifest, folder / ARTIFACT_JSON).encode("utf-8"))
         if folder.exists():
             os.replace(folder, old)
         os.replace(tmp, folder)

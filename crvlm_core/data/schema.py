@@ -15,7 +15,7 @@ from crvlm_core.core.io import file_sha256
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image as PILImage
 
-__all__ = ["SCOPES", "DataError", "Sample", "fingerprint", "read_jsonl"]
+__all__ = ["SCOPES", "DataError", "EmptyDataFile", "Sample", "fingerprint", "read_jsonl"]
 
 SCOPES = ("in", "out")
 """The two scopes a sample can be tagged with."""
@@ -24,6 +24,10 @@ _CORE_FIELDS = ("id", "prompt", "subject", "scope", "image")
 
 class DataError(InputError):
     """Bad input data: every error raised by the data stage names the file and, where known, the line."""
+
+
+class EmptyDataFile(DataError):
+    """A data file with no records: empty, or blank lines only."""
 
 
 @dataclass(frozen=True)
@@ -63,19 +67,68 @@ class Sample:
             with Image.open(self.image) as im:
                 return im.convert("RGB")
         except (OSError, ValueError) as exc:
-            raise DataError(f"sample {self.id!r}: cannot read image {self.image}: {exc}") from exc
+            detail = " ".join(str(exc).split())
+            raise DataError(f"sample {self.id!r}: cannot read image {self.image}: {detail}") from None
 
 
 def _check_image(path: Path, where: str) -> None:
     from PIL import Image
 
     if not path.is_file():
-        raise DataError(f"{where}: image file does not exist: {path}")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise DataError(f"{where}: image file {what}: {path} (`image` is a path relative to the JSONL file's folder)")
     try:
         with Image.open(path) as im:
             im.verify()
     except Exception as exc:  # PIL raises many types for corrupt files
-        raise DataError(f"{where}: image cannot be opened: {path} ({type(exc).__name__}: {exc})") from exc
+        detail = " ".join(str(exc).split())
+        raise DataError(f"{where}: image cannot be opened: {path} ({type(exc).__name__}: {detail}): "
+                        "give a readable PNG/JPEG file") from None
+
+
+_EXPECTED = "expected one JSON object per line with a non-empty string `prompt` and `subject`"
+
+
+def _lines(path: Path) -> Iterable[tuple[int, str]]:
+    """``(line number, text)`` of each non-blank line, decoded as UTF-8 line by line (so a bad byte names its line)."""
+    try:
+        fh = path.open("rb")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file ({exc.strerror or exc}): check its permissions") from None
+    with fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}): "
+                                "save the file as UTF-8") from None
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark
+            if line.strip():
+                yield lineno, line
+
+
+def _record(path: Path, lineno: int, line: str) -> dict:
+    where = f"{path}:{lineno}"
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno}): {_EXPECTED}") from None
+    except RecursionError:
+        raise DataError(f"{where}: invalid JSON: nested too deeply: {_EXPECTED}") from None
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}: {_EXPECTED}")
+    for key in ("prompt", "subject"):
+        val = rec.get(key)
+        if not isinstance(val, str) or not val.strip():
+            what = "missing" if key not in rec else f"empty or not a string ({_short(val)})"
+            raise DataError(f"{where}: `{key}` is {what}: {_EXPECTED}")
+    return rec
+
+
+def _short(value, width: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[:width] + "..."
 
 
 def read_jsonl(path: str | Path) -> list[Sample]:
@@ -93,46 +146,39 @@ def read_jsonl(path: str | Path) -> list[Sample]:
         The samples in file order.
 
     Raises:
-        DataError: Naming the file and the 1-based line number of the first bad record.
+        DataError: One line naming the file (and the 1-based line number of the first bad record) and what to do:
+            no such file, an unreadable, empty or all-blank file, bytes that are not UTF-8, broken JSON, a record
+            that is not an object or lacks a string ``prompt`` / ``subject``, a bad ``id``, ``scope`` or image.
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such file")
+        raise DataError(f"{path}: no such file" + (" (it is a folder)" if path.is_dir() else "")
+                        + ": give a JSONL file or a bundled dataset name")
     samples: list[Sample] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from exc
-            if not isinstance(rec, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            sid = rec.get("id", f"{path.stem}-{lineno}")
-            if not isinstance(sid, str) or not sid.strip():
-                raise DataError(f"{where}: `id` must be a non-empty string, got {sid!r}")
-            for key in ("prompt", "subject"):
-                val = rec.get(key)
-                if not isinstance(val, str) or not val.strip():
-                    what = "missing" if key not in rec else f"empty or not a string ({val!r})"
-                    raise DataError(f"{where}: `{key}` is {what}")
-            if sid in seen:
-                raise DataError(f"{where}: duplicate id {sid!r} (first seen on line {seen[sid]})")
-            seen[sid] = lineno
-            scope = rec.get("scope")
-            if scope is not None and scope not in SCOPES:
-                raise DataError(f"{where}: `scope` must be one of {SCOPES} or absent, got {scope!r}")
-            image = None
-            if rec.get("image") is not None:
-                if not isinstance(rec["image"], str) or not rec["image"].strip():
-                    raise DataError(f"{where}: `image` must be a path string, got {rec['image']!r}")
-                image = (path.parent / rec["image"]).resolve()
-                _check_image(image, where)
-            extra = {k: v for k, v in rec.items() if k not in _CORE_FIELDS}
-            samples.append(Sample(sid, rec["prompt"], rec["subject"], scope, image, extra))
+    for lineno, line in _lines(path):
+        where = f"{path}:{lineno}"
+        rec = _record(path, lineno, line)
+        sid = rec.get("id", f"{path.stem}-{lineno}")
+        if not isinstance(sid, str) or not sid.strip():
+            raise DataError(f"{where}: `id` must be a non-empty string, got {_short(sid)}")
+        if sid in seen:
+            raise DataError(f"{where}: duplicate id {sid!r} (first seen on line {seen[sid]}): give each line its own id")
+        seen[sid] = lineno
+        scope = rec.get("scope")
+        if scope is not None and scope not in SCOPES:
+            raise DataError(f"{where}: `scope` must be one of {SCOPES} or absent, got {_short(scope)}")
+        image = None
+        if rec.get("image") is not None:
+            if not isinstance(rec["image"], str) or not rec["image"].strip():
+                raise DataError(f"{where}: `image` must be a path string, got {_short(rec['image'])}")
+            image = (path.parent / rec["image"]).resolve()
+            _check_image(image, where)
+        extra = {k: v for k, v in rec.items() if k not in _CORE_FIELDS}
+        samples.append(Sample(sid, rec["prompt"], rec["subject"], scope, image, extra))
+    if not samples:
+        what = "empty file" if path.stat().st_size == 0 else "no records (only blank lines)"
+        raise EmptyDataFile(f"{path}: {what}: {_EXPECTED}")
     return samples
 
 

@@ -7,6 +7,7 @@ import os
 from typing import Any, Sequence
 
 from crvlm_core.core.cache import cached_json
+from crvlm_core.core.io import nan_to_none
 from crvlm_core.data.bundled import load_dataset
 from crvlm_core.data.schema import fingerprint
 from crvlm_core.judges.base import Judge
@@ -51,7 +52,7 @@ def judge_validation(name: str = DEFAULT_JUDGE, seed: int = 0,
 
     def compute() -> dict:
         r = validate_judge(judge, test)
-        out = {"accuracy": r["accuracy"], "kappa": r["cohen_kappa"], "n": r["n"],
+        out = {"accuracy": nan_to_none(r["accuracy"]), "kappa": nan_to_none(r["cohen_kappa"]), "n": r["n"],
                "labels": f"refusal_labels, seeded held-out 30 % (seed {seed})"}
         if "roc_auc" in r:
             out["roc_auc"] = r["roc_auc"]

@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 
 from crvlm_core.core.cache import cached_json
+from crvlm_core.core.io import nan_to_none
 from crvlm_core.data.schema import Sample
 from crvlm_core.methods.baselines.artifact import Baseline
 from crvlm_core.metrics import kl_to_unsteered, scope_metrics, unchanged_prefix_fraction
@@ -67,7 +68,7 @@ def comparison_row(name: str, result, unsteered_rows: Sequence[dict], tokenizer,
             "over_refusal_in": m["over_refusal_in"], "orr_lo": m["over_refusal_in_ci"][0],
             "orr_hi": m["over_refusal_in_ci"][1],
             "mb_score": m["mb_score"], "mb_lo": m["mb_score_ci"][0], "mb_hi": m["mb_score_ci"][1],
-            "kl_in": kl_in, f"unchanged_{n_tokens}": unchanged,
-            "fit_seconds": float("nan") if fit_seconds is None else fit_seconds,
+            "kl_in": nan_to_none(kl_in), f"unchanged_{n_tokens}": nan_to_none(unchanged),
+            "fit_seconds": fit_seconds,  # None (JSON null): not measured
             "tokens_per_second": result.metrics["tokens_per_second"], "n_out": m["n_out"], "n_in": m["n_in"],
             "judge": result.metrics["judge"]}

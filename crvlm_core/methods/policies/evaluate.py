@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from crvlm_core.core.io import nan_to_none
 from crvlm_core.methods.policies.data import PolicyData
 from crvlm_core.methods.policies.spec import Policy
 from crvlm_core.evaluation import evaluate
@@ -25,15 +26,16 @@ def policy_metrics(policy: Policy, rows: Sequence[Mapping], membership: Mapping[
     refused_in = [bool(r["refused"]) for r in rows if r["scope"] == "in"]
 
     def block(r_flags, orr_flags) -> dict:
-        r, orr = rate(r_flags), rate(orr_flags)
-        return {"refusal_rate_out": r, "over_refusal_in": orr,
-                "mb_score": mb_score(r, orr) if r_flags and orr_flags else float("nan"),
+        r, orr = rate(r_flags), rate(orr_flags)  # None below (JSON null): not measured, no samples
+        return {"refusal_rate_out": nan_to_none(r), "over_refusal_in": nan_to_none(orr),
+                "mb_score": mb_score(r, orr) if r_flags and orr_flags else None,
                 "n_out": len(r_flags), "n_in": len(orr_flags)}
 
     per = {}
     for c in policy.constraints:
         own = [bool(r["refused"]) for r in rows if c.name in membership[r["id"]]]
-        per[c.name] = {"action": c.action, "priority": c.priority, "refusal_rate": rate(own), "n": len(own),
+        per[c.name] = {"action": c.action, "priority": c.priority, "refusal_rate": nan_to_none(rate(own)),
+                       "n": len(own),
                        **(block(own, refused_in) if c.refuses else block(refused_out, own))}
     return {"joint": block(refused_out, refused_in), "constraints": per}
 

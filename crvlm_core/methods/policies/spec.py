@@ -13,7 +13,7 @@ import yaml
 
 from crvlm_core.core.fields import int_field, layers_field, number_field
 from crvlm_core.data.bundled import list_datasets, load_dataset
-from crvlm_core.data.schema import DataError, Sample
+from crvlm_core.data.schema import DataError, EmptyDataFile, Sample
 
 __all__ = ["ACTIONS", "DESIGNS", "FIT_DEFAULTS", "Constraint", "Policy", "PolicyError", "PolicyFitConfig",
            "compose_gates", "decide", "load_policy", "parse_policy"]
@@ -188,7 +188,8 @@ def parse_policy(raw: Any, base_dir: str | Path = ".", where: str = "policy", pa
         try:
             n = len(c.samples())
         except DataError as err:
-            raise PolicyError(f"{at}: {err}") from None
+            raise PolicyError(f"{at}: {err}" + (" (empty constraint)" if isinstance(err, EmptyDataFile) else "")) \
+                from None
         if n == 0:
             raise PolicyError(f"{at}: its data has no samples (empty constraint)")
         constraints.append(c)

@@ -88,8 +88,9 @@ def _neutral_change(handle: ModelHandle, samples: list[Sample], responses: list[
         weights.append(int(m.sum()))
     unchanged = unchanged_prefix_fraction([responses[i] for i in neutral_idx],
                                           [unsteered["responses"][i] for i in neutral_idx],
-                                          handle.tokenizer) if neutral_idx and responses else float("nan")
-    return {"kl_neutral": float(np.average(kls, weights=weights)) if kls else float("nan"),
+                                          handle.tokenizer) if neutral_idx and responses else None
+    # None (JSON null): not measured (no neutral prompts; no answers in the score mode)
+    return {"kl_neutral": float(np.average(kls, weights=weights)) if kls else None,
             "unchanged_neutral": unchanged}
 
 
@@ -99,7 +100,7 @@ def evaluate_condition(handle: ModelHandle, samples: Sequence[Sample], intervent
 
     ``config.mode="score"`` replaces generation + judge by the first-token refusal score (one forward per batch,
     :func:`crvlm_core.steer.interventions.refusal_score`; refused = log-odds > 0): ~10× cheaper, used for the
-    strength search on CPU; responses are then empty and ``unchanged_neutral`` is NaN.
+    strength search on CPU; responses are then empty and ``unchanged_neutral`` is ``None`` (not measured).
 
     Returns ``refusal_rate_by_subject``, ``responses``, ``refused``, ``n_by_subject``; without ``unsteered`` (the
     reference) the neutral prompts' logits (``_logits``, kept for later comparisons); and when ``unsteered`` (this
@@ -150,11 +151,12 @@ def summary_row(name: str, res: dict) -> dict:
             "kl_neutral": res["kl_neutral"], "unchanged_neutral": res["unchanged_neutral"]}
 
 
-def validation_objective(rates: dict[str, float], base: dict[str, float], kl: float, remove: str, keep: str,
+def validation_objective(rates: dict[str, float], base: dict[str, float], kl: float | None, remove: str, keep: str,
                          keep_tolerance: float = 0.05, keep_weight: float = 2.0, kl_weight: float = 1.0) -> float:
-    """Lower is better: ``rate(remove) + keep_weight·max(0, base(keep) − rate(keep) − tol) + kl_weight·KL``."""
+    """Lower is better: ``rate(remove) + keep_weight·max(0, base(keep) − rate(keep) − tol) + kl_weight·KL``
+    (``kl`` None, not measured: no neutral prompts, gives NaN, as before, so no strength counts as better)."""
     drop = max(0.0, base[keep] - rates[keep] - keep_tolerance)
-    return float(rates[remove] + keep_weight * drop + kl_weight * kl)
+    return float(rates[remove] + keep_weight * drop + kl_weight * (float("nan") if kl is None else kl))
 
 
 @dataclass(frozen=True)
