@@ -110,8 +110,10 @@ def load_artifact(folder: str | os.PathLike, handle: ModelHandle, alpha: float |
         check_model(manifest, handle, folder)
     try:
         loaded = LOADERS[manifest["kind"]](folder, handle, alpha, None if layers is None else list(layers))
-    except InputError:
-        raise
+    except InputError as err:  # a field of the folder's JSON out of range: name the folder when the loader did not
+        if isinstance(err, ArtifactError) or str(folder) in str(err) or str(err).startswith("--"):  # "--": options
+            raise
+        raise ArtifactError(f"{folder}: {err}; re-fit it with --force") from None
     except _SHAPE_ERRORS as err:  # a consistent manifest over files of the wrong shape or content
         raise ArtifactError(f"{folder}: its {manifest['kind']} files cannot be read ({type(err).__name__}: "
                             f"{str(err).splitlines()[0] if str(err) else 'no detail'}); re-fit it with --force") \
