@@ -242,3 +242,34 @@ def test_bad_input_gets_one_line_and_loses_nothing(argv, fragments, setup, code,
         assert fragment in lines[0], lines[0]
     assert _state(out) == before  # nothing written, nothing half-written, a file or folder given as --out unchanged
 
+
+
+def test_files_of_your_own_are_used_whole(tmp_path, capsys):
+    """`fit --train FILE` / `eval --test FILE` use all of each file (a different source than the fit's: nothing to
+    hold out), print the counts per scope, and record the split; one bundled dataset is still split 50/50."""
+    def data(name: str, n: int) -> Path:
+        rows = [{"prompt": f"Question {i} about {s}?", "subject": s, "id": f"{name}-{s}-{i}"}
+                for s in ("biology", "history") for i in range(n)]
+        (tmp_path / name).write_text(_jsonl(*rows))
+        return tmp_path / name
+
+    train, test, art = data("train.jsonl", 6), data("test.jsonl", 4), tmp_path / "art"
+    runs = [["fit", *TINY, "--method", "mean-diff", "--train", str(train), "--in-scope", "biology", "--layers", "1",
+             "--out", str(art)],
+            ["eval", "--artifact", str(art), "--test", str(test), "--max-new-tokens", "1", "--judge", "keyword",
+             "--out", str(tmp_path / "ev")],
+            ["eval", *TINY, "--test", "mm_subjects", "--in-scope", "biology", "--max-new-tokens", "1", "--judge",
+             "keyword", "--out", str(tmp_path / "plain")]]
+    for argv in runs:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "train.jsonl (all): 6 out-of-scope / 6 in-scope samples" in out
+    assert "test.jsonl (all): 4 out-of-scope / 4 in-scope samples" in out
+    fit = json.loads((art / "fit.json").read_text())
+    assert (fit["n_in"], fit["n_out"], fit["split"]) == (6, 6, "all")
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert (metrics["n_in"], metrics["n_out"], metrics["split"]) == (4, 4, "all")
+    plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    assert plain["split"] == "test" and "mm_subjects (test half)" in out

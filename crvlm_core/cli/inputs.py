@@ -43,7 +43,11 @@ def eval_split(split: str | None, test: str, fit: dict) -> str:
     if split:
         return split
     if fit.get("train"):
-        return "test" if same_source(test, fit["train"]) and fit.get("split", "train") == "train" else "all"
+        same, fitted = same_source(test, fit["train"]), fit.get("split", "train")
+        if same and fitted != "train":
+            print(f"[eval] note: --test {test} is the data the artifact was fitted on ({fitted}): in-sample; give "
+                  "another --test for held-out numbers")
+        return "test" if same and fitted == "train" else "all"
     return "all" if _is_file_source(test) else "test"
 
 
