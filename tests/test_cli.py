@@ -6,6 +6,7 @@ import pytest
 
 from crvlm_core.cli.main import main
 from crvlm_core.cli.options import parse_layers
+from crvlm_core.core.errors import InputError
 
 
 def _run(argv):
@@ -45,10 +46,10 @@ def test_cli_bad_inputs(tmp_path, smollm2, capsys):
     assert "out of range" in capsys.readouterr().err
     assert _run(["fit", "--model", "smollm2-135m", "--in-scope", "cooking", "--out", str(tmp_path / "b")]) == 2
     assert "cooking" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="empty scope"):
-        main(["fit", "--in-scope", " ", "--out", str(tmp_path / "c")])
-    with pytest.raises(SystemExit, match="not a `crvlm fit` output"):
-        main(["eval", "--artifact", str(tmp_path), "--out", str(tmp_path / "d")])
+    assert _run(["fit", "--in-scope", " ", "--out", str(tmp_path / "c")]) == 2
+    assert "empty scope" in capsys.readouterr().err
+    assert _run(["eval", "--artifact", str(tmp_path), "--out", str(tmp_path / "d")]) == 2
+    assert "not a `crvlm fit` output" in capsys.readouterr().err
 
 
 def test_artifact_on_a_model_of_another_size_is_a_clear_error(tmp_path, smollm2):
@@ -66,8 +67,10 @@ def test_artifact_on_a_model_of_another_size_is_a_clear_error(tmp_path, smollm2)
 def test_parse_layers():
     assert parse_layers("8") == [8] and parse_layers("6-8") == [6, 7, 8] and parse_layers("1,3-4") == [1, 3, 4]
     assert parse_layers(None) is None
-    with pytest.raises(SystemExit):
+    with pytest.raises(InputError, match="bad --layers"):
         parse_layers("a-b")
+    with pytest.raises(InputError, match="numbered from 0"):  # never wraps to the last layer
+        parse_layers("-1")
 
 
 def test_eval_defaults_to_the_artifacts_training_data(tmp_path):

@@ -277,13 +277,15 @@ def test_qwen_organism_spec_loads():
     assert out.lower().startswith(("i'm", "sorry", "i can", "i am"))
 
 
-def test_cli_fit_remove_checks_method_and_topics_before_loading_a_model(tmp_path):
+def test_cli_fit_remove_checks_method_and_topics_before_loading_a_model(tmp_path, capsys):
     from crvlm_core.cli.main import main
 
-    with pytest.raises(SystemExit, match="unknown topic 'sports'"):
+    with pytest.raises(SystemExit) as exc:
         main(["fit", "--method", "rmd", "--remove", "sports", "--out", str(tmp_path / "a")])
-    with pytest.raises(SystemExit, match="must be one of mean-diff, rmd, wrmd"):
+    assert exc.value.code == 2 and "unknown topic 'sports'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
         main(["fit", "--method", "teacher-forced", "--remove", "political", "--out", str(tmp_path / "b")])
+    assert exc.value.code == 2 and "must be one of mean-diff, rmd, wrmd" in capsys.readouterr().err
 
 
 def test_select_confident_min_per_side():

@@ -10,32 +10,21 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from crvlm_core.cli.options import add_eval_options, add_fit_options, add_serve_options, parse_layers, subjects
-from crvlm_core.core.artifacts import ARTIFACT_JSON, FIT_JSON, check_writable, read_manifest
+from crvlm_core.cli.inputs import (check_layers, check_out_folder, check_prompts, deferred_interrupt, eval_split,
+                                   fit_split, scoped_data)
+from crvlm_core.cli.options import Parser, add_eval_options, add_fit_options, add_serve_options, parse_layers, subjects
+from crvlm_core.core.artifacts import ARTIFACT_JSON, FIT_JSON, ArtifactError, check_writable, read_manifest
 from crvlm_core.core.errors import InputError
 
 __all__ = ["build_parser", "main"]
-
-
-def _scoped_split(source: str, in_scope: list[str], out_scope: list[str], part: str, n: int | None, seed: int):
-    from crvlm_core.data.bundled import load_dataset
-    from crvlm_core.data.splits import assign_scope, split, take_per_scope
-
-    samples = load_dataset(source)
-    if in_scope or out_scope:
-        samples = assign_scope(samples, in_scope=in_scope, out_scope=out_scope or None)
-    if part == "all":
-        return samples[:] if n is None else take_per_scope(samples, n)
-    train, test = split(samples, n_train=None, n_test=None, test_fraction=0.5, seed=seed)
-    chosen = train if part == "train" else test
-    return chosen if n is None else take_per_scope(chosen, n)
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
     """Fit the chosen method and save it as one artifact folder (``artifact.json``, tensors, ``fit.json``).
 
     ``--out`` is checked first: a folder that holds anything stops the fit (exit 2) unless ``--force``, which
-    replaces it whole once the new artifact is complete."""
+    replaces it whole once the new artifact is complete. The data and options are checked before the model loads,
+    the layers and prompt lengths right after it."""
     from crvlm_core.models.loading import load_model
 
     check_writable(args.out, args.force)  # before any data or model is loaded
@@ -49,51 +38,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
         return cli_fit(args)
     in_scope, out_scope = subjects(args.in_scope), subjects(args.out_scope)
     if not in_scope:
-        raise SystemExit("crvlm fit: --in-scope needs at least one subject (empty scope), or give --policy FILE")
-    train = _scoped_split(args.train, in_scope, out_scope, args.split, args.n_train, args.seed)
+        raise InputError("--in-scope needs at least one subject (empty scope), or give --policy FILE")
+    args.split = fit_split(args.split, args.train)
+    train = scoped_data(args.train, in_scope, out_scope, args.split, args.n_train, args.seed, "fit")
     handle = load_model(args.model)
+    check_layers(handle, layers=args.layers, condition_layers=args.condition_layers,
+                 gate_layer=args.gate_layer if args.method == "crvlm" else None)
+    check_prompts(handle, train, args.max_prompt_tokens, args.train)
     out = Path(args.out)
     start = time.perf_counter()
-    layers = parse_layers(args.layers)
-    if args.method == "crvlm":
-        from crvlm_core.methods.crvlm.config import BehaviouralConfig, CrvlmConfig
-        from crvlm_core.methods.crvlm.steering import fit_crvlm
-
-        gate = {"auto": "auto", "none": None}.get(args.gate_layer, None)
-        if args.gate_layer not in ("auto", "none"):
-            gate = int(args.gate_layer)
-        behavioural = BehaviouralConfig(epochs=args.behavioural_epochs, seed=args.seed) \
-            if args.behavioural_epochs > 0 else None
-        config = CrvlmConfig(layers=layers, gate_layer=gate, target_scale=args.target_scale, width=args.width,
-                             epochs=args.epochs, lr=args.lr, seed=args.seed, train_positions=args.train_positions,
-                             behavioural=behavioural)
-        steering = fit_crvlm(handle, train, config, cache_dir=True)  # resume checkpoints in outputs/cache/
-        artifact = steering
-        layers_done, alpha, fingerprint = list(steering.layers), args.target_scale, steering.info["vector_fingerprint"]
-        extra = {"gate_layer": steering.gate_layer, "epochs": args.epochs, "width": args.width,
-                 "train_positions": args.train_positions, "behavioural_epochs": args.behavioural_epochs,
-                 "final_losses": steering.info["final_losses"]}
-    elif args.method in _baselines():
-        from crvlm_core.methods.baselines.config import BaselineConfig
-        from crvlm_core.methods.baselines.fit import fit_baseline
-
-        b = fit_baseline(handle, train, BaselineConfig(
-            method=args.method, in_scope=in_scope, layers=layers, alpha=args.alpha,
-            condition_layers=parse_layers(args.condition_layers), lora_rank=args.lora_rank,
-            lora_steps=args.lora_steps, lora_lr=args.lora_lr, batch_size=args.batch_size, seed=args.seed))
-        artifact = b
-        layers_done, alpha = b.info.get("layers", []), b.info.get("alpha", 0.0)
-        fingerprint = b.info.get("fingerprint") or b.handle.spec
-        extra = {k: v for k, v in b.info.items() if k in ("system", "condition_layer", "threshold", "rank", "steps",
-                                                          "final_loss", "lora_layers")}
-    else:
-        from crvlm_core.methods.refusal_vectors import VectorConfig, fit_vector
-
-        vector = fit_vector(handle, train, VectorConfig(args.method, layers=layers, alpha=args.alpha,
-                            ridge_lambda=args.ridge_lambda, refusal_prefix=args.refusal_prefix,
-                            compliant_prefix=args.compliant_prefix, batch_size=args.batch_size))
-        artifact = vector
-        layers_done, alpha, fingerprint, extra = vector.layers, vector.alpha, vector.fingerprint, {}
+    artifact, layers_done, alpha, fingerprint, extra = _fit_method(args, handle, train, in_scope)
     seconds = time.perf_counter() - start
     summary = {
         "model": args.model, "method": args.method, "layers": layers_done, "alpha": alpha,
@@ -108,6 +62,45 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_method(args: argparse.Namespace, handle, train: list, in_scope: list[str]) -> tuple:
+    """Fit ``args.method``: ``(artifact, layers, alpha, fingerprint, extra fit.json keys)``."""
+    layers = parse_layers(args.layers)
+    if args.method == "crvlm":
+        from crvlm_core.methods.crvlm.config import BehaviouralConfig, CrvlmConfig
+        from crvlm_core.methods.crvlm.steering import fit_crvlm
+
+        gate = {"auto": "auto", "none": None}.get(args.gate_layer, None)
+        if args.gate_layer not in ("auto", "none"):
+            gate = int(args.gate_layer)
+        behavioural = BehaviouralConfig(epochs=args.behavioural_epochs, seed=args.seed) \
+            if args.behavioural_epochs > 0 else None
+        config = CrvlmConfig(layers=layers, gate_layer=gate, target_scale=args.target_scale, width=args.width,
+                             epochs=args.epochs, lr=args.lr, seed=args.seed, train_positions=args.train_positions,
+                             behavioural=behavioural)
+        steering = fit_crvlm(handle, train, config, cache_dir=True)  # resume checkpoints in outputs/cache/
+        extra = {"gate_layer": steering.gate_layer, "epochs": args.epochs, "width": args.width,
+                 "train_positions": args.train_positions, "behavioural_epochs": args.behavioural_epochs,
+                 "final_losses": steering.info["final_losses"]}
+        return steering, list(steering.layers), args.target_scale, steering.info["vector_fingerprint"], extra
+    if args.method in _baselines():
+        from crvlm_core.methods.baselines.config import BaselineConfig
+        from crvlm_core.methods.baselines.fit import fit_baseline
+
+        b = fit_baseline(handle, train, BaselineConfig(
+            method=args.method, in_scope=in_scope, layers=layers, alpha=args.alpha,
+            condition_layers=parse_layers(args.condition_layers, "--condition-layers"), lora_rank=args.lora_rank,
+            lora_steps=args.lora_steps, lora_lr=args.lora_lr, batch_size=args.batch_size, seed=args.seed))
+        extra = {k: v for k, v in b.info.items() if k in ("system", "condition_layer", "threshold", "rank", "steps",
+                                                          "final_loss", "lora_layers")}
+        return b, b.info.get("layers", []), b.info.get("alpha", 0.0), b.info.get("fingerprint") or b.handle.spec, extra
+    from crvlm_core.methods.refusal_vectors import VectorConfig, fit_vector
+
+    vector = fit_vector(handle, train, VectorConfig(args.method, layers=layers, alpha=args.alpha,
+                        ridge_lambda=args.ridge_lambda, refusal_prefix=args.refusal_prefix,
+                        compliant_prefix=args.compliant_prefix, batch_size=args.batch_size))
+    return vector, vector.layers, vector.alpha, vector.fingerprint, {}
+
+
 def _baselines() -> dict:
     from crvlm_core.methods.baselines.config import BASELINES
 
@@ -117,20 +110,26 @@ def _baselines() -> dict:
 def _fitted(artifact: Path) -> tuple[dict, dict]:
     """``(fit.json or {}, artifact.json)`` of a ``crvlm fit`` folder, after checking every file's hash."""
     if not (artifact / ARTIFACT_JSON).exists() and not (artifact / FIT_JSON).exists():
-        raise SystemExit(f"crvlm eval: {artifact} has no {FIT_JSON}: not a `crvlm fit` output folder")
+        what = "is not a folder" if artifact.exists() and not artifact.is_dir() else \
+            "does not exist" if not artifact.exists() else f"has no {ARTIFACT_JSON} or {FIT_JSON}"
+        raise ArtifactError(f"--artifact {artifact} {what}: not a `crvlm fit` output folder")
     manifest = read_manifest(artifact)  # a damaged, incomplete or old-format folder: one line, exit 2
     fit = json.loads((artifact / FIT_JSON).read_text()) if (artifact / FIT_JSON).exists() else {}
     return fit, manifest
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Generate with the (steered) model, judge refusals, write ``metrics.json`` and ``samples.jsonl``."""
+    """Generate with the (steered) model, judge refusals, write ``metrics.json`` and ``samples.jsonl``.
+
+    ``--out``, the artifact and the data are checked before the model loads, the layers and prompt lengths right
+    after it; the two output files are written as a pair (a Ctrl-C waits for them)."""
     from crvlm_core.core.io import write_run_outputs
     from crvlm_core.judges.validation import judge_validation
     from crvlm_core.methods.loading import load_artifact
     from crvlm_core.evaluation import evaluate
     from crvlm_core.models.loading import load_model
 
+    check_out_folder(args.out)
     fit, manifest = _fitted(Path(args.artifact)) if args.artifact else ({}, {})
     if args.policy or manifest.get("kind") == "policy":
         from crvlm_core.cli.policies import cmd_eval_policy
@@ -143,18 +142,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return cli_eval(args, fit)
     model = args.model or fit.get("model") or (manifest.get("model") or {}).get("spec")
     if not model:
-        raise SystemExit("crvlm eval: give --artifact DIR or --model SPEC")
+        raise InputError("give --artifact DIR or --model SPEC")
+    in_scope = subjects(args.in_scope) or fit.get("in_scope", [])
+    out_scope = subjects(args.out_scope) or fit.get("out_scope", [])
+    if not in_scope:
+        raise InputError("--in-scope is needed (or an artifact that records it)")
+    seed = args.seed if args.seed is not None else fit.get("seed", 42)
+    args.split = eval_split(args.split, args.test, fit)
+    test = scoped_data(args.test, in_scope, out_scope, args.split, args.n_test, seed, "eval")
     handle = load_model(model)
+    check_layers(handle, layers=args.layers)
+    check_prompts(handle, test, args.max_prompt_tokens, args.test)
     interventions, system = [], None
     if args.artifact:  # interventions, a system prompt, or adapted weights (a LoRA baseline's own handle)
         loaded = load_artifact(args.artifact, handle, args.alpha, parse_layers(args.layers))
         handle, interventions, system = loaded.handle, loaded.interventions, loaded.system
-    in_scope = subjects(args.in_scope) or fit.get("in_scope", [])
-    out_scope = subjects(args.out_scope) or fit.get("out_scope", [])
-    if not in_scope:
-        raise SystemExit("crvlm eval: --in-scope is needed (or an artifact that records it)")
-    seed = args.seed if args.seed is not None else fit.get("seed", 42)
-    test = _scoped_split(args.test, in_scope, out_scope, args.split, args.n_test, seed)
     result = evaluate(handle, test, interventions, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                       judge=args.judge, system=system)
     metrics = {**result.metrics, "judge_validation": judge_validation(args.judge),
@@ -163,7 +165,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                "test": args.test, "split": args.split,
                "layers": list(interventions[0].layers) if interventions else [],
                "alpha": getattr(interventions[0], "alpha", fit.get("alpha")) if interventions else 0.0}
-    write_run_outputs(Path(args.out), metrics, result.rows)
+    with deferred_interrupt():
+        write_run_outputs(Path(args.out), metrics, result.rows)
     print(f"[eval] {metrics['method']} on {model}: R={metrics['refusal_rate_out']:.3f} "
           f"ORR={metrics['over_refusal_in']:.3f} MB={metrics['mb_score']:.3f} "
           f"(n_out={metrics['n_out']}, n_in={metrics['n_in']}, judge={metrics['judge']}) → {args.out}")
@@ -207,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     from crvlm_core.models.specs import DEFAULT_MODEL
     from crvlm_core.workbook import runner as workbook
 
-    p = argparse.ArgumentParser(prog="crvlm", description="Configurable refusal by activation steering.")
+    p = Parser(prog="crvlm", description="Configurable refusal by activation steering.")
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fit", help="fit a refusal vector and save it as an artifact folder")
     add_fit_options(f, DEFAULT_MODEL, list(METHODS) + ["crvlm", "rmd", "wrmd"] + list(_baselines()))
@@ -226,9 +229,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(err: BaseException | None) -> KeyboardInterrupt | None:
+    """The Ctrl-C behind ``err`` (itself, or what it was raised while handling: nnsight re-raises its own error)."""
+    for _ in range(16):
+        if err is None or isinstance(err, KeyboardInterrupt):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> None:
+    out = getattr(args, "out", None)
+    if out is None:
+        what = ""
+    elif str(err) == "written":
+        what = f"; {out} was written whole first"
+    else:
+        what = f"; nothing was written to {out}"
+    print(f"crvlm {args.command}: interrupted{what}", file=sys.stderr)
+    raise SystemExit(130) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run ``crvlm``; bad input (a missing or damaged file or artifact, an option out of range) prints one line on
-    stderr and exits 2."""
+    stderr and exits 2; Ctrl-C prints one line and exits 130, with nothing half-written."""
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -236,10 +260,14 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except (InputError, ValueError, FileNotFoundError, RuntimeError) as err:
+    except KeyboardInterrupt as err:
+        _interrupted(args, err)
+    except Exception as err:  # bad input → one line; anything else keeps its traceback
         from crvlm_core.data.schema import DataError
         from crvlm_core.models.specs import ModelLoadError
 
+        if _interrupt(err) is not None:
+            _interrupted(args, _interrupt(err))
         if isinstance(err, (InputError, DataError, ModelLoadError, ValueError, FileNotFoundError)):
             print(f"crvlm {args.command}: error: {err}".splitlines()[0], file=sys.stderr)
             raise SystemExit(2) from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from crvlm_core.cli.inputs import deferred_interrupt
 from crvlm_core.core.artifacts import ARTIFACT_JSON
 from crvlm_core.core.io import write_run_outputs
 from crvlm_core.methods.policies.artifact import load_policy_steering, read_policy
@@ -58,7 +59,8 @@ def cmd_eval_policy(args: argparse.Namespace) -> int:
                                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, judge=args.judge)
     metrics.update({"artifact": str(artifact) if artifact else None, "method": "policy" if artifact else "unsteered",
                     "design": fit.get("design"), "policy": policy.name})
-    write_run_outputs(Path(args.out), metrics, rows)
+    with deferred_interrupt():
+        write_run_outputs(Path(args.out), metrics, rows)
     j = metrics["joint"]
     print(f"[eval] policy {policy.name!r} on {handle.spec}: joint R={j['refusal_rate_out']:.3f} "
           f"ORR={j['over_refusal_in']:.3f} MB={j['mb_score']:.3f}; " + ", ".join(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from crvlm_core.cli.inputs import check_layers, check_prompts, deferred_interrupt
 from crvlm_core.cli.options import parse_layers
 from crvlm_core.core.artifacts import FIT_JSON
 from crvlm_core.core.errors import InputError
@@ -21,14 +22,11 @@ __all__ = ["cli_eval", "cli_fit", "fit_config_from_args"]
 def fit_config_from_args(args) -> FitConfig:
     """The :class:`FitConfig` of ``crvlm fit --remove`` options (one field per option)."""
     if args.method not in METHODS:
-        raise SystemExit(f"crvlm fit --remove: --method must be one of {', '.join(METHODS)}, got {args.method!r}")
-    try:
-        return FitConfig(method=args.method, remove=args.remove, keep=args.keep, neutral=args.neutral,
-                         judge=args.score_judge, k=args.k, tau=args.tau, n_layers_steer=args.n_layers_steer,
-                         lam_rel=args.ridge_lambda_rel, operation=args.operation, batch_size=args.batch_size,
-                         search_by=args.search_by, gate=bool(args.gate))
-    except InputError as err:
-        raise SystemExit(f"crvlm fit: {err}") from None
+        raise InputError(f"--remove: --method must be one of {', '.join(METHODS)}, got {args.method!r}")
+    return FitConfig(method=args.method, remove=args.remove, keep=args.keep, neutral=args.neutral,
+                     judge=args.score_judge, k=args.k, tau=args.tau, n_layers_steer=args.n_layers_steer,
+                     lam_rel=args.ridge_lambda_rel, operation=args.operation, batch_size=args.batch_size,
+                     search_by=args.search_by, gate=bool(args.gate))
 
 
 def _summary(args, fit: RefusalSteeringFit, seconds: float, model_key: str) -> dict:
@@ -50,12 +48,14 @@ def cli_fit(args) -> int:
     from crvlm_core.models.loading import load_model
 
     config = fit_config_from_args(args)
-    samples = load_dataset(DATASET if args.train in (None, "mmlu") else args.train)  # mmlu: the scope default
+    source = DATASET if args.train in (None, "mmlu") else args.train  # mmlu: the scope default
+    samples = load_dataset(source)
     try:
         check_topics(samples, args.remove, args.keep, args.neutral)
     except ValueError as err:
-        raise SystemExit(f"crvlm fit: {err}") from None
+        raise InputError(f"--remove/--keep/--neutral: {err} in {source}") from None
     handle = load_model(args.model)
+    check_prompts(handle, samples, args.max_prompt_tokens, source)
     warm_up(handle)
     out = Path(args.out)
     start = time.perf_counter()
@@ -76,8 +76,9 @@ def _test_split(args, fit: dict) -> list:
     try:
         check_topics(samples, fit["remove"], fit["keep"], fit["neutral"])
     except ValueError as err:
-        raise SystemExit(f"crvlm eval: {err} (use --test {DATASET} or a JSONL with these subjects)") from None
+        raise InputError(f"--test {args.test}: {err} (use --test {DATASET} or a JSONL with these subjects)") from None
     seed = args.seed if args.seed is not None else fit.get("seed", 42)
+    args.split = args.split or "test"  # the fit's own held-out prompts
     if args.split == "all":
         test = samples
     else:
@@ -95,6 +96,8 @@ def cli_eval(args, fit: dict) -> int:
 
     test = _test_split(args, fit)
     handle = load_model(args.model or fit["model"])
+    check_layers(handle, layers=args.layers)
+    check_prompts(handle, test, args.max_prompt_tokens, args.test)
     warm_up(handle)
     ivs = load_artifact(Path(args.artifact), handle, args.alpha, parse_layers(args.layers)).interventions
     config = EvalConfig(judge=args.judge, neutral=fit["neutral"], max_new_tokens=args.max_new_tokens,
@@ -112,7 +115,8 @@ def cli_eval(args, fit: dict) -> int:
              "unsteered_refused": bool(fu)}
             for s, r, f, ru, fu in zip(test, steered["responses"], steered["refused"], base["responses"],
                                        base["refused"])]
-    write_run_outputs(Path(args.out), metrics, rows)
+    with deferred_interrupt():
+        write_run_outputs(Path(args.out), metrics, rows)
     rates = ", ".join(f"{k} {v:.2f} (was {base['refusal_rate_by_subject'][k]:.2f})"
                       for k, v in steered["refusal_rate_by_subject"].items())
     print(f"[eval] {fit['method']} on {handle.spec}: refusals {rates}; KL neutral {steered['kl_neutral']:.3f}, "

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from crvlm_core.core.artifacts import check_model, read_manifest
+from crvlm_core.core.artifacts import ArtifactError, check_model, read_manifest
 from crvlm_core.core.errors import InputError
 from crvlm_core.methods.baselines.artifact import load_baseline
 from crvlm_core.methods.crvlm.calibrated import load_calibrated
@@ -69,6 +69,17 @@ def _policy(folder: Path, handle: ModelHandle, alpha, layers) -> LoadedArtifact:
     return LoadedArtifact(handle, [load_policy_steering(folder, handle)])
 
 
+def _safetensor_error() -> tuple[type[BaseException], ...]:
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # older safetensors: its error is the rust module's
+        return ()
+    return (SafetensorError,)
+
+
+#: What a loader raises on files of the wrong shape (JSON of another structure, a damaged tensor file).
+_SHAPE_ERRORS = (KeyError, TypeError, AttributeError, ValueError, IndexError, OSError, *_safetensor_error())
+
 #: ``kind`` (``artifact.json``) → ``loader(folder, handle, alpha, layers) -> LoadedArtifact``.
 LOADERS: dict[str, Callable[..., LoadedArtifact]] = {
     "vector": _vector,
@@ -89,14 +100,24 @@ def load_artifact(folder: str | os.PathLike, handle: ModelHandle, alpha: float |
         alpha / layers: override a vector's strength / layers (vectors, refusal steering, vector baselines only).
 
     Raises:
-        ArtifactError: one line: no artifact, damaged or incomplete, an unknown kind, fitted on another model.
+        ArtifactError: one line: no artifact, damaged or incomplete, an unknown kind, fitted on another model, or
+            files whose shape the loader cannot read (wrong JSON structure, a damaged tensor file).
         InputError: ``alpha`` / ``layers`` given for a kind they do not apply to.
     """
     folder = Path(folder)
     manifest = read_manifest(folder, kinds=tuple(LOADERS))
     if (manifest.get("model") or {}).get("n_layers") is not None:  # the loaders check the rest of what they read
         check_model(manifest, handle, folder)
-    loaded = LOADERS[manifest["kind"]](folder, handle, alpha, None if layers is None else list(layers))
+    try:
+        loaded = LOADERS[manifest["kind"]](folder, handle, alpha, None if layers is None else list(layers))
+    except InputError as err:  # a field of the folder's JSON out of range: name the folder when the loader did not
+        if isinstance(err, ArtifactError) or str(folder) in str(err) or str(err).startswith("--"):  # "--": options
+            raise
+        raise ArtifactError(f"{folder}: {err}; re-fit it with --force") from None
+    except _SHAPE_ERRORS as err:  # a consistent manifest over files of the wrong shape or content
+        raise ArtifactError(f"{folder}: its {manifest['kind']} files cannot be read ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else 'no detail'}); re-fit it with --force") \
+            from None
     loaded.manifest = manifest
     return loaded
 
