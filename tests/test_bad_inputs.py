@@ -17,6 +17,7 @@ FIT = ["fit", "--in-scope", "biology", "--out", "{out}"]  # options only: the ru
 EVAL = ["eval", "--model", "tiny-llava", "--in-scope", "biology", "--out", "{out}"]
 FIT_TINY = ["fit", *TINY, "--method", "mean-diff", "--train", "mm_subjects", "--in-scope", "biology",
             "--n-train", "2", "--out", "{out}"]
+POLICY = str(Path(__file__).resolve().parent.parent / "examples" / "policy_bio_physics_harmful.yaml")
 EVAL_ART = ["eval", "--artifact", "{art}", "--n-test", "1", "--max-new-tokens", "2", "--judge", "keyword",
             "--out", "{out}"]
 
@@ -171,6 +172,10 @@ ROWS = [
         "512 tokens", setup=_write("d.jsonl", _LONG)),
     row("data-prompt-beyond-limit", [*FIT_TINY, "--max-prompt-tokens", "3"], "mm_subjects", "limit is 3 tokens"),
     row("eval-prompt-beyond-limit", [*EVAL_ART, "--max-prompt-tokens", "3"], "mm_subjects", "limit is 3 tokens"),
+    row("policy-fit-prompt-beyond-limit", ["fit", *TINY, "--policy", POLICY, "--max-prompt-tokens", "3", "--out",
+        "{out}"], "policy_bio_physics_harmful.yaml", "limit is 3 tokens"),
+    row("policy-eval-prompt-beyond-limit", ["eval", *TINY, "--policy", POLICY, "--max-prompt-tokens", "3",
+        "--out", "{out}"], "policy_bio_physics_harmful.yaml", "limit is 3 tokens"),
     # -- artifact folders ---------------------------------------------------------------------------------------
     row("art-missing-folder", [*EVAL_ART[:2], "{tmp}/nowhere", *EVAL_ART[3:]], "nowhere", "does not exist"),
     row("art-is-a-file", [*EVAL_ART[:2], "{tmp}/notes.txt", *EVAL_ART[3:]], "notes.txt", "not a folder",
