@@ -68,7 +68,7 @@ def plot_method_cosines(directions: Mapping[str, torch.Tensor], reference: str):
 
 
 def plot_sweep_heatmap(rows: Sequence[Mapping], value: str, title: str, fmt: str = ".2f", cmap: str = "viridis"):
-    """Layer × strength heatmap of one column of :func:`crvlm_core.methods.refusal_vectors.sweep` rows."""
+    """Layer × strength heatmap of one column of :func:`crvlm_core.evaluation.sweep` rows."""
     table = pd.DataFrame(rows).pivot_table(index="alpha", columns="layer", values=value)
     fig, ax = plt.subplots(figsize=(1.2 + 0.55 * table.shape[1], 1.2 + 0.5 * table.shape[0]))
     sns.heatmap(table, annot=True, fmt=fmt, cmap=cmap, ax=ax, cbar_kws={"label": value})

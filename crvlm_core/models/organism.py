@@ -79,7 +79,7 @@ class OrganismConfig:
         refuse: subjects trained to a refusal from :data:`REFUSALS`.
         answer: subjects trained to the base model's own greedy answer (keeps them unchanged).
         n_per_subject: training prompts per subject, drawn from the part of ``dataset`` that is NOT the held-out
-            test split (``test_per_subject`` per subject, ``split_seed``) used by :mod:`crvlm_core.methods.refusal_steering.pipeline`.
+            test split (``test_per_subject`` per subject, ``split_seed``) used by :mod:`crvlm_core.methods.refusal_steering.topics`.
         general: extra bundled dataset whose prompts are trained to the base model's own answer (``None``: none).
         n_general: how many of them.
         answer_tokens: length of the base model's own answers.

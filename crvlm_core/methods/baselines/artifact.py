@@ -29,7 +29,7 @@ ADAPTER_DIR = "lora_adapter"
 @dataclass
 class Baseline:
     """A fitted method ready to generate with: ``handle`` (the adapted copy for ``lora``), ``interventions`` and
-    ``system`` go straight to :func:`~crvlm_core.methods.refusal_vectors.evaluate`. ``info`` is what
+    ``system`` go straight to :func:`~crvlm_core.evaluation.evaluate`. ``info`` is what
     ``baseline.json`` holds. A fitted or loaded baseline also carries what :meth:`save` writes: its ``config``, the
     refusal ``vector``, the LoRA ``adapter`` files, the base ``model`` (:func:`~crvlm_core.core.artifacts.model_info`)
     and the ``inputs`` fingerprint."""

@@ -95,7 +95,7 @@ class ConditionalSteering(PrefillGate, AddVector):
     """CAST as an intervention: ``h ← h + α·v[layer]`` on the rows whose condition fires, ``h`` elsewhere.
 
     The condition is checked once per batch at prefill — the prompt's last token at ``gate_layer`` (the condition
-    layer), through :class:`~crvlm_core.steer.interventions.PrefillGate`, the mechanism the CR-VLM calibrator's prefill gate uses —
+    layer), through :class:`~crvlm_core.steer.base.PrefillGate`, the mechanism the CR-VLM calibrator's prefill gate uses —
     and holds for every generated token of that row. It fires when ``cos(h − center, condition) > threshold``.
     """
 

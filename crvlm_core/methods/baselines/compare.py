@@ -39,7 +39,7 @@ def in_scope_kl(base: ModelHandle, method: Baseline, samples: Sequence[Sample], 
 
     ``cache_dir`` (the one cache's convention; off by default): the value is stored as a ``kl`` entry keyed by both
     models' keys, the method's system prompt and interventions' fingerprint, the samples and the batch size, and an
-    unchanged call returns it without running the models (as :func:`~crvlm_core.methods.refusal_vectors.evaluate`
+    unchanged call returns it without running the models (as :func:`~crvlm_core.evaluation.evaluate`
     does)."""
     samples = list(samples)
     if not samples:
@@ -52,7 +52,7 @@ def in_scope_kl(base: ModelHandle, method: Baseline, samples: Sequence[Sample], 
 
 def comparison_row(name: str, result, unsteered_rows: Sequence[dict], tokenizer, kl_in: float,
                    fit_seconds: float | None, n_tokens: int = 20, seed: int = 0) -> dict:
-    """One row of the comparison table from an :class:`~crvlm_core.methods.refusal_vectors.EvalResult`: R, ORR, MB
+    """One row of the comparison table from an :class:`~crvlm_core.evaluation.EvalResult`: R, ORR, MB
     with bootstrap 95 % CIs (``refusal_rate_out, r_lo, r_hi, over_refusal_in, orr_lo, orr_hi, mb_score, mb_lo,
     mb_hi``), KL on in-scope prompts, the fraction of in-scope answers whose first ``n_tokens`` tokens equal the
     unsteered model's, fit seconds and generation tokens/s."""

@@ -207,7 +207,7 @@ class Calibrator(nn.Module):
 
     def as_intervention(self, layers: Sequence[int] | None = None):
         """A :class:`crvlm_core.steer.interventions.HiddenStateFn` running :meth:`apply_hidden` at ``layers`` (default: all
-        steered layers), for :func:`crvlm_core.steer.interventions.steered_generate` and friends.
+        steered layers), for :func:`crvlm_core.steer.generate.steered_generate` and friends.
 
         Raises:
             ValueError: If a requested layer is not steered by this calibrator.

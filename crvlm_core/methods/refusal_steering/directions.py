@@ -39,8 +39,8 @@ def fit_directions(method: str, pos: torch.Tensor, neg: torch.Tensor, pos_conf: 
     """Per-layer direction ``[n_layers, d]`` pointing towards refusal.
 
     ``mean-diff``: μ_refuse − μ_comply. ``rmd``: (Σ + λ_l I)⁻¹(μ_refuse − μ_comply)
-    (:func:`crvlm_core.vectors.estimators.rmd`). ``wrmd``: the same with every sample weighted by |judge confidence|
-    (:func:`crvlm_core.vectors.estimators.wrmd`). The ridge directions are rescaled per layer to the mean-difference
+    (:func:`crvlm_core.vectors.ridge.rmd`). ``wrmd``: the same with every sample weighted by |judge confidence|
+    (:func:`crvlm_core.vectors.ridge.wrmd`). The ridge directions are rescaled per layer to the mean-difference
     norm. ``lam`` (absolute, every layer) overrides ``lam_rel`` (relative: λ_l = lam_rel · tr(Σ_l)/d).
     """
     if method not in METHODS:

@@ -99,7 +99,7 @@ def evaluate_condition(handle: ModelHandle, samples: Sequence[Sample], intervent
     """Generate (steered), judge, and measure the change on the neutral prompts.
 
     ``config.mode="score"`` replaces generation + judge by the first-token refusal score (one forward per batch,
-    :func:`crvlm_core.steer.interventions.refusal_score`; refused = log-odds > 0): ~10× cheaper, used for the
+    :func:`crvlm_core.steer.score.refusal_score`; refused = log-odds > 0): ~10× cheaper, used for the
     strength search on CPU; responses are then empty and ``unchanged_neutral`` is ``None`` (not measured).
 
     Returns ``refusal_rate_by_subject``, ``responses``, ``refused``, ``n_by_subject``; without ``unsteered`` (the
