@@ -11,7 +11,7 @@ from pathlib import Path
 from crvlm_core.cli.options import parse_layers
 from crvlm_core.core.errors import InputError
 
-__all__ = ["check_layers", "check_out_folder", "check_prompts", "deferred_interrupt", "fit_split", "eval_split",
+__all__ = ["check_layers", "check_out_folder", "deferred_interrupt", "fit_split", "eval_split",
            "scoped_data", "same_source"]
 
 
@@ -106,14 +106,6 @@ def check_layers(handle, **options: str | None) -> None:
         if bad:
             raise InputError(f"{option} {text}: layer {bad[0]} out of range: {handle.spec} has {handle.n_layers} "
                              f"decoder layers (0..{handle.n_layers - 1})")
-
-
-def check_prompts(handle, samples: list, limit: int | None, source: str | None = None) -> None:
-    """Right after the model loads, before any work: no prompt longer than ``--max-prompt-tokens`` (None: the
-    model's context length). The check is the data layer's :func:`~crvlm_core.data.limits.check_prompt_lengths`."""
-    from crvlm_core.data.limits import check_prompt_lengths
-
-    check_prompt_lengths(handle, samples, limit, source=source)
 
 
 def _hold(signum, frame):  # noqa: ARG001 (signal handler signature)

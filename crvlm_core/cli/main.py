@@ -10,11 +10,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from crvlm_core.cli.inputs import (check_layers, check_out_folder, check_prompts, deferred_interrupt, eval_split,
+from crvlm_core.cli.inputs import (check_layers, check_out_folder, deferred_interrupt, eval_split,
                                    fit_split, scoped_data)
 from crvlm_core.cli.options import Parser, add_eval_options, add_fit_options, add_serve_options, parse_layers, subjects
 from crvlm_core.core.artifacts import ARTIFACT_JSON, FIT_JSON, ArtifactError, check_writable, read_manifest
 from crvlm_core.core.errors import InputError
+from crvlm_core.data.limits import check_prompt_lengths
 
 __all__ = ["build_parser", "main"]
 
@@ -44,7 +45,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     handle = load_model(args.model)
     check_layers(handle, layers=args.layers, condition_layers=args.condition_layers,
                  gate_layer=args.gate_layer if args.method == "crvlm" else None)
-    check_prompts(handle, train, args.max_prompt_tokens, args.train)
+    check_prompt_lengths(handle, train, args.max_prompt_tokens, source=args.train)
     out = Path(args.out)
     start = time.perf_counter()
     artifact, layers_done, alpha, fingerprint, extra = _fit_method(args, handle, train, in_scope)
@@ -152,7 +153,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     test = scoped_data(args.test, in_scope, out_scope, args.split, args.n_test, seed, "eval")
     handle = load_model(model)
     check_layers(handle, layers=args.layers)
-    check_prompts(handle, test, args.max_prompt_tokens, args.test)
+    check_prompt_lengths(handle, test, args.max_prompt_tokens, source=args.test)
     interventions, system = [], None
     if args.artifact:  # interventions, a system prompt, or adapted weights (a LoRA baseline's own handle)
         loaded = load_artifact(args.artifact, handle, args.alpha, parse_layers(args.layers))

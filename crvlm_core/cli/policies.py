@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from crvlm_core.cli.inputs import check_prompts, deferred_interrupt
+from crvlm_core.cli.inputs import deferred_interrupt
 from crvlm_core.core.artifacts import ARTIFACT_JSON
 from crvlm_core.core.io import write_run_outputs
+from crvlm_core.data.limits import check_prompt_lengths
 from crvlm_core.methods.policies.artifact import load_policy_steering, read_policy
 from crvlm_core.methods.policies.data import policy_data
 from crvlm_core.methods.policies.evaluate import evaluate_policy
@@ -26,7 +27,8 @@ def cmd_fit_policy(args: argparse.Namespace) -> int:
     handle = load_model(args.model)
     opts = policy.fit_options(design=args.design)
     data = policy_data(policy, opts["n_train"], opts["n_test"], opts["seed"])
-    check_prompts(handle, data.train + data.test, getattr(args, "max_prompt_tokens", None), args.policy)
+    check_prompt_lengths(handle, data.train + data.test, getattr(args, "max_prompt_tokens", None),
+                         source=args.policy)
     _, fit = fit_policy(handle, policy, args.out, design=args.design, reuse=False,
                         force=bool(getattr(args, "force", False)))
     print(f"[fit] policy {policy.name!r} ({fit['design']}) on {handle.spec}: {len(policy.constraints)} constraints, "
@@ -58,7 +60,8 @@ def cmd_eval_policy(args: argparse.Namespace) -> int:
     handle = load_model(args.model or fit["model"])
     steering = load_policy_steering(artifact, handle) if artifact else None
     data = policy_data(policy, opts["n_train"], opts["n_test"], opts["seed"])
-    check_prompts(handle, data.test, getattr(args, "max_prompt_tokens", None), args.policy)
+    check_prompt_lengths(handle, data.test, getattr(args, "max_prompt_tokens", None),
+                         source=args.policy)
     metrics, rows = evaluate_policy(handle, policy, data, [steering] if steering else [],
                                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, judge=args.judge)
     metrics.update({"artifact": str(artifact) if artifact else None, "method": "policy" if artifact else "unsteered",

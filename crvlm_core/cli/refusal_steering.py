@@ -6,10 +6,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from crvlm_core.cli.inputs import check_layers, check_prompts, deferred_interrupt
+from crvlm_core.cli.inputs import check_layers, deferred_interrupt
 from crvlm_core.cli.options import parse_layers
 from crvlm_core.core.artifacts import FIT_JSON
 from crvlm_core.core.errors import InputError
+from crvlm_core.data.limits import check_prompt_lengths
 from crvlm_core.data.bundled import load_dataset
 from crvlm_core.methods.refusal_steering.directions import METHODS
 from crvlm_core.methods.refusal_steering.fit import FitConfig, RefusalSteeringFit, fit_refusal_steering
@@ -55,7 +56,7 @@ def cli_fit(args) -> int:
     except ValueError as err:
         raise InputError(f"--remove/--keep/--neutral: {err} in {source}") from None
     handle = load_model(args.model)
-    check_prompts(handle, samples, args.max_prompt_tokens, source)
+    check_prompt_lengths(handle, samples, args.max_prompt_tokens, source=source)
     warm_up(handle)
     out = Path(args.out)
     start = time.perf_counter()
@@ -97,7 +98,7 @@ def cli_eval(args, fit: dict) -> int:
     test = _test_split(args, fit)
     handle = load_model(args.model or fit["model"])
     check_layers(handle, layers=args.layers)
-    check_prompts(handle, test, args.max_prompt_tokens, args.test)
+    check_prompt_lengths(handle, test, args.max_prompt_tokens, source=args.test)
     warm_up(handle)
     ivs = load_artifact(Path(args.artifact), handle, args.alpha, parse_layers(args.layers)).interventions
     config = EvalConfig(judge=args.judge, neutral=fit["neutral"], max_new_tokens=args.max_new_tokens,
