@@ -26,7 +26,8 @@ def add_judge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="JSONL file to write (the rows plus `refused` and `confidence`)")
     p.add_argument("--judge", default=JUDGE_CLI_DEFAULT, choices=list(JUDGES),
                    help=f"which judge (default {JUDGE_CLI_DEFAULT}; see docs/judges.md for accuracy and speed)")
-    p.add_argument("--judge-model", default=LLM_MODEL, help=f"model spec of the llm judge (default {LLM_MODEL})")
+    p.add_argument("--judge-model", default=LLM_MODEL,
+                   help=f"model spec of the llm judge, also in the cascade (default {LLM_MODEL})")
     p.add_argument("--samples", type=int, default=0,
                    help="llm judge: 0 = next-token probabilities (default); K > 0 = the K-sample protocol (paper: 5)")
     p.add_argument("--batch-size", type=int, default=4, help="llm judge: prompts per forward")
@@ -77,7 +78,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         opts = {"model": args.judge_model, "batch_size": args.batch_size, "samples": args.samples} \
-            if args.judge == "llm" else {}
+            if args.judge in ("llm", "cascade") else {}
         judge = get_judge(args.judge, **opts)
         results = judge.judge([r["prompt"] for r in rows], [r["response"] for r in rows])
     except JudgeError as err:

@@ -91,12 +91,16 @@ def judge_validation(name: str = DEFAULT_JUDGE, seed: int = 0,
     """A named judge's agreement with the human labels on the seeded held-out 30 % of ``refusal_labels`` (the part
     the learned judge does not train on; the README's table): ``{"accuracy", "kappa", "n", "roc_auc"?, "labels"}``.
     Computed once and cached (``cache_dir``: True → ``outputs/cache/``, a path, or None/False for none; the key
-    covers the labels and, for the learned judge, its training fingerprint; for ``llm`` the default local judge
-    model)."""
+    covers the labels and, for the learned judge, its training fingerprint; for ``llm`` its model, prompt and
+    cutoff)."""
     _, test = split_labelled(load_dataset("refusal_labels"), 0.7, seed)
     judge = get_judge(name)
     ident = {"name": name, "seed": seed, "labels": fingerprint(test), "format": LEARNED_FORMAT,
              "judge": getattr(judge, "info", {}).get("fingerprint") if name == "learned" else None}
+    if name == "llm":  # the judge model, prompt, answers and cutoff (a 0.5B entry must not stand in for the 1.5B)
+        ident["llm"] = {k: str(getattr(judge, k, None)) for k in ("template", "answers", "threshold", "samples",
+                                                                   "max_response_chars")}
+        ident["llm"]["backend"] = getattr(judge.backend, "name", None)
 
     def compute() -> dict:
         r = validate_judge(judge, test)
