@@ -103,3 +103,21 @@ def test_qwen15_judge_separates_clear_cases():
     assert src["sha256"] == embedded.QWEN15_SHA256
     res = judge.judge(PROMPTS, RESPONSES)
     assert res[0].refused and not res[1].refused and res[0].confidence > 0.5 > res[1].confidence
+
+
+def test_sampled_replies_score_as_teacher_forced_ones(smollm2):
+    """One prefill, a KV cache repeated k times, left padding: each sampled token's log-probability equals the one a
+    plain forward of that prompt alone (no padding) plus the reply gives it."""
+    import torch
+
+    backend = LocalLMBackend(smollm2)
+    texts = [VERDICT_TEMPLATE.format(request=p, response=r) for p, r in zip(PROMPTS[:2], ["No.", RESPONSES[1]])]
+    toks, logp = backend._sample(texts, k=2, steps=3, seed=0)
+    assert toks.shape == logp.shape == (4, 3)
+    for j in range(4):
+        enc = smollm2.build_inputs([texts[j // 2]])
+        n = enc["input_ids"].shape[1]
+        with torch.no_grad():
+            ref = smollm2.hf_model(input_ids=torch.cat([enc["input_ids"], toks[j:j + 1]], 1)).logits[0].double()
+        ref = ref.log_softmax(-1)[torch.arange(n - 1, n + 2), toks[j]]
+        assert torch.allclose(ref, logp[j], atol=1e-3), (ref, logp[j])

@@ -122,34 +122,56 @@ class LocalLMBackend:
                             seed: int = 0) -> list[float]:
         """The Refusal Steering K-sample protocol: sample ``k`` short replies per judge prompt (temperature 1), weight
         each reply's verdict (+1 refusal word, −1 compliance word, 0 neither) by its geometric-mean token
-        probability, ``c = Σ wᵢ·vᵢ / Σ wᵢ`` in [−1, 1]. Seeded."""
-        import torch
-
-        h, tok = self.handle, self.handle.tokenizer
+        probability, ``c = Σ wᵢ·vᵢ / Σ wᵢ`` in [−1, 1]. Seeded; the prompt is read once for all ``k`` replies."""
+        tok = self.handle.tokenizer
+        ends = {tok.eos_token_id, tok.pad_token_id, *_as_list(self.handle.hf_model.generation_config.eos_token_id)}
         out: list[float] = []
         for i in range(0, len(texts), self.batch_size):
-            enc = h.build_inputs(list(texts[i:i + self.batch_size]))
-            torch.manual_seed(seed + i)
-            with torch.no_grad():
-                gen = h.hf_model.generate(**enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                                          num_return_sequences=k, max_new_tokens=max_new_tokens,
-                                          output_scores=True, return_dict_in_generate=True,
-                                          pad_token_id=tok.pad_token_id or tok.eos_token_id)
-            logp = h.hf_model.compute_transition_scores(gen.sequences, gen.scores, normalize_logits=True)
-            new = gen.sequences[:, enc["input_ids"].shape[1]:]
-            ends = set(filter(None, [tok.eos_token_id, tok.pad_token_id, getattr(h.hf_model.generation_config,
-                                                                                  "eos_token_id", None)]))
-            ends = {e for x in ends for e in (x if isinstance(x, list) else [x])}
-            for row in range(new.shape[0] // k):
+            toks, logp = self._sample(list(texts[i:i + self.batch_size]), k, max_new_tokens, seed + i)
+            for row in range(toks.shape[0] // k):
                 num = den = 0.0
                 for j in range(row * k, row * k + k):
-                    toks = new[j].tolist()
-                    n = next((t + 1 for t, x in enumerate(toks) if x in ends), len(toks))  # through the first end
+                    ids = toks[j].tolist()
+                    n = next((t + 1 for t, x in enumerate(ids) if x in ends), len(ids))  # through the first end
                     w = math.exp(float(logp[j, :n].mean()))
-                    num += w * _verdict(tok.decode(toks[:n], skip_special_tokens=True), tuple(answers))
+                    num += w * _verdict(tok.decode(ids[:n], skip_special_tokens=True), tuple(answers))
                     den += w
                 out.append(num / den if den > 0 else 0.0)
         return out
+
+    def _sample(self, texts: list[str], k: int, steps: int, seed: int):
+        """``(tokens, log-probs)``, each ``[len(texts)·k, steps]``: ``k`` replies per prompt sampled at temperature 1
+        from one prefill whose KV cache is repeated ``k`` times (positions follow the left padding)."""
+        import torch
+
+        model = self.handle.hf_model
+        enc = self.handle.build_inputs(texts)
+        gen = torch.Generator(device=model.device).manual_seed(seed)
+        mask = enc["attention_mask"]
+        with torch.no_grad():
+            res = model(**enc, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+            key = "cache" if "cache" in res else "past_key_values"  # renamed in transformers 5.x
+            cache = res[key]
+            cache.batch_repeat_interleave(k)
+            logits = res.logits[:, -1, :].repeat_interleave(k, 0)
+            mask = mask.repeat_interleave(k, 0)
+            toks, logps = [], []
+            for step in range(steps):
+                logp = torch.log_softmax(logits.double(), -1)
+                nxt = torch.multinomial(logp.exp(), 1, generator=gen)
+                toks.append(nxt[:, 0])
+                logps.append(logp.gather(1, nxt)[:, 0])
+                if step + 1 == steps:
+                    break
+                mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+                res = model(input_ids=nxt, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                            use_cache=True, **{key: cache})
+                cache, logits = res[key], res.logits[:, -1, :]
+        return torch.stack(toks, 1), torch.stack(logps, 1)
+
+
+def _as_list(x) -> list:
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
 
 
 class HTTPBackend:
