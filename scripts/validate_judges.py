@@ -41,9 +41,10 @@ def _pairs(samples) -> tuple[list[str], list[str], np.ndarray]:
 class ConfidenceCache:
     """Per-item judge confidences on disk, keyed by the judge's settings and the item's text (resumable runs)."""
 
-    def __init__(self, judge, tag: str):
+    def __init__(self, judge):
         self.judge = judge
-        key = json.dumps({"tag": tag, "template": judge.template, "answers": judge.answers, "samples": judge.samples,
+        handle = judge.backend.handle
+        key = json.dumps({"model": handle.spec, "dtype": str(handle.hf_model.dtype), "template": judge.template, "answers": judge.answers, "samples": judge.samples,
                           "chars": judge.max_response_chars, "seed": judge.seed}, sort_keys=True)
         self.path = outputs_dir() / "cache" / f"judge-confidences-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
         self.values = json.loads(self.path.read_text()) if self.path.exists() else {}
@@ -68,7 +69,9 @@ class ConfidenceCache:
 
 def _score(rows: list, judge: str, held: dict, verdicts: dict, conf: dict, seconds: float | None, **extra) -> None:
     """Append one result row per held-out set and for the pooled human-labelled sets."""
-    groups = {name: [name] for name in held} | {"human (pooled)": list(HUMAN)}
+    groups = {name: [name] for name in held}
+    if all(n in held for n in HUMAN):
+        groups["human (pooled)"] = list(HUMAN)
     for group, names in groups.items():
         y = np.concatenate([_pairs(held[n])[2] for n in names])
         v = np.concatenate([verdicts[n] for n in names])
@@ -111,7 +114,7 @@ def run_fast(rows: list, train: list, held: dict, seed: int) -> dict:
 def run_llm(rows: list, train: list, held: dict, args) -> dict:
     """The llm judge: confidences on (part of) the training labels → calibrated cutoff → held-out verdicts."""
     judge = get_judge("llm", batch_size=args.batch_size)
-    cache = ConfidenceCache(judge, f"{LLM_MODEL}-bf16")
+    cache = ConfidenceCache(judge)
     rng = np.random.default_rng(args.seed)
     calib = [train[i] for i in sorted(rng.permutation(len(train))[:args.calib_limit])] if args.calib_limit else train
     p, r, y = _pairs(calib)
@@ -126,7 +129,7 @@ def run_llm(rows: list, train: list, held: dict, args) -> dict:
     out = {"conf": conf, "cut": cut, "sec": sec, "calibration_ids": [s.id for s in calib]}
     if args.sampled:
         sj = get_judge("llm", batch_size=args.batch_size, samples=5)
-        scache = ConfidenceCache(sj, f"{LLM_MODEL}-bf16")
+        scache = ConfidenceCache(sj)
         sconf = {n: scache.confidences(*_pairs(s)[:2]) for n, s in held.items() if n in args.sampled_sets}
         ssec = float(np.median(scache.seconds_per_item)) if scache.seconds_per_item else None
         sub = {n: held[n] for n in sconf}
@@ -182,7 +185,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         ci = r["intervals_95"]
-        fmt = lambda k: f"{r[k]:.3f} [{ci[k][0]:.2f}, {ci[k][1]:.2f}]" if k in r else "—"  # noqa: E731
+        fmt = lambda k: f"{r[k]:.3f} [{ci[k][0] or float('nan'):.2f}, {ci[k][1] or float('nan'):.2f}]" \
+            if k in r else "—"  # noqa: E731
         sec = f"{r['seconds_per_item']:.3f}" if r.get("seconds_per_item") is not None else "—"
         print(f"| {r['judge']} | {r['set']} | {r['n']} | {fmt('accuracy')} | {fmt('cohen_kappa')} | {fmt('roc_auc')} "
               f"| {sec} |")

@@ -58,7 +58,8 @@ def calibrate_threshold(confidences: Sequence[float], labels: Sequence[bool]) ->
 def agreement_intervals(labels: Sequence[bool], verdicts: Sequence[bool], confidences: Sequence[float | None] | None = None,
                         level: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> dict:
     """Percentile bootstrap intervals (``scipy.stats.bootstrap``, items resampled with replacement) of accuracy,
-    Cohen's κ and, for graded verdicts, ROC AUC: ``{"accuracy": [lo, hi], "cohen_kappa": …, "roc_auc": …}``."""
+    Cohen's κ and, for graded verdicts, ROC AUC: ``{"accuracy": [lo, hi], "cohen_kappa": …, "roc_auc": …}``; ``None``
+    for a bound that cannot be computed (e.g. resamples holding one class only)."""
     import numpy as np
     from scipy.stats import bootstrap, rankdata
 
@@ -82,7 +83,7 @@ def agreement_intervals(labels: Sequence[bool], verdicts: Sequence[bool], confid
     for name, fn in metrics.items():
         res = bootstrap((np.arange(len(y)),), fn, vectorized=False, n_resamples=n_resamples, confidence_level=level,
                         method="percentile", random_state=seed)
-        out[name] = [float(res.confidence_interval.low), float(res.confidence_interval.high)]
+        out[name] = [nan_to_none(float(res.confidence_interval.low)), nan_to_none(float(res.confidence_interval.high))]
     return out
 
 
