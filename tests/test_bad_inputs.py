@@ -18,6 +18,7 @@ EVAL = ["eval", "--model", "tiny-llava", "--in-scope", "biology", "--out", "{out
 FIT_TINY = ["fit", *TINY, "--method", "mean-diff", "--train", "mm_subjects", "--in-scope", "biology",
             "--n-train", "2", "--out", "{out}"]
 POLICY = str(Path(__file__).resolve().parent.parent / "examples" / "policy_bio_physics_harmful.yaml")
+JUDGE = ["judge", "--input", "{tmp}/in.jsonl", "--judge", "keyword", "--out", "{out}"]
 EVAL_ART = ["eval", "--artifact", "{art}", "--n-test", "1", "--max-new-tokens", "2", "--judge", "keyword",
             "--out", "{out}"]
 
@@ -72,6 +73,25 @@ def _out_file(tmp: Path, art: Path, monkeypatch) -> None:
 def _out_not_empty(tmp: Path, art: Path, monkeypatch) -> None:
     (tmp / "out").mkdir()
     (tmp / "out" / "keep.txt").write_text("mine\n")
+
+
+def _damaged_judge_model(tmp: Path, art: Path, monkeypatch) -> None:
+    """A converted judge model in a fresh cache whose weights file is cut in half (smollm2: a small stand-in)."""
+    from crvlm_core.models import embedded, loading
+
+    real = embedded.embedded_model_folder("smollm2-135m")
+    monkeypatch.setenv("CRVLM_CACHE", str(tmp / "cache"))
+    monkeypatch.setattr(loading, "_CACHE", {})  # no handle loaded earlier in the session stands in for it
+    target = tmp / "cache" / "models" / real.name
+    shutil.copytree(real, target)
+    weights = target / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (tmp / "cache" / "gguf").mkdir(parents=True, exist_ok=True)
+    gguf = embedded.smollm2_gguf_path()  # the stamp that names the folder, without hashing the GGUF again
+    sha = real.name.rsplit("-", 1)[1]
+    (tmp / "cache" / "gguf" / "smollm2.sha256").write_text(
+        f"{gguf}:{gguf.stat().st_size}:{gguf.stat().st_mtime_ns}\n{sha}\n")
+    (tmp / "in.jsonl").write_text(_jsonl({"prompt": "q", "response": "a"}))
 
 
 def _interrupt(chained: bool, where: str = "crvlm_core.evaluation.evaluate", out_holds_artifact: bool = False):
@@ -198,6 +218,21 @@ ROWS = [
         setup=_damage("vector.json", lambda b: json.dumps({**json.loads(b), "layers": "one", "alpha": {}}),
                       rehash=True)),
     row("art-other-model", EVAL_ART, "qwen2.5-0.5b", "--model", setup=_other_model),
+    # -- crvlm judge: input rows, --out, the judge model ------------------------------------------------------------
+    row("judge-missing-input", JUDGE, "in.jsonl", "no such file"),
+    row("judge-empty-input", JUDGE, "in.jsonl", "no rows", setup=_write("in.jsonl", "\n")),
+    row("judge-no-response", JUDGE, "in.jsonl:2", "`response` is missing",
+        setup=_write("in.jsonl", _jsonl({"prompt": "q", "response": "a"}, {"prompt": "q"}))),
+    row("judge-response-not-string", JUDGE, "in.jsonl:1", "`response` is not a string",
+        setup=_write("in.jsonl", _jsonl({"prompt": "q", "response": 3}))),
+    row("judge-no-prompt", JUDGE, "in.jsonl:1", "`prompt` is missing", setup=_write("in.jsonl", _jsonl({"response": "a"}))),
+    row("judge-broken-json", JUDGE, "in.jsonl:1", "invalid JSON", setup=_write("in.jsonl", '{"prompt": "q", \n')),
+    row("judge-not-an-object", JUDGE, "in.jsonl:1", "JSON object", setup=_write("in.jsonl", '["q", "a"]\n')),
+    row("judge-out-exists", JUDGE, "out", "--force", setup=_out_file),
+    row("judge-out-is-folder", JUDGE, "out", "is a folder", setup=_out_not_empty),
+    row("judge-unknown-judge", [*JUDGE[:4], "oracle", *JUDGE[5:]], "--judge", "invalid choice"),
+    row("judge-damaged-model", [*JUDGE[:4], "llm", "--judge-model", "smollm2-135m", *JUDGE[5:]], "damaged",
+        "delete that folder", setup=_damaged_judge_model),
     # -- faults -------------------------------------------------------------------------------------------------
     row("eval-ctrl-c", EVAL_ART, "interrupted", "nothing was written", setup=_interrupt(False), code=130),
     row("fit-ctrl-c-force", [*FIT_TINY, "--force"], "interrupted", "nothing was written", code=130,

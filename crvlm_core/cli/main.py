@@ -225,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server: <spec> unsteered, <spec>:steered with an artifact")
     add_serve_options(s, DEFAULT_MODEL)
     s.set_defaults(func=cmd_serve)
+    from crvlm_core.cli.judge import add_judge_options, cmd_judge
+
+    j = sub.add_parser("judge", help="label (prompt, response) JSONL rows as refusal or not, with a confidence")
+    add_judge_options(j)
+    j.set_defaults(func=cmd_judge)
     sub.add_parser("models", help="list the named model specs").set_defaults(func=cmd_models)
     sub.add_parser("datasets", help="list the bundled datasets").set_defaults(func=cmd_datasets)
     return p

