@@ -2,7 +2,8 @@
 --batches; 1 and 8 with --quick), unsteered vs vector-steered (the teacher-forced refusal vector, α = 1) vs the
 CR-VLM calibrator as ``crvlm fit --method crvlm`` builds it (prefill gate read in the one shared prompt pass,
 ``gate_pass="shared"``), the same calibrator with the gate read in a separate pass (the default before issue #23),
-the calibrator with the paper's own gate (no prefill pass), and CAST with its condition read shared / separately.
+the calibrator with the paper's own gate (no prefill pass), and CAST with its condition read in a separate pass
+(its default) / in the shared pass.
 All through ``crvlm_core.steer.generate.steered_generate``, the variants timed round-robin in one run.
 
 Throughput counts the decoding steps actually run: batch × (generated length of the batch) / wall time, so a
@@ -91,8 +92,8 @@ def variants_for(handle, quick: bool) -> dict:
         "calibrator": [dataclasses.replace(cal, gate_pass="shared")],
         "calibrator_separate_pass": [dataclasses.replace(cal, gate_pass="separate")],
         "calibrator_paper_gate": [paper],
-        "cast": [dataclasses.replace(cast, gate_pass="shared")],
-        "cast_separate_pass": [dataclasses.replace(cast, gate_pass="separate")],
+        "cast": [dataclasses.replace(cast, gate_pass="separate")],
+        "cast_shared_pass": [dataclasses.replace(cast, gate_pass="shared")],
     }
 
 
@@ -156,7 +157,8 @@ def main(argv=None) -> None:
         counter.close()
     if 1 in batches and max(batches) >= 8:
         top = max(batches)
-        r = bench.results[f"batch{top}"]["unsteered"]["tokens_per_s"] / bench.results["batch1"]["unsteered"]["tokens_per_s"]
+        unsteered = {k: bench.results[k]["unsteered"]["tokens_per_s"] for k in (f"batch{top}", "batch1")}
+        r = unsteered[f"batch{top}"] / unsteered["batch1"]
         bench.results[f"scaling_batch{top}_vs_batch1"] = r
         bench.add(f"unsteered batch {top} / batch 1 throughput", r, "×",
                   "≥ 10" if top == 32 else None, (r >= 10) if top == 32 else None)

@@ -83,6 +83,7 @@ def main(argv=None) -> int:
         m = scope_metrics([r["refused"] for r in res.rows], [r["scope"] for r in res.rows], ci=True)
         m["tokens_per_second"] = res.metrics.get("tokens_per_second")
         result["rows"][name] = m
+        print(f"  R {m['refusal_rate_out']:.2f}  ORR {m['over_refusal_in']:.2f}  MB {m['mb_score']:.3f}", flush=True)
     for name, ref in (("crvlm shared", "crvlm separate"), ("crvlm separate-fit, shared pass", "crvlm separate"),
                       ("cast shared", "cast separate")):
         flips = [i for i in verdicts[name] if verdicts[name][i] != verdicts[ref][i]]

@@ -136,3 +136,16 @@ def test_cast_reads_its_condition_in_the_shared_pass(smollm2):
     assert hooks != steered_generate(smollm2, PROMPTS, [], max_new_tokens=8)
     with pytest.raises(ValueError, match="gate_pass"):
         ConditionalSteering(vectors, (4,), 1.0, gate_pass="twice", **kw).validate(smollm2)
+
+
+def test_logits_callback_sees_only_the_steered_steps(smollm2):
+    """The server's per-step logits (``on_logits``): one call per generated token, the first one the steered last
+    prompt token's, never the unsteered logits of the shared pass."""
+    steer = random_calibrator(smollm2, (4,), smollm2.n_layers - 2, scale=0.5)
+    enc = smollm2.build_inputs(PROMPTS)
+    seen = []
+    ids = generate_batch(smollm2, enc, validated(smollm2, [steer]), 4, on_logits=lambda x: seen.append(x.clone()))
+    assert len(seen) == ids.shape[1] - enc["input_ids"].shape[1]
+    first = steered_logits(smollm2, enc, [steer], last_only=True)[:, -1]
+    assert torch.allclose(seen[0], first, atol=1e-4)
+    assert torch.equal(seen[0].argmax(-1), ids[:, enc["input_ids"].shape[1]])

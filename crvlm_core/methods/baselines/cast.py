@@ -141,7 +141,7 @@ class ConditionalSteering(PrefillGate, AddVector):
 
 def fit_cast(handle: ModelHandle, train: Sequence[Sample], vector: SteeringVector,
              condition_layers: Sequence[int] | None = None, batch_size: int = 8, seed: int = 42,
-             progress: bool = True, gate_pass: str = "shared") -> tuple[ConditionalSteering, dict]:
+             progress: bool = True, gate_pass: str = "separate") -> tuple[ConditionalSteering, dict]:
     """CAST around a fitted refusal ``vector``: the condition layer and threshold grid-searched on the training
     split's last-prompt-token states (candidates ``condition_layers``, default every layer but the first), the
     condition vector and centre refitted on all of it; ``gate_pass`` as in :class:`~crvlm_core.steer.base.

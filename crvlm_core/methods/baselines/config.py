@@ -35,9 +35,10 @@ class BaselineConfig:
         layers / alpha: where and how strongly the refusal vector is added (persona, actadd, cast; None: a third
             of the way up).
         condition_layers: CAST's candidate condition layers (None: every layer but the first).
-        gate_pass: how CAST's condition is read (:class:`~crvlm_core.steer.base.PrefillGate`): ``"shared"`` in the
-            one prompt pass, the vector added from the prompt's last token on; ``"separate"`` in a pass of its own,
-            the vector added at every prompt token.
+        gate_pass: how CAST's condition is read (:class:`~crvlm_core.steer.base.PrefillGate`): ``"separate"``
+            (default) in a pass of its own, the vector added at every prompt token; ``"shared"`` in the one prompt
+            pass, the vector added from the prompt's last token on (plain generation speed, but the vector alone
+            refuses far less that way: R 0.88 → 0.54 on notebook 02's split, docs/results.md).
         lora_rank / lora_steps / lora_lr / lora_batch_size: the adapter's rank, optimiser steps, learning rate and
             batch size; ``lora_target_tokens``: the length of the in-scope answers it learns.
         batch_size: batch of the extraction and generation passes.
@@ -49,7 +50,7 @@ class BaselineConfig:
     layers: tuple[int, ...] | None = None
     alpha: float = 1.0
     condition_layers: tuple[int, ...] | None = None
-    gate_pass: str = "shared"
+    gate_pass: str = "separate"
     lora_rank: int = 8
     lora_steps: int = 48
     lora_lr: float = 5e-4

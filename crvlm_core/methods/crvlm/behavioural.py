@@ -32,7 +32,8 @@ def _forward_with_calibrator(steering: CalibratedSteering, handle: ModelHandle, 
         hidden = torch.cat([hidden[:, :-tail], cal.apply_hidden(layer, hidden[:, -tail:])], dim=1)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
-    hooks = [handle.torch_layers[l].register_forward_hook(lambda m, i, o, l=l: hook(m, i, o, l)) for l in steering.layers]
+    hooks = [handle.torch_layers[layer].register_forward_hook(lambda m, i, o, layer=layer: hook(m, i, o, layer))
+             for layer in steering.layers]
     try:
         return handle.hf_model(**enc, logits_to_keep=keep).logits
     finally:

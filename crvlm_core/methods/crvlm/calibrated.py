@@ -119,7 +119,8 @@ class CalibratedSteering(PrefillGate):
         self.calibrator.save(folder)
         atomic_write_json(folder / CRVLM_JSON, {
             "layers": list(self.layers), "gate_layer": self.gate_layer, "fixed_gate": self.fixed_gate,
-            "gate_pass": self.gate_pass, "config": None if self.config is None else self.config.to_dict(), "info": self.info})
+            "gate_pass": self.gate_pass, "config": None if self.config is None else self.config.to_dict(),
+            "info": self.info})
         if self.history:
             write_history(folder / TRAIN_LOG, self.history)
         if self.vector is not None:
@@ -148,7 +149,8 @@ class CalibratedSteering(PrefillGate):
         """
         cal = self.calibrator
         config = {"layers": list(self.layers), "gate_layer": self.gate_layer, "fixed_gate": self.fixed_gate,
-                  "gate_pass": self.gate_pass, "calibrator": cal.config.to_dict(), "fit": None if self.config is None else self.config.to_dict()}
+                  "gate_pass": self.gate_pass, "calibrator": cal.config.to_dict(),
+                  "fit": None if self.config is None else self.config.to_dict()}
         n_layers = cal.n_model_layers if cal.n_model_layers is not None or self.vector is None else self.vector.n_layers
         model = {"spec": cal.model_spec, "key": self.info.get("model_key", cal.model_spec),
                  "hidden_size": cal.hidden_size, "n_layers": n_layers}
