@@ -37,7 +37,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help="model spec (default %(default)s)")
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run of the benchmark itself)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median reported)")
-    p.add_argument("--out", default=None, help="output folder (default outputs/bench)")
+    p.add_argument("--out", default=None, help="output folder (default outputs/bench), or a FILE.json")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
     return p
 
@@ -216,7 +216,7 @@ class Bench:
                "seconds": round(time.perf_counter() - self.started, 2), "machine": machine, "params": self.params,
                "results": self.results, "table": self.table}
         out = Path(self.args.out) if self.args.out else outputs_dir() / "bench"
-        path = atomic_write_json(out / f"{self.name}.json", doc)
+        path = atomic_write_json(out if out.suffix == ".json" else out / f"{self.name}.json", doc)
         self.log(f"wrote {path}")
         return path
 

@@ -142,7 +142,7 @@ def test_hook_fast_path_with_prefill_gated_calibrator(tiny):
     from crvlm_core.methods.crvlm.calibrated import CalibratedSteering
     from crvlm_core.methods.crvlm.module import Calibrator
     from crvlm_core.methods.crvlm.config import CalibratorConfig
-    from crvlm_core.steer.apply import prepared, validated
+    from crvlm_core.steer.apply import validated
     from crvlm_core.steer.generate import generate_batch
 
     torch.manual_seed(0)
@@ -156,8 +156,7 @@ def test_hook_fast_path_with_prefill_gated_calibrator(tiny):
     table = validated(tiny, [steer])
     ids = {}
     for backend in ("hooks", "nnsight"):
-        with prepared(tiny, [steer], enc):
-            ids[backend] = generate_batch(tiny, enc, table, 6, backend=backend)
+        ids[backend] = generate_batch(tiny, enc, table, 6, backend=backend)  # prepares the gate itself
     plain = tiny.hf_model.generate(**enc, max_new_tokens=6, do_sample=False,
                                    pad_token_id=tiny.tokenizer.pad_token_id).cpu()
     assert torch.equal(ids["hooks"], ids["nnsight"])

@@ -79,7 +79,7 @@ def test_prefill_gate_fixes_rho_per_row(fitted, smollm2):
     from crvlm_core.extract import read_last_token
 
     rho = steering.calibrator.gate_values(read_last_token(smollm2, enc, [steering.gate_layer])[:, 0])
-    manual = CalibratedSteering(steering.calibrator, steering.layers, None)
+    manual = CalibratedSteering(steering.calibrator, steering.layers, None, gate_pass=steering.gate_pass)
     with steering.calibrator.gate_override(rho):
         by_hand = steered_logits(smollm2, enc, [manual])
     assert (auto - by_hand).abs().max() < 1e-4

@@ -75,11 +75,13 @@ def _fit_method(args: argparse.Namespace, handle, train: list, in_scope: list[st
             gate = int(args.gate_layer)
         behavioural = BehaviouralConfig(epochs=args.behavioural_epochs, seed=args.seed) \
             if args.behavioural_epochs > 0 else None
-        config = CrvlmConfig(layers=layers, gate_layer=gate, target_scale=args.target_scale, width=args.width,
-                             epochs=args.epochs, lr=args.lr, seed=args.seed, train_positions=args.train_positions,
-                             behavioural=behavioural)
+        config = CrvlmConfig(layers=layers, gate_layer=gate, gate_pass=args.gate_pass or "shared",
+                             target_scale=args.target_scale,
+                             width=args.width, epochs=args.epochs, lr=args.lr, seed=args.seed,
+                             train_positions=args.train_positions, behavioural=behavioural)
         steering = fit_crvlm(handle, train, config, cache_dir=True)  # resume checkpoints in outputs/cache/
-        extra = {"gate_layer": steering.gate_layer, "epochs": args.epochs, "width": args.width,
+        extra = {"gate_layer": steering.gate_layer, "gate_pass": steering.gate_pass, "epochs": args.epochs,
+                 "width": args.width,
                  "train_positions": args.train_positions, "behavioural_epochs": args.behavioural_epochs,
                  "final_losses": steering.info["final_losses"]}
         return steering, list(steering.layers), args.target_scale, steering.info["vector_fingerprint"], extra
@@ -90,9 +92,10 @@ def _fit_method(args: argparse.Namespace, handle, train: list, in_scope: list[st
         b = fit_baseline(handle, train, BaselineConfig(
             method=args.method, in_scope=in_scope, layers=layers, alpha=args.alpha,
             condition_layers=parse_layers(args.condition_layers, "--condition-layers"), lora_rank=args.lora_rank,
-            lora_steps=args.lora_steps, lora_lr=args.lora_lr, batch_size=args.batch_size, seed=args.seed))
-        extra = {k: v for k, v in b.info.items() if k in ("system", "condition_layer", "threshold", "rank", "steps",
-                                                          "final_loss", "lora_layers")}
+            lora_steps=args.lora_steps, lora_lr=args.lora_lr, batch_size=args.batch_size, seed=args.seed,
+            gate_pass=args.gate_pass or "separate"))
+        extra = {k: v for k, v in b.info.items() if k in ("system", "condition_layer", "threshold", "gate_pass", "rank",
+                                                          "steps", "final_loss", "lora_layers")}
         return b, b.info.get("layers", []), b.info.get("alpha", 0.0), b.info.get("fingerprint") or b.handle.spec, extra
     from crvlm_core.methods.refusal_vectors import VectorConfig, fit_vector
 

@@ -123,6 +123,10 @@ def _add_crvlm_options(f: argparse.ArgumentParser) -> None:
     c = f.add_argument_group("CR-VLM calibrator (--method crvlm)")
     c.add_argument("--gate-layer", type=gate_layer, default="auto", help="prefill gate layer: auto (90%% depth), "
                    "none (the paper's gate on the steered layer's own state) or a layer number")
+    c.add_argument("--gate-pass", choices=["shared", "separate"], default=None,
+                   help="crvlm and cast: read the prefill gate in the one prompt pass and steer from the prompt's "
+                   "last token on (shared: plain generation speed; crvlm's default) or in an extra pass, steering "
+                   "every prompt token (separate; cast's default)")
     c.add_argument("--target-scale", type=finite(), default=1.0, help="λ of the out-of-scope target h + λ·s")
     c.add_argument("--epochs", type=_POS, default=40)
     c.add_argument("--width", type=_POS, default=1024)

@@ -28,7 +28,7 @@ def generate_streaming(handle: ModelHandle, enc: dict, interventions: Sequence[I
     """
     from transformers import StoppingCriteriaList
 
-    from crvlm_core.steer.apply import prepared, validated
+    from crvlm_core.steer.apply import validated
     from crvlm_core.steer.generate import generate_batch
 
     table = validated(handle, interventions)
@@ -38,16 +38,7 @@ def generate_streaming(handle: ModelHandle, enc: dict, interventions: Sequence[I
     if stopping_criteria is not None:
         crit = stopping_criteria if isinstance(stopping_criteria, (list, tuple)) else [stopping_criteria]
         kwargs["stopping_criteria"] = StoppingCriteriaList(list(crit))
-    with prepared(handle, interventions, enc):  # prefill gating runs its own prompt pass here, before the hook
-        hook = None
-        if on_logits is not None:
-            head = handle.hf_model.get_output_embeddings()
-            hook = head.register_forward_hook(lambda _m, _i, out: on_logits(out[:, -1].detach()))
-        try:
-            return generate_batch(handle, enc, table, max_new_tokens, **kwargs)
-        finally:
-            if hook is not None:
-                hook.remove()
+    return generate_batch(handle, enc, table, max_new_tokens, on_logits=on_logits, **kwargs)
 
 
 @dataclass(eq=False)

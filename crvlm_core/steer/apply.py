@@ -9,7 +9,7 @@ from typing import Iterable, Sequence
 from crvlm_core.models.handle import ModelHandle
 from crvlm_core.steer.base import Intervention
 
-__all__ = ["apply_in_trace", "by_layer", "hooked", "prepared", "validated"]
+__all__ = ["apply_in_trace", "by_layer", "hooked", "interventions_of", "prepared", "validated"]
 
 
 def by_layer(interventions: Iterable[Intervention]) -> dict[int, list[Intervention]]:
@@ -39,20 +39,34 @@ def validated(handle: ModelHandle, interventions: Sequence[Intervention]) -> dic
 
 
 class prepared:
-    """``with prepared(handle, interventions, enc):`` — per-batch prepare/release of every intervention."""
+    """``with prepared(handle, interventions, enc):`` — per-batch prepare/release of every intervention. With
+    ``skip`` (interventions whose gate the caller sets itself, in a shared prompt pass), those are not prepared,
+    only released."""
 
-    def __init__(self, handle: ModelHandle, interventions: Iterable[Intervention], enc: dict):
+    def __init__(self, handle: ModelHandle, interventions: Iterable[Intervention], enc: dict,
+                 skip: Iterable[Intervention] = ()):
         self.handle, self.ivs, self.enc = handle, list(interventions), enc
+        self.skip = {id(iv) for iv in skip}
 
     def __enter__(self):
         for iv in self.ivs:
-            iv.prepare(self.handle, self.enc)
+            if id(iv) not in self.skip:
+                iv.prepare(self.handle, self.enc)
         return self
 
     def __exit__(self, *exc):
         for iv in self.ivs:
             iv.release()
         return False
+
+
+def interventions_of(table: dict[int, list[Intervention]]) -> list[Intervention]:
+    """The distinct interventions of a :func:`by_layer` table, in order of first appearance."""
+    seen: dict[int, Intervention] = {}
+    for ivs in table.values():
+        for iv in ivs:
+            seen.setdefault(id(iv), iv)
+    return list(seen.values())
 
 
 def _layer_hook(layer: int, ivs: list[Intervention]):

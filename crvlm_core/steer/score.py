@@ -11,8 +11,9 @@ import torch
 
 from crvlm_core.extract import prompt_batches
 from crvlm_core.models.handle import ModelHandle
-from crvlm_core.steer.apply import apply_in_trace, prepared, validated
+from crvlm_core.steer.apply import apply_in_trace, hooked, prepared, validated
 from crvlm_core.steer.base import Intervention
+from crvlm_core.steer.prefill import continuation_inputs, shared_gates, shared_prompt_pass
 
 __all__ = ["REFUSAL_STARTS", "accepts_logits_to_keep", "refusal_score", "refusal_token_ids", "steered_logits"]
 
@@ -25,8 +26,19 @@ def steered_logits(handle: ModelHandle, enc: dict, interventions: Sequence[Inter
                    last_only: bool = False) -> torch.Tensor:
     """One forward pass with the interventions on every position; returns ``[batch, seq, vocab]`` logits on CPU
     (``[batch, 1, vocab]`` with ``last_only``, which skips the vocabulary projection of the other positions where
-    the model supports ``logits_to_keep``)."""
+    the model supports ``logits_to_keep``). With ``last_only`` and prefill gates of ``gate_pass="shared"``, the gates
+    are read in the one unsteered prompt pass and the last prompt token is computed again, steered
+    (:mod:`crvlm_core.steer.prefill`); otherwise a gate reads its own pass."""
     table = validated(handle, interventions)
+    shared = shared_gates(interventions)
+    if last_only and shared:
+        with prepared(handle, interventions, enc, skip=shared):
+            cache = shared_prompt_pass(handle, enc, shared)
+            with hooked(handle, table):
+                out = handle.hf_model.generate(**continuation_inputs(handle, enc), cache=cache, max_new_tokens=1,
+                                               do_sample=False, pad_token_id=handle.tokenizer.pad_token_id,
+                                               output_logits=True, return_dict_in_generate=True)
+        return out.logits[0][:, None].detach().cpu()
     keep = {"logits_to_keep": 1} if last_only and accepts_logits_to_keep(handle) else {}
     with prepared(handle, interventions, enc), warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -103,6 +103,7 @@ class ConditionalSteering(PrefillGate, AddVector):
     center: torch.Tensor | None = None
     gate_layer: int | None = None
     threshold: float = 0.0
+    gate_pass: str = "separate"  # "shared": one prompt pass, the vector added from the last prompt token on
 
     def __post_init__(self):
         super().__post_init__()
@@ -130,7 +131,7 @@ class ConditionalSteering(PrefillGate, AddVector):
     def clear_gate(self) -> None:
         self._fires = None
 
-    def apply(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    def steer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         if self._fires is None:
             raise RuntimeError("CAST's condition is unset: run it through steered_generate / steered_logits, which "
                                "call prepare() on each batch")
@@ -140,10 +141,11 @@ class ConditionalSteering(PrefillGate, AddVector):
 
 def fit_cast(handle: ModelHandle, train: Sequence[Sample], vector: SteeringVector,
              condition_layers: Sequence[int] | None = None, batch_size: int = 8, seed: int = 42,
-             progress: bool = True) -> tuple[ConditionalSteering, dict]:
+             progress: bool = True, gate_pass: str = "separate") -> tuple[ConditionalSteering, dict]:
     """CAST around a fitted refusal ``vector``: the condition layer and threshold grid-searched on the training
     split's last-prompt-token states (candidates ``condition_layers``, default every layer but the first), the
-    condition vector and centre refitted on all of it. Returns ``(intervention, grid search result)``."""
+    condition vector and centre refitted on all of it; ``gate_pass`` as in :class:`~crvlm_core.steer.base.
+    PrefillGate`. Returns ``(intervention, grid search result)``."""
     inn = [s for s in train if s.scope == "in"]
     out = [s for s in train if s.scope == "out"]
     cand = sorted({handle.check_layer(int(l)) for l in (condition_layers or range(1, handle.n_layers))})
@@ -154,5 +156,5 @@ def fit_cast(handle: ModelHandle, train: Sequence[Sample], vector: SteeringVecto
     j = cand.index(search["layer"])
     center, cond = _condition_from(a_in[:, j], a_out[:, j])
     iv = ConditionalSteering(vector.directions, tuple(vector.layers), vector.alpha, condition=cond, center=center,
-                             gate_layer=search["layer"], threshold=search["threshold"])
+                             gate_layer=search["layer"], threshold=search["threshold"], gate_pass=gate_pass)
     return iv, search

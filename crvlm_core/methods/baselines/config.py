@@ -35,6 +35,10 @@ class BaselineConfig:
         layers / alpha: where and how strongly the refusal vector is added (persona, actadd, cast; None: a third
             of the way up).
         condition_layers: CAST's candidate condition layers (None: every layer but the first).
+        gate_pass: how CAST's condition is read (:class:`~crvlm_core.steer.base.PrefillGate`): ``"separate"``
+            (default) in a pass of its own, the vector added at every prompt token; ``"shared"`` in the one prompt
+            pass, the vector added from the prompt's last token on (plain generation speed, but the vector alone
+            refuses far less that way: R 0.88 → 0.54 on notebook 02's split, docs/results.md).
         lora_rank / lora_steps / lora_lr / lora_batch_size: the adapter's rank, optimiser steps, learning rate and
             batch size; ``lora_target_tokens``: the length of the in-scope answers it learns.
         batch_size: batch of the extraction and generation passes.
@@ -46,6 +50,7 @@ class BaselineConfig:
     layers: tuple[int, ...] | None = None
     alpha: float = 1.0
     condition_layers: tuple[int, ...] | None = None
+    gate_pass: str = "separate"
     lora_rank: int = 8
     lora_steps: int = 48
     lora_lr: float = 5e-4
@@ -62,6 +67,8 @@ class BaselineConfig:
         if self.in_scope is not None:
             set_field(self, "in_scope", tuple(str(s) for s in self.in_scope) or None)
         number_field(self, "alpha", prefix="baseline ")
+        if self.gate_pass not in ("separate", "shared"):
+            raise InputError(f"baseline gate_pass must be 'separate' or 'shared', got {self.gate_pass!r}")
         for name in ("lora_target_tokens", "batch_size"):
             int_field(self, name, prefix="baseline ")
         self.lora()  # validates the adapter's settings

@@ -34,9 +34,10 @@ def fit_vector_baseline(handle: ModelHandle, train: Sequence[Sample], config: Ba
                 fingerprint=vector.fingerprint)
     if config.method != "cast":
         return vector, from_vector(vector), info
-    cast, search = fit_cast(handle, train, vector, config.condition_layers, config.batch_size, config.seed, progress)
-    info.update(condition_layer=cast.gate_layer, threshold=cast.threshold, train_condition_mb=search["mb"],
-                grid=search["table"])
+    cast, search = fit_cast(handle, train, vector, config.condition_layers, config.batch_size, config.seed, progress,
+                            gate_pass=config.gate_pass)
+    info.update(condition_layer=cast.gate_layer, threshold=cast.threshold, gate_pass=cast.gate_pass,
+                train_condition_mb=search["mb"], grid=search["table"])
     return vector, cast, info
 
 
@@ -61,4 +62,5 @@ def read_vector_baseline(folder: Path, method: str, info: dict, alpha: float | N
     return vector, ConditionalSteering(
         vector.directions, tuple(layers if layers is not None else vector.layers),
         vector.alpha if alpha is None else alpha, condition=cond["condition"], center=cond["center"],
-        gate_layer=info["condition_layer"], threshold=info["threshold"])
+        gate_layer=info["condition_layer"], threshold=info["threshold"],
+        gate_pass=info.get("gate_pass", "separate"))  # artifacts written before gate_pass: separate

@@ -19,11 +19,21 @@ __all__ = ["BEHAVIOURAL_REFUSAL", "finetune_behavioural"]
 def _forward_with_calibrator(steering: CalibratedSteering, handle: ModelHandle, enc: dict, gate_enc: dict,
                              keep: int) -> torch.Tensor:
     """Logits of the last ``keep`` positions only (the losses read no others; with a 150k vocabulary the projection
-    of every position is work and memory for nothing)."""
+    of every position is work and memory for nothing). The calibrator steers what it steers at generation: every
+    position, or with ``gate_pass="shared"`` the prompt's last token and what follows it (the last ``keep``)."""
     cal = steering.calibrator
     steering.prepare(handle, gate_enc)
-    hooks = [handle.torch_layers[l].register_forward_hook(lambda _m, _i, output, l=l: cal.apply_hidden(l, output))
-             for l in steering.layers]
+    tail = keep if steering.gate_pass == "shared" else None
+
+    def hook(_m, _i, output, layer):
+        if tail is None:
+            return cal.apply_hidden(layer, output)
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = torch.cat([hidden[:, :-tail], cal.apply_hidden(layer, hidden[:, -tail:])], dim=1)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    hooks = [handle.torch_layers[layer].register_forward_hook(lambda m, i, o, layer=layer: hook(m, i, o, layer))
+             for layer in steering.layers]
     try:
         return handle.hf_model(**enc, logits_to_keep=keep).logits
     finally:

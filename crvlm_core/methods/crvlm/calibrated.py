@@ -55,6 +55,7 @@ class CalibratedSteering(PrefillGate):
     fixed_gate: float | None = None  # ablation "gate off": ρ held at this value for every row (e.g. 1.0)
     config: CrvlmConfig | None = None  # the settings of the fit that made it (None when built by hand)
     history: list = field(default_factory=list, repr=False)  # one dict per training epoch
+    gate_pass: str = "separate"  # "shared": one prompt pass, steering from the last prompt token (PrefillGate)
 
     def __post_init__(self):
         self.layers = tuple(int(l) for l in self.layers)
@@ -77,7 +78,11 @@ class CalibratedSteering(PrefillGate):
     def clear_gate(self) -> None:
         self.calibrator.clear_gate_override()
 
-    def apply(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    @property
+    def shares_prompt_pass(self) -> bool:
+        return super().shares_prompt_pass and self.fixed_gate is None  # a fixed gate reads nothing
+
+    def steer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         return self.calibrator.apply_hidden(layer, hidden)
 
     @torch.no_grad()
@@ -114,7 +119,8 @@ class CalibratedSteering(PrefillGate):
         self.calibrator.save(folder)
         atomic_write_json(folder / CRVLM_JSON, {
             "layers": list(self.layers), "gate_layer": self.gate_layer, "fixed_gate": self.fixed_gate,
-            "config": None if self.config is None else self.config.to_dict(), "info": self.info})
+            "gate_pass": self.gate_pass, "config": None if self.config is None else self.config.to_dict(),
+            "info": self.info})
         if self.history:
             write_history(folder / TRAIN_LOG, self.history)
         if self.vector is not None:
@@ -130,9 +136,9 @@ class CalibratedSteering(PrefillGate):
         vector = SteeringVector.read_files(folder / VECTOR_DIR) if (folder / VECTOR_DIR).is_dir() else None
         log = folder / TRAIN_LOG
         history = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()] if log.is_file() else []
-        config = CrvlmConfig(**meta["config"]) if meta.get("config") else None
+        config = CrvlmConfig(**{"gate_pass": "separate", **meta["config"]}) if meta.get("config") else None
         return cls(Calibrator.load(folder), tuple(meta["layers"]), meta["gate_layer"], meta["info"], vector,
-                   meta["fixed_gate"], config, history)
+                   meta["fixed_gate"], config, history, meta.get("gate_pass", "separate"))  # older: separate
 
     def save(self, folder: str | Path, *, force: bool = False, extra_json: dict | None = None) -> Path:
         """Write the artifact folder whole (see the module docstring); ``extra_json`` maps more file names to JSON
@@ -143,7 +149,8 @@ class CalibratedSteering(PrefillGate):
         """
         cal = self.calibrator
         config = {"layers": list(self.layers), "gate_layer": self.gate_layer, "fixed_gate": self.fixed_gate,
-                  "calibrator": cal.config.to_dict(), "fit": None if self.config is None else self.config.to_dict()}
+                  "gate_pass": self.gate_pass, "calibrator": cal.config.to_dict(),
+                  "fit": None if self.config is None else self.config.to_dict()}
         n_layers = cal.n_model_layers if cal.n_model_layers is not None or self.vector is None else self.vector.n_layers
         model = {"spec": cal.model_spec, "key": self.info.get("model_key", cal.model_spec),
                  "hidden_size": cal.hidden_size, "n_layers": n_layers}

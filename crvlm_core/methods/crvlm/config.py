@@ -139,6 +139,10 @@ class CrvlmConfig:
         gate_layer: ``"auto"`` → a late layer (prefill gating, :func:`~crvlm_core.methods.crvlm.calibrated.
             default_gate_layer`); an int → that layer; ``None`` → the paper's gate, reading the steered layer's own
             hidden state.
+        gate_pass: How a prefill gate is read (:class:`~crvlm_core.steer.base.PrefillGate`): ``"shared"`` — in the
+            one unsteered prompt pass, steering from the prompt's last token on (generation at plain speed);
+            ``"separate"`` — in an extra prompt pass, every prompt token steered. The behavioural stage trains
+            with the same positions steered.
         extract_batch_size: Prompts per forward when reading activations.
         train_positions: ``"tokens"`` — train on the last prompt token plus ``positions_per_prompt`` random other
             prompt tokens of each sample (the calibrator is applied at every position at generation; with a prefill
@@ -154,6 +158,7 @@ class CrvlmConfig:
 
     layers: tuple[int, ...] | None = None
     gate_layer: int | str | None = "auto"
+    gate_pass: str = "shared"
     target_scale: float = 1.0
     width: int = 1024
     epochs: int = 40
@@ -178,6 +183,8 @@ class CrvlmConfig:
             set_field(self, "layers", tuple(sorted(layers_field(self, "layers"))))
         if self.gate_layer is not None and self.gate_layer != "auto":
             int_field(self, "gate_layer", minimum=0)
+        if self.gate_pass not in ("separate", "shared"):
+            raise ValueError(f"gate_pass must be 'separate' or 'shared', got {self.gate_pass!r}")
         if self.train_positions not in ("tokens", "last"):
             raise ValueError(f"train_positions must be 'tokens' or 'last', got {self.train_positions!r}")
         int_field(self, "extract_batch_size")

@@ -159,7 +159,8 @@ def fit_crvlm(handle: ModelHandle, train: Sequence[Sample], config: CrvlmConfig 
     if vision_info["active"]:
         vision_info["final"] = next((h["loss_vision"] for h in reversed(history) if "loss_vision" in h), None)
     info["vision_loss"] = vision_info
-    steering = CalibratedSteering(calibrator, tuple(layers), gate_layer, info, vector, config=config, history=history)
+    steering = CalibratedSteering(calibrator, tuple(layers), gate_layer, info, vector, config=config, history=history,
+                                  gate_pass=config.gate_pass)
     if config.behavioural is not None and config.behavioural.epochs > 0:
         finetune_behavioural(steering, handle, train, config.behavioural, progress=progress)
     return steering

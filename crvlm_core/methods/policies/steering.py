@@ -57,7 +57,7 @@ class PolicySteering(PrefillGate):
         for s in self.steerings.values():
             s.calibrator.clear_gate_override()
 
-    def apply(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    def steer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         for s in self.steerings.values():
             if layer in s.layers:
                 hidden = s.calibrator.apply_hidden(layer, hidden)
