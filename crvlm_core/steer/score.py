@@ -11,9 +11,10 @@ import torch
 
 from crvlm_core.extract import prompt_batches
 from crvlm_core.models.handle import ModelHandle
-from crvlm_core.steer.apply import apply_in_trace, hooked, prepared, validated
+from crvlm_core.steer.apply import apply_in_trace, prepared, validated
 from crvlm_core.steer.base import Intervention
-from crvlm_core.steer.prefill import continuation_inputs, shared_gates, shared_prompt_pass
+from crvlm_core.steer.generate import generate_batch
+from crvlm_core.steer.prefill import shared_gates
 
 __all__ = ["REFUSAL_STARTS", "accepts_logits_to_keep", "refusal_score", "refusal_token_ids", "steered_logits"]
 
@@ -31,14 +32,10 @@ def steered_logits(handle: ModelHandle, enc: dict, interventions: Sequence[Inter
     (:mod:`crvlm_core.steer.prefill`); otherwise a gate reads its own pass."""
     table = validated(handle, interventions)
     shared = shared_gates(interventions)
-    if last_only and shared:
-        with prepared(handle, interventions, enc, skip=shared):
-            cache = shared_prompt_pass(handle, enc, shared)
-            with hooked(handle, table):
-                out = handle.hf_model.generate(**continuation_inputs(handle, enc), cache=cache, max_new_tokens=1,
-                                               do_sample=False, pad_token_id=handle.tokenizer.pad_token_id,
-                                               output_logits=True, return_dict_in_generate=True)
-        return out.logits[0][:, None].detach().cpu()
+    if last_only and shared:  # one generated token through the shared pass; its logits are the last position's
+        seen: list[torch.Tensor] = []
+        generate_batch(handle, enc, table, 1, on_logits=seen.append)
+        return seen[0][:, None].cpu()
     keep = {"logits_to_keep": 1} if last_only and accepts_logits_to_keep(handle) else {}
     with prepared(handle, interventions, enc), warnings.catch_warnings():
         warnings.simplefilter("ignore")
