@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from crvlm_core.core.errors import InputError
 from crvlm_core.core.fields import int_field, layers_field, number_field, set_field
 from crvlm_core.methods.baselines.lora import LoraTrainConfig
+from crvlm_core.steer.base import GATE_PASSES
 
 __all__ = ["BASELINES", "VECTOR_METHODS", "BaselineConfig"]
 
@@ -67,8 +68,8 @@ class BaselineConfig:
         if self.in_scope is not None:
             set_field(self, "in_scope", tuple(str(s) for s in self.in_scope) or None)
         number_field(self, "alpha", prefix="baseline ")
-        if self.gate_pass not in ("separate", "shared"):
-            raise InputError(f"baseline gate_pass must be 'separate' or 'shared', got {self.gate_pass!r}")
+        if self.gate_pass not in GATE_PASSES:
+            raise InputError(f"baseline gate_pass must be one of {GATE_PASSES}, got {self.gate_pass!r}")
         for name in ("lora_target_tokens", "batch_size"):
             int_field(self, name, prefix="baseline ")
         self.lora()  # validates the adapter's settings

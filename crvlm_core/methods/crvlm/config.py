@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from crvlm_core.core.fields import int_field, layers_field, number_field, set_field
+from crvlm_core.steer.base import GATE_PASSES
 
 __all__ = ["BEHAVIOURAL_REFUSAL", "BehaviouralConfig", "CalibratorConfig", "CrvlmConfig"]
 
@@ -183,8 +184,8 @@ class CrvlmConfig:
             set_field(self, "layers", tuple(sorted(layers_field(self, "layers"))))
         if self.gate_layer is not None and self.gate_layer != "auto":
             int_field(self, "gate_layer", minimum=0)
-        if self.gate_pass not in ("separate", "shared"):
-            raise ValueError(f"gate_pass must be 'separate' or 'shared', got {self.gate_pass!r}")
+        if self.gate_pass not in GATE_PASSES:
+            raise ValueError(f"gate_pass must be one of {GATE_PASSES}, got {self.gate_pass!r}")
         if self.train_positions not in ("tokens", "last"):
             raise ValueError(f"train_positions must be 'tokens' or 'last', got {self.train_positions!r}")
         int_field(self, "extract_batch_size")
