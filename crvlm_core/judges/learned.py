@@ -17,6 +17,7 @@ from crvlm_core.core.cache import cached_json
 from crvlm_core.core.io import atomic_write_json
 from crvlm_core.data.bundled import load_dataset
 from crvlm_core.judges.base import JudgeError, JudgeResult, check_pairs
+from crvlm_core.judges.readout import LinearReadout
 
 __all__ = ["EMBEDDER_DIST", "LEARNED_FORMAT", "SYNTHETIC_EXAMPLES", "LearnedJudge", "MiniLMEmbedder", "split_labelled"]
 
@@ -145,10 +146,17 @@ class LearnedJudge:
 
     def __init__(self, mean: np.ndarray, scale: np.ndarray, coef: np.ndarray, intercept: float, threshold: float = 0.0,
                  info: dict | None = None):
-        self.mean, self.scale, self.coef = (np.asarray(a, np.float64) for a in (mean, scale, coef))
-        self.intercept = float(intercept)
+        self.readout = LinearReadout(mean, scale, coef, intercept)
         self.threshold = threshold
         self.info = info or {}
+
+    @property
+    def coef(self) -> np.ndarray:
+        return self.readout.coef
+
+    @property
+    def intercept(self) -> float:
+        return self.readout.intercept
 
     @staticmethod
     def features(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
@@ -162,21 +170,12 @@ class LearnedJudge:
     @classmethod
     def fit(cls, prompts: Sequence[str], responses: Sequence[str], labels: Sequence[bool], C: float = 1.0,
             seed: int = 0, info: dict | None = None) -> "LearnedJudge":
-        """Fit standardisation + L2 logistic regression (scikit-learn) on labelled pairs."""
-        from sklearn.linear_model import LogisticRegression
-
-        x = cls.features(prompts, responses)
-        y = np.asarray([bool(v) for v in labels], dtype=int)
-        if len(set(y)) < 2:
-            raise ValueError("the learned judge needs both refusals and answers to train on")
-        mean, scale = x.mean(0), x.std(0)
-        scale[scale == 0] = 1.0
-        clf = LogisticRegression(C=C, max_iter=2000, random_state=seed).fit((x - mean) / scale, y)
-        return cls(mean, scale, clf.coef_[0], clf.intercept_[0], info=dict(info or {}, n_train=len(y), C=C))
+        """Fit standardisation + L2 logistic regression (:class:`LinearReadout`) on labelled pairs."""
+        r = LinearReadout.fit(cls.features(prompts, responses), labels, C=C, seed=seed)
+        return cls(r.mean, r.scale, r.coef, r.intercept, info=dict(info or {}, n_train=len(labels), C=C))
 
     def probability(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        z = ((self.features(prompts, responses) - self.mean) / self.scale) @ self.coef + self.intercept
-        return 1.0 / (1.0 + np.exp(-z))
+        return self.readout.probability(self.features(prompts, responses))
 
     def judge(self, prompts: Sequence[str] | None, responses: Sequence[str]) -> list[JudgeResult]:
         prompts, responses = check_pairs(prompts, responses, True, self.name)
@@ -188,8 +187,7 @@ class LearnedJudge:
     # -- artifact ------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         """The standardisation, weights and training info as JSON (no pickle)."""
-        return {"format": LEARNED_FORMAT, "mean": self.mean.tolist(), "scale": self.scale.tolist(),
-                "coef": self.coef.tolist(), "intercept": self.intercept, "info": self.info}
+        return {"format": LEARNED_FORMAT, **self.readout.to_dict(), "info": self.info}
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "learned judge") -> "LearnedJudge":

@@ -103,20 +103,30 @@ class LocalLMBackend:
 
     def probabilities(self, texts: Sequence[str], answers: Sequence[str] = DIGITS) -> list[tuple[float, float]]:
         """``(p(refusal word), p(compliance word))`` for each judge prompt."""
+        return self.readout(texts, answers)[0]
+
+    def readout(self, texts: Sequence[str], answers: Sequence[str] = DIGITS, layer: Sequence[int] | None = None):
+        """``(probabilities, states)`` from one forward per batch: the answer words' next-token mass as in
+        :meth:`probabilities`, and (when ``layer`` lists layers) the float32 hidden states ``[len(texts),
+        len(layer), d]`` at the last prompt position (``hidden_states[i]``: 0 is the embeddings), else ``None``."""
+        import numpy as np
         import torch
 
         ids = self.answer_ids(answers)
         out: list[tuple[float, float]] = []
+        states: list = []
         h = self.handle
         for i in range(0, len(texts), self.batch_size):
             enc = h.build_inputs(list(texts[i:i + self.batch_size]))
             with torch.no_grad():
-                logits = h.hf_model(**enc).logits[:, -1, :].double()
-            p = torch.softmax(logits, dim=-1)
+                res = h.hf_model(**enc, output_hidden_states=layer is not None)
+            p = torch.softmax(res.logits[:, -1, :].double(), dim=-1)
             p1 = p[:, ids[answers[0]]].sum(-1)
             p0 = p[:, ids[answers[1]]].sum(-1)
             out += [(float(a), float(b)) for a, b in zip(p1, p0)]
-        return out
+            if layer is not None:
+                states.append(torch.stack([res.hidden_states[i][:, -1] for i in layer], 1).float().cpu().numpy())
+        return out, (np.concatenate(states) if states else None)
 
     def sampled_confidences(self, texts: Sequence[str], answers: Sequence[str], k: int = 5, max_new_tokens: int = 4,
                             seed: int = 0) -> list[float]:
