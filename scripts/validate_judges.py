@@ -1,12 +1,13 @@
 """Validate the refusal judges on held-out labels: accuracy, Cohen's κ and ROC AUC with 95 % bootstrap intervals,
 and seconds per item, for keyword, learned (as shipped, and trained on every training label), llm (Qwen2.5-Coder-1.5B,
-cutoff calibrated on the training labels only; and the K-sample protocol) and a learned→llm cascade. Writes
+cutoff calibrated on the training labels only; and the K-sample protocol), llm-probe (the shipped readout of the same
+model's hidden state, fitted by scripts/fit_judge_probe.py on the training labels) and a learned→llm cascade. Writes
 outputs/measurements/judges.json and prints a markdown table.
 
 Held-out sets (crvlm_core.judges.labels): refusal_labels' seeded 30 % (51, pyrit, human-labelled), uncensorbench's
 seeded 30 % of prompts (90 reference answers), refusal_styles (40 hard styles, labelled by the project's engineer).
 
-    python scripts/validate_judges.py [--no-llm] [--no-sampled] [--calib-limit N] [--batch-size 4]
+    python scripts/validate_judges.py [--no-llm] [--no-probe] [--no-sampled] [--calib-limit N] [--batch-size 4]
 
 LLM confidences are cached per item in outputs/cache/ (an interrupted run resumes).
 """
@@ -27,6 +28,7 @@ from crvlm_core.data.schema import fingerprint
 from crvlm_core.judges.keyword import KeywordJudge
 from crvlm_core.judges.labels import judge_label_split
 from crvlm_core.judges.learned import LearnedJudge
+from crvlm_core.judges.probe import PROBE_LAYERS, PROBE_PATH, judge_states
 from crvlm_core.judges.registry import DEFAULT_JUDGE, LLM_MAX_CHARS, LLM_MODEL, LLM_THRESHOLD, get_judge
 from crvlm_core.judges.validation import agreement_intervals, calibrate_threshold
 
@@ -138,6 +140,27 @@ def run_llm(rows: list, train: list, held: dict, args) -> dict:
     return out
 
 
+def run_probe(rows: list, held: dict, timing_items: int = 16) -> None:
+    """The shipped llm-probe readout on the held-out sets (judge-model states cached per pair, shared with
+    scripts/fit_judge_probe.py); seconds per item from ``timing_items`` held-out pyrit pairs judged again without the
+    cache through the judge itself, whose verdicts must equal the cached path's."""
+    judge = get_judge("llm-probe")
+    li = list(PROBE_LAYERS).index(judge.layer)
+    conf = {}
+    for n, s in held.items():
+        p, r, _ = _pairs(s)
+        states, _ = judge_states(judge.backend, p, r, max_response_chars=judge.max_response_chars, cache_dir=True,
+                                 progress=True)
+        conf[n] = 2.0 * judge.readout.probability(states[:, li]) - 1.0
+    p, r, _ = _pairs(held["refusal_labels"][:timing_items])
+    t0 = time.perf_counter()
+    again = np.array(judge.confidences(p, r))
+    sec = (time.perf_counter() - t0) / len(p)
+    drift = float(np.abs(again - conf["refusal_labels"][:len(p)]).max())
+    _score(rows, "llm-probe", held, {n: c > judge.threshold for n, c in conf.items()}, conf, sec, layer=judge.layer,
+           readout=str(PROBE_PATH.name), n_train=judge.info.get("n_train"), max_abs_confidence_drift_uncached=drift)
+
+
 def run_cascade(rows: list, held: dict, fast: dict, llm: dict, taus=(0.5, 0.8, 0.9, 0.95)) -> None:
     """learned decides where |confidence| ≥ τ, the llm judge the rest (verdicts combined from the runs above; time =
     learned's per-item time + the llm's per-item time × the share deferred to it)."""
@@ -160,7 +183,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-llm", action="store_true")
+    ap.add_argument("--no-llm", action="store_true", help="skip the llm judge, its K-sample form and the cascade")
+    ap.add_argument("--no-probe", action="store_true", help="skip the llm-probe judge")
     ap.add_argument("--calib-limit", type=int, default=0, help="calibrate the llm cutoff on this many training labels "
                     "(a seeded subset; 0 = all)")
     ap.add_argument("--no-sampled", dest="sampled", action="store_false", help="skip the K-sample protocol")
@@ -171,6 +195,8 @@ def main() -> None:
     train, held = judge_label_split(args.seed)
     rows: list = []
     fast = run_fast(rows, train, held, args.seed)
+    if not args.no_probe:
+        run_probe(rows, held)
     llm = None
     if not args.no_llm:
         llm = run_llm(rows, train, held, args)

@@ -111,7 +111,8 @@ def test_cli_fit_and_eval_crvlm(tmp_path, smollm2):
     fit = json.loads((art / "fit.json").read_text())
     assert fit["method"] == "crvlm" and fit["gate_layer"] == 27 and fit["layers"] == [10]
     with pytest.raises(SystemExit) as exc:
-        main(["eval", "--artifact", str(art), "--n-test", "1", "--max-new-tokens", "4", "--out", str(tmp_path / "ev")])
+        main(["eval", "--artifact", str(art), "--n-test", "1", "--max-new-tokens", "4", "--judge", "learned", "--out",
+              str(tmp_path / "ev")])
     assert exc.value.code == 0
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["method"] == "crvlm" and metrics["n_in"] == 1 and metrics["n_out"] == 1

@@ -17,7 +17,7 @@ from crvlm_core.judges.base import (JudgeError, JudgeResult, aggregate_confidenc
 from crvlm_core.judges.keyword import KeywordJudge
 from crvlm_core.judges.learned import LearnedJudge, split_labelled
 from crvlm_core.judges.llm import HTTPBackend, LLMJudge, LocalLMBackend
-from crvlm_core.judges.registry import DEFAULT_JUDGE, get_judge, judge_responses
+from crvlm_core.judges.registry import DEFAULT_JUDGE, JUDGES, get_judge, judge_responses
 from crvlm_core.judges.validation import judge_validation, validate_judge
 
 CLEAR_REFUSALS = [
@@ -163,7 +163,7 @@ def test_confidence_helpers():
     assert [r.refused for r in res] == [True, False, False]
     assert res[0].confidence == pytest.approx(2 / (1 + math.exp(-2.0)) - 1)  # 2·sigmoid(s) − 1
     assert refusal_score_judge([-1.0], threshold=-2.0)[0].refused
-    assert DEFAULT_JUDGE in ("keyword", "learned", "llm")
+    assert DEFAULT_JUDGE in JUDGES
 
 
 # ---- the OpenAI-compatible HTTP backend against a local fake server ------------------------------------------------

@@ -162,13 +162,15 @@ def test_cli_fit_and_eval_policy(tmp_path):
     assert exc.value.code == 2
     assert {p: p.read_bytes() for p in (tmp_path / "art").rglob("*") if p.is_file()} == before
     with pytest.raises(SystemExit) as exc:
-        main(["eval", "--policy", str(tmp_path / "policy.yaml"), "--max-new-tokens", "2", "--out", str(tmp_path / "ev")])
+        main(["eval", "--policy", str(tmp_path / "policy.yaml"), "--max-new-tokens", "2", "--judge", "learned", "--out",
+              str(tmp_path / "ev")])
     assert exc.value.code == 0
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["method"] == "policy" and metrics["design"] == "composed"
     assert set(metrics["constraints"]) == {"harmful", "biology", "physics"}
     with pytest.raises(SystemExit) as exc:  # the artifact folder alone works too
-        main(["eval", "--artifact", str(tmp_path / "art"), "--max-new-tokens", "2", "--out", str(tmp_path / "ev2")])
+        main(["eval", "--artifact", str(tmp_path / "art"), "--max-new-tokens", "2", "--judge", "learned", "--out",
+              str(tmp_path / "ev2")])
     assert exc.value.code == 0
     # what `crvlm serve --policy FILE` serves: the file's artifact, loaded like any `crvlm fit` folder
     assert fitted_artifact(tmp_path / "policy.yaml") == tmp_path / "art"

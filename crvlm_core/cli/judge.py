@@ -10,22 +10,18 @@ from pathlib import Path
 
 from crvlm_core.core.errors import InputError
 
-__all__ = ["JUDGE_CLI_DEFAULT", "add_judge_options", "cmd_judge", "read_judge_rows"]
-
-#: The default of ``crvlm judge``: the most accurate judge on the held-out labels within the time budget of
-#: docs/judges.md (``crvlm eval`` keeps its own default, :data:`crvlm_core.judges.registry.DEFAULT_JUDGE`).
-JUDGE_CLI_DEFAULT = "learned"
+__all__ = ["add_judge_options", "cmd_judge", "read_judge_rows"]
 
 _EXPECTED = 'each line must be a JSON object with string `prompt` and `response` (and optional `id`)'
 
 
 def add_judge_options(p: argparse.ArgumentParser) -> None:
-    from crvlm_core.judges.registry import JUDGES, LLM_MODEL
+    from crvlm_core.judges.registry import DEFAULT_JUDGE, JUDGES, LLM_MODEL
 
     p.add_argument("--input", required=True, help="JSONL rows with `prompt`, `response` and optional `id`")
     p.add_argument("--out", required=True, help="JSONL file to write (the rows plus `refused` and `confidence`)")
-    p.add_argument("--judge", default=JUDGE_CLI_DEFAULT, choices=list(JUDGES),
-                   help=f"which judge (default {JUDGE_CLI_DEFAULT}; see docs/judges.md for accuracy and speed)")
+    p.add_argument("--judge", default=DEFAULT_JUDGE, choices=list(JUDGES),
+                   help=f"which judge (default {DEFAULT_JUDGE}, as crvlm eval; docs/judges.md: accuracy and speed)")
     p.add_argument("--judge-model", default=LLM_MODEL,
                    help=f"model spec of the llm judge, also in the cascade (default {LLM_MODEL})")
     p.add_argument("--samples", type=int, default=0,
@@ -78,7 +74,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         opts = {"model": args.judge_model, "batch_size": args.batch_size, "samples": args.samples} \
-            if args.judge in ("llm", "cascade") else {}
+            if args.judge in ("llm", "cascade") else {"batch_size": args.batch_size} if args.judge == "llm-probe" else {}
         judge = get_judge(args.judge, **opts)
         results = judge.judge([r["prompt"] for r in rows], [r["response"] for r in rows])
     except JudgeError as err:

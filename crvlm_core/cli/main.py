@@ -209,7 +209,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``crvlm`` parser: one sub-command each for fit, eval, workbook, serve, models and datasets."""
-    from crvlm_core.judges.registry import DEFAULT_JUDGE
+    from crvlm_core.judges.registry import DEFAULT_JUDGE, JUDGES
     from crvlm_core.methods.refusal_vectors import METHODS
     from crvlm_core.models.specs import DEFAULT_MODEL
     from crvlm_core.workbook import runner as workbook
@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fit_options(f, DEFAULT_MODEL, list(METHODS) + ["crvlm", "rmd", "wrmd"] + list(_baselines()))
     f.set_defaults(func=cmd_fit)
     e = sub.add_parser("eval", help="generate, judge refusals, write metrics.json and samples.jsonl")
-    add_eval_options(e, DEFAULT_JUDGE)
+    add_eval_options(e, DEFAULT_JUDGE, JUDGES)
     e.set_defaults(func=cmd_eval)
     w = sub.add_parser("workbook", help="run the workbook notebooks headlessly with papermill")
     workbook.add_arguments(w)

@@ -190,7 +190,7 @@ def add_fit_options(f: argparse.ArgumentParser, default_model: str, methods: lis
     f.add_argument("--force", action="store_true", help="replace an existing --out folder whole once the fit is done")
 
 
-def add_eval_options(e: argparse.ArgumentParser, default_judge: str) -> None:
+def add_eval_options(e: argparse.ArgumentParser, default_judge: str, judges: tuple[str, ...]) -> None:
     """``crvlm eval``: what to evaluate (an artifact, a policy or a bare model), on which data, judged how."""
     e.add_argument("--artifact", default=None, help="a `crvlm fit` output folder")
     e.add_argument("--policy", default=None, help="a policy YAML: R / ORR / MB per constraint and jointly")
@@ -209,9 +209,10 @@ def add_eval_options(e: argparse.ArgumentParser, default_judge: str) -> None:
                    help="refuse prompts longer than this many tokens (default: the model's context length)")
     e.add_argument("--seed", type=_COUNT0, default=None)
     e.add_argument("--max-new-tokens", type=_POS, default=24)
-    e.add_argument("--judge", default=default_judge, choices=["keyword", "learned", "llm"],
-                   help=f"refusal judge (default {default_judge}: the best offline judge against the human labels; "
-                        "keyword: the documented phrase rule); metrics.json records its validation accuracy and κ")
+    e.add_argument("--judge", default=default_judge, choices=list(judges),
+                   help=f"refusal judge (default {default_judge}: the most accurate against the held-out labels within "
+                        "the budget of docs/judges.md; learned: fast; keyword: the documented phrase rule); "
+                        "metrics.json records its validation accuracy and κ")
     e.add_argument("--batch-size", type=_POS, default=8)
     e.add_argument("--out", required=True, help="folder for metrics.json and samples.jsonl (not a file)")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from crvlm_core.core.cache import cached_json
+from crvlm_core.core.cache import cached_json, key_digest
 from crvlm_core.core.io import nan_to_none
 from crvlm_core.data.bundled import load_dataset
 from crvlm_core.data.schema import fingerprint
@@ -93,7 +93,7 @@ def judge_validation(name: str = DEFAULT_JUDGE, seed: int = 0,
     the learned judge does not train on; the README's table): ``{"accuracy", "kappa", "n", "roc_auc"?, "labels"}``.
     Computed once and cached (``cache_dir``: True → ``outputs/cache/``, a path, or None/False for none; the key
     covers the labels and, for the learned judge, its training fingerprint; for ``llm`` its model, prompt and
-    cutoff)."""
+    cutoff; for ``llm-probe`` its readout)."""
     _, test = split_labelled(load_dataset("refusal_labels"), 0.7, seed)
     judge = get_judge(name)
     ident = {"name": name, "seed": seed, "labels": fingerprint(test), "format": LEARNED_FORMAT,
@@ -102,6 +102,8 @@ def judge_validation(name: str = DEFAULT_JUDGE, seed: int = 0,
         ident["llm"] = {k: str(getattr(judge, k, None)) for k in ("template", "answers", "threshold", "samples",
                                                                    "max_response_chars")}
         ident["llm"]["backend"] = getattr(judge.backend, "name", None)
+    if name == "llm-probe":  # the readout, its layer, prompt and model
+        ident["probe"] = key_digest(judge.to_dict())
 
     def compute() -> dict:
         r = validate_judge(judge, test)
