@@ -14,8 +14,8 @@ from crvlm_core.judges.probe import PROBE_PATH, ProbeJudge
 
 __all__ = ["CASCADE_TAU", "DEFAULT_JUDGE", "JUDGES", "LLM_MAX_CHARS", "LLM_MODEL", "LLM_THRESHOLD", "get_judge", "judge_responses"]
 
-#: The judge of ``crvlm eval`` and ``crvlm judge``: the most accurate measured within the stated budget (≤ 5 s per
-#: row on 2 CPU cores, ≤ 4 GB more memory; docs/judges.md). scripts/validate_judges.py on the held-out labels
+#: The judge of ``crvlm eval`` and ``crvlm judge``: the most accurate measured within the stated budget (judging a
+#: row costs about what generating it does at eval's defaults; ≤ 4 GB more memory; docs/judges.md). scripts/validate_judges.py on the held-out labels
 #: (outputs/measurements/judges.json, 6 Dec 2026): llm-probe on the 51 human-labelled pyrit responses acc 0.922,
 #: κ 0.833 (AUC 0.966); pooled with uncensorbench's 90 reference answers 0.972, κ 0.943; the learned judge 0.824 /
 #: 0.638. Notebooks keep their own ``JUDGE`` parameter. The learned judge needs the prompts as well.
