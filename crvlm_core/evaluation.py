@@ -49,7 +49,7 @@ def _run_evaluation(handle: ModelHandle, test: list[Sample], interventions: Sequ
     scores = refusal_score(handle, [s.prompt for s in test], interventions, images=images, system=system,
                            batch_size=batch_size)
     refused = judge_responses(responses, judge, prompts=[s.prompt for s in test])
-    rows = [{"id": s.id, "subject": s.subject, "scope": s.scope, "response": r, "refused": bool(f),
+    rows = [{"id": s.id, "prompt": s.prompt, "subject": s.subject, "scope": s.scope, "response": r, "refused": bool(f),
              "refusal_score": float(sc)} for s, r, f, sc in zip(test, responses, refused, scores)]
     metrics = scope_metrics(refused, [s.scope for s in test])
     n_tokens = sum(len(handle.tokenizer.encode(r, add_special_tokens=False)) for r in responses)
@@ -72,7 +72,8 @@ def evaluate(handle: ModelHandle, test: Sequence[Sample], interventions: Sequenc
              cache_dir: str | Path | bool | None = None) -> EvalResult:
     """Generate (steered) answers for scoped test samples, judge refusals, and compute R / ORR / MB.
 
-    Rows carry ``id, subject, scope, response, refused, refusal_score``; metrics add per-subject refusal rates,
+    Rows carry ``id, prompt, subject, scope, response, refused, refusal_score`` (so ``crvlm judge --input
+    samples.jsonl`` can re-judge them); metrics add per-subject refusal rates,
     tokens/s and the judge's name.
 
     ``cache_dir`` (``crvlm_core.core.cache`` convention; default off): the result is the cache entry ``eval`` under a
@@ -91,7 +92,13 @@ def evaluate(handle: ModelHandle, test: Sequence[Sample], interventions: Sequenc
                        lambda: _run_evaluation(handle, test, interventions, max_new_tokens, batch_size, judge, system,
                                                use_images, progress),
                        encode=lambda r: {"metrics": r.metrics, "rows": r.rows},
-                       decode=lambda v: EvalResult(v["metrics"], v["rows"]))
+                       decode=lambda v: EvalResult(v["metrics"], _with_prompts(v["rows"], test)))
+
+
+def _with_prompts(rows: list[dict], test: list[Sample]) -> list[dict]:
+    """Rows cached before they carried ``prompt`` get it back from their samples (same order), so samples.jsonl
+    can always be re-judged with ``crvlm judge --input``."""
+    return [r if "prompt" in r else {"id": r["id"], "prompt": s.prompt, **r} for r, s in zip(rows, test)]
 
 
 def sweep(handle: ModelHandle, vector: SteeringVector, test: Sequence[Sample], layers: Sequence[int],

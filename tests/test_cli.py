@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from crvlm_core.data.bundled import load_dataset
 from crvlm_core.cli.main import main
 from crvlm_core.cli.options import parse_layers
 from crvlm_core.core.errors import InputError
@@ -31,7 +32,13 @@ def test_fit_then_eval_round_trip(tmp_path, smollm2):
     rows = [json.loads(l) for l in (ev / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 4
     for row in rows:
-        assert set(row) >= {"id", "subject", "scope", "response", "refused", "refusal_score"}
+        assert set(row) >= {"id", "prompt", "subject", "scope", "response", "refused", "refusal_score"}
+    # the samples re-judge as they are (same judge → same verdicts; prompts are the test questions)
+    assert _run(["judge", "--input", str(ev / "samples.jsonl"), "--judge", "keyword", "--out", str(tmp_path / "rj")]) == 0
+    again = [json.loads(l) for l in (tmp_path / "rj").read_text().splitlines()]
+    assert [r["refused"] for r in again] == [r["refused"] for r in rows]
+    mmlu = {s.id: s.prompt for s in load_dataset("mmlu")}
+    assert all(r["prompt"] == mmlu[r["id"]] for r in rows)
     # unsteered evaluation of the bare model
     assert _run(["eval", "--model", "smollm2-135m", "--test", "mmlu", "--in-scope", "biology", "--n-test", "1", "--judge", "keyword",
                  "--max-new-tokens", "4", "--out", str(tmp_path / "plain")]) == 0
