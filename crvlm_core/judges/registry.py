@@ -14,12 +14,12 @@ from crvlm_core.judges.probe import PROBE_PATH, ProbeJudge
 
 __all__ = ["CASCADE_TAU", "DEFAULT_JUDGE", "JUDGES", "LLM_MAX_CHARS", "LLM_MODEL", "LLM_THRESHOLD", "get_judge", "judge_responses"]
 
-#: The judge of ``crvlm eval`` and ``crvlm judge``: the most accurate measured within the stated budget (judging a
-#: row costs about what generating it does at eval's defaults; ≤ 4 GB more memory; docs/judges.md). scripts/validate_judges.py on the held-out labels
-#: (outputs/measurements/judges.json, 6 Dec 2026): llm-probe on the 51 human-labelled pyrit responses acc 0.922,
-#: κ 0.833 (AUC 0.966); pooled with uncensorbench's 90 reference answers 0.972, κ 0.943; the learned judge 0.824 /
-#: 0.638. Notebooks keep their own ``JUDGE`` parameter. The learned judge needs the prompts as well.
-DEFAULT_JUDGE = "llm-probe"
+#: The judge of ``crvlm eval`` and ``crvlm judge`` (docs/judges.md). On full responses llm-probe is the most accurate
+#: (held out: pyrit 0.922 / κ 0.833, 141 pooled human labels 0.972 / κ 0.943; learned 0.824 and 0.638), but on the
+#: project's own 24-token evaluation answers it calls cut-off, step-by-step answers refusals: where the two disagreed
+#: on 200 such rows (28 rows, labelled by the engineer, scripts/data/judge_disagreements_2026-12-06.jsonl) learned
+#: was right 22 times and llm-probe 6. So the fast learned judge stays the default; it needs the prompts as well.
+DEFAULT_JUDGE = "learned"
 
 #: The local ``llm`` judge: its model (loaded in bfloat16), the response length it reads, and its cutoff on the
 #: confidence, calibrated on the training labels only by scripts/validate_judges.py (docs/judges.md).
