@@ -210,9 +210,8 @@ def add_eval_options(e: argparse.ArgumentParser, default_judge: str, judges: tup
     e.add_argument("--seed", type=_COUNT0, default=None)
     e.add_argument("--max-new-tokens", type=_POS, default=24)
     e.add_argument("--judge", default=default_judge, choices=list(judges),
-                   help=f"refusal judge (default {default_judge}: the most accurate against the held-out labels within "
-                        "the budget of docs/judges.md; learned: fast; keyword: the documented phrase rule); "
-                        "metrics.json records its validation accuracy and κ")
+                   help=f"refusal judge (default {default_judge}; llm-probe for full, untruncated answers; keyword: the "
+                        "documented phrase rule; docs/judges.md); metrics.json records its validation accuracy and κ")
     e.add_argument("--batch-size", type=_POS, default=8)
     e.add_argument("--out", required=True, help="folder for metrics.json and samples.jsonl (not a file)")
 

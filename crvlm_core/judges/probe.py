@@ -9,6 +9,7 @@ per item on disk (:func:`judge_states`), so fitting, validating and re-judging n
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from crvlm_core.core.cache import cache_folder, key_digest
-from crvlm_core.core.io import atomic_write_json
+from crvlm_core.core.io import atomic_write_bytes, atomic_write_json
 from crvlm_core.judges.base import JudgeError, JudgeResult, check_pairs
 from crvlm_core.judges.llm import VERDICT_TEMPLATE, VERDICTS
 from crvlm_core.judges.readout import LinearReadout
@@ -65,9 +66,9 @@ def judge_states(backend: Any, prompts: Sequence[str], responses: Sequence[str],
         for j, i in enumerate(idx):
             found[keys[i]] = (states[j], np.asarray(probs[j], np.float64))
             if folder is not None:
-                with open(folder / f"{keys[i]}.npz.tmp", "wb") as f:
-                    np.savez(f, states=states[j], p=np.asarray(probs[j]), layers=np.asarray(layers))
-                (folder / f"{keys[i]}.npz.tmp").replace(folder / f"{keys[i]}.npz")
+                buf = io.BytesIO()
+                np.savez(buf, states=states[j], p=np.asarray(probs[j]), layers=np.asarray(layers))
+                atomic_write_bytes(folder / f"{keys[i]}.npz", buf.getvalue())
     for k in keys:
         if k not in found:
             try:
