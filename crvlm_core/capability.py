@@ -71,8 +71,8 @@ def in_scope_questions(in_scope: Sequence[str], n: int = DEFAULT_N, seed: int = 
     present = sorted({s.subject for s in samples})
     subjects = [s for s in in_scope if s in present]
     if not subjects:
-        raise InputError(f"--capability {dataset}: none of the in-scope subjects {', '.join(in_scope) or '(none)'} "
-                         f"is a {dataset} subject ({', '.join(present)})")
+        raise InputError(f"--capability {dataset}: none of the in-scope subjects ({', '.join(in_scope)}) is a "
+                         f"subject of {dataset} ({', '.join(present)})")
     ins = [dataclasses.replace(s, scope="in") for s in samples if s.subject in subjects]
     _, test = split(ins, test_fraction=0.5, seed=seed)
     return test[:n]
