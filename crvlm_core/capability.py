@@ -1,6 +1,7 @@
 """Capability retention (issue #21): multiple-choice accuracy on MMLU's bundled choices, steered and unsteered — the
-letter A–D with the most next-token probability after the question and its four options — on held-out in-scope
-questions and on a fixed general set across subjects, with bootstrap intervals; predictions cached in the one cache.
+letter A–D with the most next-token probability after the question, its four options and the assistant's "The answer
+is" — on held-out in-scope questions and on a fixed general set across subjects, with bootstrap intervals;
+predictions cached in the one cache.
 
 Text only: the questions carry no image, so a vision-language model is scored on text (a family that cannot run
 without an image stops with one line)."""
@@ -29,7 +30,7 @@ from crvlm_core.steer.base import Intervention
 from crvlm_core.steer.interventions import intervention_fingerprint
 from crvlm_core.steer.score import steered_logits
 
-__all__ = ["DATASETS", "DEFAULT_N", "INSTRUCTION", "LETTERS", "capability", "capability_questions",
+__all__ = ["ANSWER_PREFIX", "DATASETS", "DEFAULT_N", "INSTRUCTION", "LETTERS", "capability", "capability_questions",
            "choice_predictions", "general_questions", "in_scope_questions", "letter_ids", "mc_prompt"]
 
 #: Datasets with four bundled choices and an answer letter per question (``crvlm eval --capability``'s choices).
@@ -37,6 +38,9 @@ DATASETS = ("mmlu",)
 LETTERS = ("A", "B", "C", "D")
 #: The line after the options; the prompt goes through the model's chat template like every other prompt.
 INSTRUCTION = "Answer with the letter."
+#: What the assistant's turn starts with (teacher-forced), so that the next token is the letter. Without it the
+#: default Qwen2.5-0.5B often starts "To …" and its letter choice is at chance (0.21 on 80 questions; 0.36 with it).
+ANSWER_PREFIX = "The answer is"
 #: Questions per set (held-out in-scope; general) unless told otherwise.
 DEFAULT_N = 100
 #: Salt of the general set's order: per subject, questions by SHA-256 of ``"<salt>:<id>"``, subjects taken in turn.
@@ -115,7 +119,7 @@ def _predict(handle: ModelHandle, questions: list[Sample], interventions: Sequen
     prompts = [mc_prompt(q) for q in questions]
     rows: list[dict] = [{}] * len(questions)
     for _, idx in prompt_batches(handle, prompts, [False] * len(prompts), batch_size):
-        enc = handle.build_inputs([prompts[k] for k in idx], None, system)
+        enc = handle.build_inputs([prompts[k] for k in idx], None, system, assistant_prefix=ANSWER_PREFIX)
         logp = torch.log_softmax(steered_logits(handle, enc, interventions, last_only=True)[:, -1].double(), -1)
         mass = torch.stack([logp[:, ids[letter]].logsumexp(-1) for letter in LETTERS], -1)  # [batch, 4] log p
         for j, k in enumerate(idx):
@@ -129,14 +133,15 @@ def choice_predictions(handle: ModelHandle, questions: Sequence[Sample], interve
                        system: str | None = None, batch_size: int = 8,
                        cache_dir: str | Path | bool | None = None) -> list[dict]:
     """Per question ``{id, predicted, correct, letter_mass}``: the letter with the most next-token probability (its
-    token ids summed, :func:`letter_ids`) after :func:`mc_prompt` through the chat template (with ``system``), one
+    token ids summed, :func:`letter_ids`) after :func:`mc_prompt` through the chat template (with ``system``) and the
+    assistant's :data:`ANSWER_PREFIX`, one
     steered forward per length-grouped batch (:func:`~crvlm_core.steer.score.steered_logits`: calibrators, gates and
     the shared prompt pass included); ``letter_mass`` is the probability on the four letters together (low when the
-    model would rather refuse). Cached as the entry ``capability`` keyed by the model, the questions, the
+    model would rather say something else). Cached as the entry ``capability`` keyed by the model, the questions, the
     interventions' fingerprint, the system prompt and the batch size."""
     questions = list(questions)
     key = {"model": handle.key, "interventions": intervention_fingerprint(list(interventions)), "system": system,
-           "batch_size": batch_size, "prompt": INSTRUCTION, "letters": "upper",
+           "batch_size": batch_size, "prompt": [INSTRUCTION, ANSWER_PREFIX], "letters": "upper",
            "questions": [[q.id, q.prompt, q.extra["choices"], q.extra["answer"]] for q in questions]}
     return cached_json(cache_dir, "capability", key,
                        lambda: _predict(handle, questions, interventions, system, batch_size))
@@ -197,6 +202,7 @@ def capability(handle: ModelHandle, in_scope: Sequence[str], out_scope: Sequence
     result["general"] = {**summary(general, 10), "ids": [q.id for q in general], "by_scope": {
         scope: summary([q for q in general if _scope(q.subject, in_scope, out_scope) == scope], 20 + 3 * i)
         for i, scope in enumerate(("in", "out"))}}
-    result["protocol"] = (f"question, options A-D, '{INSTRUCTION}' through the chat template (text only); the "
-                          "letter with the most next-token probability")
+    result["protocol"] = (f"question, options A-D, '{INSTRUCTION}' through the chat template (text only), the "
+                          f"assistant's turn starting '{ANSWER_PREFIX}'; the letter with the most next-token "
+                          "probability")
     return result
