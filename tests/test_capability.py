@@ -1,6 +1,6 @@
 """Capability retention (issue #21 item 5): the question sets are fixed and held out, the multiple-choice scoring goes
 through the steered forward (interventions, system prompts, another model), intervals and the paired difference, the
-cache, `crvlm eval --capability` on a tiny random model, and the default model well above chance on MMLU."""
+cache, `crvlm eval --capability` on a tiny random model, and a model that knows MMLU well above chance (slow)."""
 
 import json
 from collections import Counter
@@ -129,13 +129,13 @@ def test_cli_eval_writes_capability(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_default_model_answers_mmlu_above_chance(qwen):
-    """Qwen2.5-0.5B unsteered on the two sets of 100 (196 distinct questions): the 95 % interval of its accuracy lies
-    above chance (0.25) and it beats always answering the most common letter. (It gets about 0.36: on ~40 questions
-    that cannot be told from chance, so the test uses every question of both sets.)"""
-    held, general = capability_questions(["biology"], 100)
-    questions = list({q.id: q for q in held + general}.values())
-    correct = [r["correct"] for r in choice_predictions(qwen, questions)]
+def test_a_model_that_knows_mmlu_scores_well_above_chance():
+    """The scoring reads what a model knows: Qwen2.5-Coder-1.5B unsteered on the 100 held-out biology questions gets
+    about 0.47; the 95 % interval must lie above chance (0.25) and it must beat always answering the most common
+    letter. (The default 0.5B is near chance on MMLU — 0.29 [0.20, 0.39] on these questions, docs/results.md — so
+    it cannot show this; a scoring bug, e.g. letters misread or the prompt's options lost, would fail here.)"""
+    questions = in_scope_questions(["biology"], 100)
+    correct = [r["correct"] for r in choice_predictions(load_model("qwen2.5-1.5b"), questions)]
     accuracy, (low, _) = sum(correct) / len(correct), bootstrap_ci(correct)
     most_common = max(Counter(q.extra["answer"] for q in questions).values()) / len(questions)
     assert low > 0.25 and accuracy > most_common, (accuracy, low, most_common)
