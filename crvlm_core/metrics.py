@@ -11,8 +11,8 @@ import numpy as np
 
 from crvlm_core.core.io import nan_to_none
 
-__all__ = ["rate", "mb_score", "bootstrap_ci", "mb_score_ci", "scope_metrics", "rates_by", "kl_to_unsteered",
-           "unchanged_prefix_fraction"]
+__all__ = ["rate", "mb_score", "bootstrap_ci", "mb_score_ci", "paired_difference_ci", "scope_metrics", "rates_by",
+           "kl_to_unsteered", "unchanged_prefix_fraction"]
 
 
 def rate(flags: Sequence[bool]) -> float:
@@ -92,6 +92,18 @@ def mb_score_ci(refused_out: Sequence[bool], refused_in: Sequence[bool], n_boot:
     if out.size == 0 or inn.size == 0:
         return float("nan"), float("nan")
     return _percentile_bootstrap([out, inn], _mb_of_resamples, n_boot, alpha, seed)
+
+
+def paired_difference_ci(a: Sequence[float], b: Sequence[float], n_boot: int = 1000, alpha: float = 0.05,
+                         seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``mean(a) − mean(b)`` for paired values (the same items measured twice, e.g.
+    correct-answer flags steered and unsteered): the pairs are resampled together, i.e. :func:`bootstrap_ci` of the
+    per-item differences, so what the two conditions share cancels and the interval is narrower than the two
+    intervals' gap suggests. ``(nan, nan)`` for no pairs."""
+    a, b = list(a), list(b)
+    if len(a) != len(b):
+        raise ValueError(f"paired_difference_ci: {len(a)} values against {len(b)}: pairs need equal lengths")
+    return bootstrap_ci([float(x) - float(y) for x, y in zip(a, b)], n_boot=n_boot, alpha=alpha, seed=seed)
 
 
 def scope_metrics(refused: Sequence[bool], scopes: Sequence[str], ci: bool = False, n_boot: int = 1000,

@@ -164,6 +164,12 @@ ROWS = [
     row("fit-empty-scope", ["fit", "--in-scope", " ", "--out", "{out}"], "--in-scope", "empty scope"),
     row("eval-no-model", ["eval", "--in-scope", "biology", "--out", "{out}"], "--model", "--artifact"),
     row("eval-no-scope", ["eval", *TINY, "--out", "{out}"], "--in-scope", "needed"),
+    row("eval-capability-unknown", [*EVAL, "--capability", "gsm8k"], "--capability", "invalid choice"),
+    row("eval-capability-n-0", [*EVAL, "--capability", "mmlu", "--capability-n", "0"], "--capability-n", ">= 1"),
+    row("eval-capability-policy", ["eval", *TINY, "--policy", POLICY, "--capability", "mmlu", "--out", "{out}"],
+        "--capability", "policy"),
+    row("eval-capability-scope-not-mmlu", [*EVAL, "--in-scope", "food", "--test", "mm_subjects", "--capability",
+        "mmlu"], "--capability mmlu", "none of the in-scope subjects (food)", "mmlu"),
     row("fit-unknown-model", ["fit", "--model", "no-such-model", "--train", "mm_subjects", "--in-scope", "biology",
                               "--out", "{out}"], "no-such-model"),
     # -- subjects -------------------------------------------------------------------------------------------------

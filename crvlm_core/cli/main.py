@@ -135,7 +135,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     check_out_folder(args.out)
     fit, manifest = _fitted(Path(args.artifact)) if args.artifact else ({}, {})
-    if args.policy or manifest.get("kind") == "policy":
+    kind = "policy" if args.policy or manifest.get("kind") == "policy" else manifest.get("kind") or fit.get("kind")
+    if args.capability and kind in ("policy", "refusal-steering"):
+        raise InputError(f"--capability does not apply to a {kind} evaluation (no single in-scope set of "
+                         f"{args.capability} subjects): evaluate without it")
+    if kind == "policy":
         from crvlm_core.cli.policies import cmd_eval_policy
 
         return cmd_eval_policy(args)
@@ -154,10 +158,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else fit.get("seed", 42)
     args.split = eval_split(args.split, args.test, fit)
     test = scoped_data(args.test, in_scope, out_scope, args.split, args.n_test, seed, "eval")
+    if args.capability:  # its data and scope checked before the model loads
+        from crvlm_core.capability import capability, capability_questions
+
+        capability_questions(in_scope, args.capability_n, seed, args.capability)
     handle = load_model(model)
     check_layers(handle, layers=args.layers)
     check_prompt_lengths(handle, test, args.max_prompt_tokens, source=args.test)
-    interventions, system = [], None
+    interventions, system, unsteered = [], None, handle
     if args.artifact:  # interventions, a system prompt, or adapted weights (a LoRA baseline's own handle)
         loaded = load_artifact(args.artifact, handle, args.alpha, parse_layers(args.layers))
         handle, interventions, system = loaded.handle, loaded.interventions, loaded.system
@@ -169,11 +177,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
                "test": args.test, "split": args.split,
                "layers": list(interventions[0].layers) if interventions else [],
                "alpha": getattr(interventions[0], "alpha", fit.get("alpha")) if interventions else 0.0}
+    if args.capability:  # a LoRA baseline's merged model is the steered one, the base model the unsteered one
+        metrics["capability"] = capability(handle, in_scope, out_scope or None, interventions=interventions,
+                                           system=system, unsteered=unsteered, n=args.capability_n, seed=seed,
+                                           dataset=args.capability, batch_size=args.batch_size, cache_dir=True)
     with deferred_interrupt():
         write_run_outputs(Path(args.out), metrics, result.rows)
     print(f"[eval] {metrics['method']} on {model}: R={metrics['refusal_rate_out']:.3f} "
           f"ORR={metrics['over_refusal_in']:.3f} MB={metrics['mb_score']:.3f} "
           f"(n_out={metrics['n_out']}, n_in={metrics['n_in']}, judge={metrics['judge']}) → {args.out}")
+    if args.capability:
+        c, g = metrics["capability"], metrics["capability"]["general"]
+        print(f"[eval] {args.capability} accuracy steered / unsteered: in scope {c['accuracy_steered']:.3f} / "
+              f"{c['accuracy_unsteered']:.3f} (n={c['n']}), general {g['accuracy_steered']:.3f} / "
+              f"{g['accuracy_unsteered']:.3f} (n={g['n']})")
     return 0
 
 

@@ -213,6 +213,12 @@ def add_eval_options(e: argparse.ArgumentParser, default_judge: str, judges: tup
                    help=f"refusal judge (default {default_judge}; llm-probe for full, untruncated answers; keyword: the "
                         "documented phrase rule; docs/judges.md); metrics.json records its validation accuracy and κ")
     e.add_argument("--batch-size", type=_POS, default=8)
+    from crvlm_core.capability import DATASETS
+
+    e.add_argument("--capability", choices=list(DATASETS), default=None,
+                   help="also measure multiple-choice accuracy, steered and unsteered, on held-out in-scope and a "
+                        "fixed general set of questions (metrics.json `capability`)")
+    e.add_argument("--capability-n", type=_POS, default=100, help="questions per capability set (default 100)")
     e.add_argument("--out", required=True, help="folder for metrics.json and samples.jsonl (not a file)")
 
 
