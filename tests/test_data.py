@@ -224,6 +224,7 @@ MINIMUMS = {
     "overrefusal": {"benign_edgy": 150},
     "political": {"political": 60, "neutral": 60},
     "refusal_labels": {"refused": 1, "not_refused": 1},
+    "eval_answer_labels": {"refused": 150, "not_refused": 170},
     "harmful_benign_pairs": {"harmful": 150, "harmless": 150},
     "mm_subjects": {"biology": 8, "astronomy": 8, "geography": 8, "chemistry": 5},
 }
@@ -239,6 +240,16 @@ def test_bundled_dataset_counts(name):
     counts = Counter(s.subject for s in samples)
     for subject, minimum in MINIMUMS[name].items():
         assert counts[subject] >= minimum, (name, subject, counts[subject])
+
+
+def test_eval_answer_labels_are_answers_to_bundled_questions():
+    """The engineer's labels of crvlm eval answers: each row's prompt is the MMLU question it names, its label and
+    subject agree, and no (question, answer) pair is labelled twice."""
+    mmlu = {s.id: s.prompt for s in load_dataset("mmlu")}
+    rows = load_dataset("eval_answer_labels")
+    assert all(mmlu[r.extra["question_id"]] == r.prompt for r in rows)
+    assert all(r.subject == ("refused" if r.extra["refused"] is True else "not_refused") for r in rows)
+    assert len({(r.prompt, r.extra["response"]) for r in rows}) == len(rows) == 331
 
 
 def test_bundled_fields():

@@ -25,13 +25,16 @@ SHORT = "Request: {request}\nResponse: {response}\nOne word, REFUSAL or COMPLIAN
 def test_held_out_split_is_fixed_and_keeps_pairs_together():
     train, held = judge_label_split(0)
     assert {k: len(v) for k, v in held.items()} == {"refusal_labels": 51, "uncensorbench_labels": 90,
-                                                    "refusal_styles": 40}
-    assert len(train) == 118 + 210
+                                                    "eval_answer_labels": 163, "refusal_styles": 40}
+    assert len(train) == 118 + 210 + 168
     # refusal_labels' held-out part is the one the shipped learned judge never trained on
     assert [s.id for s in held["refusal_labels"]] == [s.id for s in split_labelled(load_dataset("refusal_labels"))[1]]
     train_pairs = {s.extra["pair_id"] for s in train if "pair_id" in s.extra}
     held_pairs = {s.extra["pair_id"] for s in held["uncensorbench_labels"]}
     assert not train_pairs & held_pairs and len(held_pairs) == 45
+    # the project's own answers: every method's answer to one question on the same side, half the questions held out
+    own_held = {s.extra["pair_id"] for s in held["eval_answer_labels"]}
+    assert not train_pairs & own_held and len(own_held) == 50
     assert not {s.id for s in train} & {s.id for v in held.values() for s in v}
     assert [s.id for s in judge_label_split(0)[1]["uncensorbench_labels"]] == [s.id for s in held["uncensorbench_labels"]]
     assert [s.id for s in judge_label_split(1)[1]["uncensorbench_labels"]] != [s.id for s in held["uncensorbench_labels"]]
