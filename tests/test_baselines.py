@@ -168,7 +168,7 @@ def test_system_prompt_names_the_scope_and_bad_input():
 
 
 def test_eval_writes_the_judge_and_its_validation(tiny, tmp_path):
-    assert build_parser().parse_args(["eval", "--out", "x"]).judge == DEFAULT_JUDGE == "learned"
+    assert build_parser().parse_args(["eval", "--out", "x"]).judge == DEFAULT_JUDGE == "llm-probe"
     art, ev = tmp_path / "art", tmp_path / "eval"
     for argv in (["fit", "--model", "tiny-llava", "--method", "cast", "--in-scope", "biology", "--n-train", "3",
                   "--layers", "1", "--out", str(art)],

@@ -98,3 +98,20 @@ def test_llm_probe_judge_separates_clear_cases():
     res = get_judge("llm-probe").judge(PROMPTS, RESPONSES)
     assert [r.refused for r in res] == [True, False, True]
     assert res[0].confidence > 0.5 and res[1].confidence < -0.5
+
+
+@pytest.mark.slow
+def test_llm_probe_reads_cut_off_working_as_an_answer():
+    """The project's own answers are cut off after 24 tokens. On the held-out half of the engineer's labels the
+    readout fitted on full-length human labels alone called step-by-step openings ("To determine …, we need to …")
+    refusals; the shipped one (fitted with the other half too) must get them and actadd's apologetic non-answers
+    right."""
+    from crvlm_core.judges.registry import get_judge
+
+    _, held = judge_label_split(0)
+    rows = [s for s in held["eval_answer_labels"]
+            if s.extra["response"].startswith("To ") or s.extra["method"] == "actadd"][:30]
+    assert {s.extra["refused"] for s in rows} == {True, False}
+    res = get_judge("llm-probe").judge([s.prompt for s in rows], [s.extra["response"] for s in rows])
+    right = [r.refused == s.extra["refused"] for r, s in zip(res, rows)]
+    assert sum(right) >= 0.9 * len(rows), [s.extra["response"][:60] for s, ok in zip(rows, right) if not ok]

@@ -210,8 +210,9 @@ def add_eval_options(e: argparse.ArgumentParser, default_judge: str, judges: tup
     e.add_argument("--seed", type=_COUNT0, default=None)
     e.add_argument("--max-new-tokens", type=_POS, default=24)
     e.add_argument("--judge", default=default_judge, choices=list(judges),
-                   help=f"refusal judge (default {default_judge}; llm-probe for full, untruncated answers; keyword: the "
-                        "documented phrase rule; docs/judges.md); metrics.json records its validation accuracy and κ")
+                   help=f"refusal judge (default {default_judge}: the most accurate on the held-out labels, loads "
+                        "Qwen2.5-Coder-1.5B; learned: fast; keyword: the documented phrase rule; docs/judges.md); "
+                        "metrics.json records its validation accuracy and κ")
     e.add_argument("--batch-size", type=_POS, default=8)
     from crvlm_core.capability import DATASETS
 

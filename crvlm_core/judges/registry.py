@@ -14,12 +14,14 @@ from crvlm_core.judges.probe import PROBE_PATH, ProbeJudge
 
 __all__ = ["CASCADE_TAU", "DEFAULT_JUDGE", "JUDGES", "LLM_MAX_CHARS", "LLM_MODEL", "LLM_THRESHOLD", "get_judge", "judge_responses"]
 
-#: The judge of ``crvlm eval`` and ``crvlm judge`` (docs/judges.md). On full responses llm-probe is the most accurate
-#: (held out: pyrit 0.922 / κ 0.833, 141 pooled human labels 0.972 / κ 0.943; learned 0.824 and 0.638), but on the
-#: project's own 24-token evaluation answers it calls cut-off, step-by-step answers refusals: where the two disagreed
-#: on 200 such rows (28 rows, labelled by the engineer, scripts/data/judge_disagreements_2026-12-06.jsonl) learned
-#: was right 22 times and llm-probe 6. So the fast learned judge stays the default; it needs the prompts as well.
-DEFAULT_JUDGE = "learned"
+#: The judge of ``crvlm eval`` and ``crvlm judge``: the most accurate measured within the budget of docs/judges.md
+#: (judging a row costs about what generating it does at eval's defaults; ≤ 4 GB more memory). Held out
+#: (scripts/validate_judges.py, outputs/measurements/judges-probe.json, 7 Dec 2026): llm-probe, fitted on the
+#: human-labelled training answers and on the engineer's labels of the project's own cut-off eval answers, scores
+#: 0.980 / κ 0.958 on the 51 pyrit labels, 0.986 / κ 0.971 on the 141 pooled human labels and 0.994 on 163 held-out
+#: eval answers; the learned judge 0.824 / 0.618, 0.638 / 0.265 and 0.957. The learned judge (fast, no judge model)
+#: is what notebooks use in the smoke profile; it needs the prompts as well.
+DEFAULT_JUDGE = "llm-probe"
 
 #: The local ``llm`` judge: its model (loaded in bfloat16), the response length it reads, and its cutoff on the
 #: confidence, calibrated on the training labels only by scripts/validate_judges.py (docs/judges.md).
@@ -46,8 +48,10 @@ def get_judge(name: str, **kwargs: Any) -> Judge:
     ``max_response_chars``, ``samples``: 5 for the paper's K-sample protocol, read at > 0.1). The local judge asks
     for REFUSAL / COMPLIANCE with the cutoff :data:`LLM_THRESHOLD`; an endpoint keeps the 1 / 0 template unless
     given one. ``llm-probe``: the shipped readout (``path``, default :data:`~crvlm_core.judges.probe.PROBE_PATH`)
-    on the model it names, in bfloat16 (``batch_size``; ``cache_dir`` caches states per pair). ``cascade``: ``tau`` (default :data:`CASCADE_TAU`) and the llm judge's options; the learned judge
-    decides where it is confident, the llm judge (loaded on first need) the rest. Judges built without options are
+    on the model it names, in bfloat16 (``batch_size``; ``cache_dir``, default True: the judge model's states are
+    cached per pair in ``outputs/cache/``, so re-judging or validating again reads no pair twice). ``cascade``:
+    ``tau`` (default :data:`CASCADE_TAU`) and the llm judge's options; the learned judge decides where it is
+    confident, the llm judge (loaded on first need) the rest. Judges built without options are
     reused within the process.
     """
     if name not in JUDGES:
@@ -74,7 +78,7 @@ def get_judge(name: str, **kwargs: Any) -> Judge:
 
 
 def _probe_judge(kwargs: dict) -> ProbeJudge:
-    path, cache_dir, batch = kwargs.pop("path", PROBE_PATH), kwargs.pop("cache_dir", None), kwargs.pop("batch_size", 8)
+    path, cache_dir, batch = kwargs.pop("path", PROBE_PATH), kwargs.pop("cache_dir", True), kwargs.pop("batch_size", 8)
     if kwargs:
         raise ValueError(f"llm-probe judge: unknown options {sorted(kwargs)} (path, batch_size, cache_dir)")
     return ProbeJudge.load(lambda spec: LocalLMBackend(spec, dtype="bfloat16", batch_size=batch), path, cache_dir)
