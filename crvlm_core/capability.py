@@ -30,8 +30,9 @@ from crvlm_core.steer.base import Intervention
 from crvlm_core.steer.interventions import intervention_fingerprint
 from crvlm_core.steer.score import steered_logits
 
-__all__ = ["ANSWER_PREFIX", "DATASETS", "DEFAULT_N", "INSTRUCTION", "LETTERS", "capability", "capability_questions",
-           "choice_predictions", "general_questions", "in_scope_questions", "letter_ids", "mc_prompt"]
+__all__ = ["ANSWER_PREFIX", "DATASETS", "DEFAULT_N", "INSTRUCTION", "LETTERS", "QuestionSets", "capability",
+           "capability_questions", "choice_predictions", "general_questions", "in_scope_questions", "letter_ids",
+           "mc_prompt"]
 
 #: Datasets with four bundled choices and an answer letter per question (``crvlm eval --capability``'s choices).
 DATASETS = ("mmlu",)
@@ -171,12 +172,22 @@ def _scope(subject: str, in_scope: Sequence[str], out_scope: Sequence[str] | Non
     return "out" if out_scope is None or subject in out_scope else None
 
 
+@dataclasses.dataclass(frozen=True)
+class QuestionSets:
+    """Which questions :func:`capability` scores: ``n`` per set, the eval's split ``seed`` (it picks the held-out
+    in-scope questions) and the ``dataset`` (one of :data:`DATASETS`)."""
+
+    n: int = DEFAULT_N
+    seed: int = 42
+    dataset: str = "mmlu"
+
+
 def capability(handle: ModelHandle, in_scope: Sequence[str], out_scope: Sequence[str] | None = None, *,
                interventions: Sequence[Intervention] = (), system: str | None = None,
-               unsteered: ModelHandle | None = None, n: int = DEFAULT_N, seed: int = 42, dataset: str = "mmlu",
-               batch_size: int = 8, cache_dir: str | Path | bool | None = None) -> dict:
+               unsteered: ModelHandle | None = None, sets: QuestionSets = QuestionSets(), batch_size: int = 8,
+               cache_dir: str | Path | bool | None = None) -> dict:
     """Multiple-choice accuracy steered (``handle`` with ``interventions`` and ``system``) and unsteered (``unsteered``
-    — e.g. the base model of a merged adapter — else ``handle``, with neither), on two sets of ``n`` questions:
+    — e.g. the base model of a merged adapter — else ``handle``, with neither), on two sets of ``sets.n`` questions:
 
     - top level: held-out in-scope questions (:func:`in_scope_questions`; the issue's contract: ``dataset, n,
       accuracy_steered, accuracy_unsteered``);
@@ -187,6 +198,7 @@ def capability(handle: ModelHandle, in_scope: Sequence[str], out_scope: Sequence
     Each set carries ``accuracy_*_ci`` (95 % percentile bootstrap), ``difference`` (steered − unsteered) with its
     paired ``difference_ci``, the mean ``letter_mass_*`` and the question ``ids``.
     """
+    n, seed, dataset = sets.n, sets.seed, sets.dataset
     held_out, general = capability_questions(in_scope, n, seed, dataset)
     union = list({q.id: q for q in held_out + general}.values())
     steered = choice_predictions(handle, union, interventions, system, batch_size, cache_dir)

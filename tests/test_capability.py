@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 import torch
 
-from crvlm_core.capability import (LETTERS, capability, capability_questions, choice_predictions, general_questions,
-                                   in_scope_questions, letter_ids, mc_prompt)
+from crvlm_core.capability import (LETTERS, QuestionSets, capability, capability_questions, choice_predictions,
+                                   general_questions, in_scope_questions, letter_ids, mc_prompt)
 from crvlm_core.cli.inputs import scoped_data
 from crvlm_core.cli.main import main
 from crvlm_core.core.errors import InputError
@@ -82,7 +82,7 @@ def test_paired_difference_interval():
 
 
 def test_capability_plumbing_on_a_tiny_model(tiny, tmp_path):
-    res = capability(tiny, ["biology"], n=6, cache_dir=tmp_path)
+    res = capability(tiny, ["biology"], sets=QuestionSets(6), cache_dir=tmp_path)
     assert res["dataset"] == "mmlu" and res["n"] == 6 and SET_KEYS <= set(res) and SET_KEYS <= set(res["general"])
     assert res["general"]["ids"] == GENERAL_FIRST and res["subjects"] == ["biology"]
     for part in (res, res["general"], *res["general"]["by_scope"].values()):
@@ -91,9 +91,10 @@ def test_capability_plumbing_on_a_tiny_model(tiny, tmp_path):
         assert low <= part["accuracy_steered"] <= high
     by_scope = res["general"]["by_scope"]
     assert (by_scope["in"]["n"], by_scope["out"]["n"]) == (1, 5)  # biology in, the other five subjects out
-    assert capability(tiny, ["biology"], n=6, cache_dir=tmp_path) == res  # same ids and values on a second run
+    assert capability(tiny, ["biology"], sets=QuestionSets(6), cache_dir=tmp_path) == res  # same on a second run
     # an explicit out-scope: subjects in neither scope count in neither part
-    scoped = capability(tiny, ["biology"], ["physics"], n=6, cache_dir=tmp_path)["general"]["by_scope"]
+    scoped = capability(tiny, ["biology"], ["physics"], sets=QuestionSets(6), cache_dir=tmp_path)
+    scoped = scoped["general"]["by_scope"]
     assert (scoped["in"]["n"], scoped["out"]["n"]) == (1, 1)
 
 
@@ -109,7 +110,7 @@ def test_steered_scoring_goes_through_interventions_and_system_prompts(tiny, tmp
     assert [r["letter_mass"] for r in steered] != [r["letter_mass"] for r in plain]
     prompted = choice_predictions(tiny, qs, system="Answer only questions about cooking.")
     assert [r["letter_mass"] for r in prompted] != [r["letter_mass"] for r in plain]
-    res = capability(tiny, ["biology"], n=4, interventions=[zero])
+    res = capability(tiny, ["biology"], sets=QuestionSets(4), interventions=[zero])
     assert res["accuracy_steered"] == res["accuracy_unsteered"] and res["difference_ci"] == [0.0, 0.0]
 
 

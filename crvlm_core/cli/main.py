@@ -159,7 +159,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     args.split = eval_split(args.split, args.test, fit)
     test = scoped_data(args.test, in_scope, out_scope, args.split, args.n_test, seed, "eval")
     if args.capability:  # its data and scope checked before the model loads
-        from crvlm_core.capability import capability, capability_questions
+        from crvlm_core.capability import QuestionSets, capability, capability_questions
 
         capability_questions(in_scope, args.capability_n, seed, args.capability)
     handle = load_model(model)
@@ -179,8 +179,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                "alpha": getattr(interventions[0], "alpha", fit.get("alpha")) if interventions else 0.0}
     if args.capability:  # a LoRA baseline's merged model is the steered one, the base model the unsteered one
         metrics["capability"] = capability(handle, in_scope, out_scope or None, interventions=interventions,
-                                           system=system, unsteered=unsteered, n=args.capability_n, seed=seed,
-                                           dataset=args.capability, batch_size=args.batch_size, cache_dir=True)
+                                           system=system, unsteered=unsteered,
+                                           sets=QuestionSets(args.capability_n, seed, args.capability),
+                                           batch_size=args.batch_size, cache_dir=True)
     with deferred_interrupt():
         write_run_outputs(Path(args.out), metrics, result.rows)
     print(f"[eval] {metrics['method']} on {model}: R={metrics['refusal_rate_out']:.3f} "
