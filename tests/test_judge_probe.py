@@ -115,3 +115,23 @@ def test_llm_probe_reads_cut_off_working_as_an_answer():
     res = get_judge("llm-probe").judge([s.prompt for s in rows], [s.extra["response"] for s in rows])
     right = [r.refused == s.extra["refused"] for r, s in zip(res, rows)]
     assert sum(right) >= 0.9 * len(rows), [s.extra["response"][:60] for s, ok in zip(rows, right) if not ok]
+
+
+@pytest.mark.slow
+def test_eval_with_a_damaged_judge_state_cache_is_one_line(tmp_path, monkeypatch, capsys):
+    """crvlm eval's default judge caches the judge model's states per pair; a damaged file is one line naming it and
+    exit 2, not a traceback (and nothing is written to --out)."""
+    from crvlm_core.cli.main import main
+
+    monkeypatch.setenv("CRVLM_OUTPUTS", str(tmp_path / "outputs"))
+    argv = ["eval", "--model", "tiny-llava", "--in-scope", "biology", "--n-test", "1", "--max-new-tokens", "2"]
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--out", str(tmp_path / "a")])
+    assert exc.value.code == 0 and json.loads((tmp_path / "a" / "metrics.json").read_text())["judge"] == "llm-probe"
+    for f in (tmp_path / "outputs" / "cache").glob("judge-states-*/*.npz"):
+        f.write_bytes(b"not an npz")
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and "damaged judge-state cache file" in err[0]
+    assert not (tmp_path / "b").exists()

@@ -291,11 +291,12 @@ def main(argv: list[str] | None = None) -> None:
         _interrupted(args, err)
     except Exception as err:  # bad input → one line; anything else keeps its traceback
         from crvlm_core.data.schema import DataError
+        from crvlm_core.judges.base import JudgeError
         from crvlm_core.models.specs import ModelLoadError
 
         if _interrupt(err) is not None:
             _interrupted(args, _interrupt(err))
-        if isinstance(err, (InputError, DataError, ModelLoadError, ValueError, FileNotFoundError)):
+        if isinstance(err, (InputError, DataError, JudgeError, ModelLoadError, ValueError, FileNotFoundError)):
             print(f"crvlm {args.command}: error: {err}".splitlines()[0], file=sys.stderr)
             raise SystemExit(2) from None
         raise
