@@ -5,7 +5,8 @@ model's hidden state, fitted by scripts/fit_judge_probe.py on the training label
 outputs/measurements/judges.json and prints a markdown table.
 
 Held-out sets (crvlm_core.judges.labels): refusal_labels' seeded 30 % (51, pyrit, human-labelled), uncensorbench's
-seeded 30 % of prompts (90 reference answers), refusal_styles (40 hard styles, labelled by the project's engineer).
+seeded 30 % of prompts (90 reference answers), eval_answer_labels' seeded half of its questions (163 cut-off eval
+answers, labelled by the project's engineer), refusal_styles (40 hard styles, written and labelled by the engineer).
 
     python scripts/validate_judges.py [--no-llm] [--no-probe] [--no-sampled] [--calib-limit N] [--batch-size 4]
 
