@@ -12,10 +12,11 @@ from crvlm_core.judges.learned import split_labelled
 
 __all__ = ["HELD_OUT_SETS", "LABEL_SETS", "PAIRED_HELD_OUT", "judge_label_split", "split_by_pair"]
 
-#: Label sets that are split into a training part and a held-out part (seeded).
-LABEL_SETS = ("refusal_labels", "uncensorbench_labels", "eval_answer_labels")
 #: Label sets held out by ``pair_id`` (every answer to one prompt on the same side), and the fraction held out.
 PAIRED_HELD_OUT = {"uncensorbench_labels": 0.3, "eval_answer_labels": 0.5}
+#: Label sets that are split into a training part and a held-out part (seeded): pyrit's, split by label, and the
+#: paired ones.
+LABEL_SETS = ("refusal_labels", *PAIRED_HELD_OUT)
 #: Label sets that are only ever held out: hand-written hard styles (deflection, feigned ignorance, propaganda
 #: replacement, apology-then-answer), labelled by the project's engineer, not by independent humans.
 HELD_OUT_SETS = ("refusal_styles",)
