@@ -116,7 +116,7 @@ def _capture(handle: ModelHandle, enc: dict, weights: torch.Tensor, layers: Sequ
     w = weights.to(device=handle.device, dtype=handle.dtype)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with handle.model.trace(enc) as tracer:
+        with handle.model.trace(enc, **handle.trace_options()) as tracer:
             reads = nnsight.save([torch.einsum("bsd,bs->bd", handle.layers[i].output, w).detach().cpu()
                                   for i in layers])
             # Nothing after the last read layer is needed: stop there (skips the rest of the stack and the
@@ -209,7 +209,7 @@ def _token_states(handle: ModelHandle, samples: list[Sample], layers: list[int],
         enc = handle.build_inputs([samples[k].prompt for k in idx], images)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with handle.model.trace(enc) as tracer:
+            with handle.model.trace(enc, **handle.trace_options()) as tracer:
                 full = nnsight.save([handle.layers[i].output.detach().cpu() for i in layers])
                 tracer.stop()
         full = torch.stack([f.float() for f in full], dim=2)  # [b, seq, L, d]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from crvlm_core.cli.inputs import (check_layers, check_out_folder, deferred_interrupt, eval_split,
                                    fit_split, scoped_data)
+from crvlm_core.cli.placement import load_placed, placement, refuse_remote
 from crvlm_core.cli.options import Parser, add_eval_options, add_fit_options, add_serve_options, parse_layers, subjects
 from crvlm_core.core.artifacts import ARTIFACT_JSON, FIT_JSON, ArtifactError, check_writable, read_manifest
 from crvlm_core.core.errors import InputError
@@ -26,8 +27,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
     ``--out`` is checked first: a folder that holds anything stops the fit (exit 2) unless ``--force``, which
     replaces it whole once the new artifact is complete. The data and options are checked before the model loads,
     the layers and prompt lengths right after it."""
-    from crvlm_core.models.loading import load_model
-
     check_writable(args.out, args.force)  # before any data or model is loaded
     if args.policy:
         from crvlm_core.cli.policies import cmd_fit_policy
@@ -42,7 +41,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise InputError("--in-scope needs at least one subject (empty scope), or give --policy FILE")
     args.split = fit_split(args.split, args.train)
     train = scoped_data(args.train, in_scope, out_scope, args.split, args.n_train, args.seed, "fit")
-    handle = load_model(args.model)
+    _refuse_ndif_training(args)
+    handle = load_placed(args, args.model)
     check_layers(handle, layers=args.layers, condition_layers=args.condition_layers,
                  gate_layer=args.gate_layer if args.method == "crvlm" else None)
     check_prompt_lengths(handle, train, args.max_prompt_tokens, source=args.train)
@@ -55,12 +55,22 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "in_scope": in_scope, "out_scope": out_scope, "train": args.train, "split": args.split, "seed": args.seed,
         "n_in": sum(s.scope == "in" for s in train), "n_out": sum(s.scope == "out" for s in train),
         "fit_seconds": seconds, "fingerprint": fingerprint,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "placement": placement(handle), **extra,
     }
     artifact.save(out, force=args.force, extra_json={FIT_JSON: summary})
     print(f"[fit] {args.method} on {args.model}: layers {layers_done}, {summary['n_out']} out / {summary['n_in']} in "
           f"training samples, {seconds:.1f} s → {out}")
     return 0
+
+
+def _refuse_ndif_training(args: argparse.Namespace) -> None:
+    """Fits that back-propagate through the model need its weights here, not on NDIF."""
+    if args.method == "lora":
+        refuse_remote(args, "the LoRA baseline trains an adapter on the model's weights here; fit it without "
+                      "--remote", ("ndif",))
+    if args.method == "crvlm" and args.behavioural_epochs:
+        refuse_remote(args, "CR-VLM's behavioural stage back-propagates through the model here; add "
+                      "--behavioural-epochs 0", ("ndif",))
 
 
 def _fit_method(args: argparse.Namespace, handle, train: list, in_scope: list[str]) -> tuple:
@@ -131,7 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from crvlm_core.judges.validation import judge_validation
     from crvlm_core.methods.loading import load_artifact
     from crvlm_core.evaluation import evaluate
-    from crvlm_core.models.loading import load_model
+    from crvlm_core.models.loading import on_remote
 
     check_out_folder(args.out)
     fit, manifest = _fitted(Path(args.artifact)) if args.artifact else ({}, {})
@@ -162,13 +172,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from crvlm_core.capability import QuestionSets, capability, capability_questions
 
         capability_questions(in_scope, args.capability_n, seed, args.capability)
-    handle = load_model(model)
+    handle = load_placed(args, model)
     check_layers(handle, layers=args.layers)
     check_prompt_lengths(handle, test, args.max_prompt_tokens, source=args.test)
     interventions, system, unsteered = [], None, handle
     if args.artifact:  # interventions, a system prompt, or adapted weights (a LoRA baseline's own handle)
         loaded = load_artifact(args.artifact, handle, args.alpha, parse_layers(args.layers))
-        handle, interventions, system = loaded.handle, loaded.interventions, loaded.system
+        handle, interventions, system = on_remote(loaded.handle, handle.remote), loaded.interventions, loaded.system
     result = evaluate(handle, test, interventions, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                       judge=args.judge, system=system)
     metrics = {**result.metrics, "judge_validation": judge_validation(args.judge),
@@ -176,7 +186,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                "method": fit.get("method") or manifest.get("kind", "unsteered"), "in_scope": in_scope,
                "test": args.test, "split": args.split,
                "layers": list(interventions[0].layers) if interventions else [],
-               "alpha": getattr(interventions[0], "alpha", fit.get("alpha")) if interventions else 0.0}
+               "alpha": getattr(interventions[0], "alpha", fit.get("alpha")) if interventions else 0.0,
+               "placement": placement(handle)}
     if args.capability:  # a LoRA baseline's merged model is the steered one, the base model the unsteered one
         metrics["capability"] = capability(handle, in_scope, out_scope or None, interventions=interventions,
                                            system=system, unsteered=unsteered,
@@ -210,7 +221,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     limits = ServeLimits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
                          max_batch_size=args.batch_size, batch_window_ms=args.batch_window_ms)
-    run_server(args.model, args.artifact, args.policy, args.host, args.port, limits)
+    if args.engine == "vllm":
+        from crvlm_core.serve.vllm_engine import run_vllm_server
+
+        if args.device or args.device_map:
+            raise InputError("--engine vllm places the model itself: leave out --device and --device-map")
+        run_vllm_server(args.model, args.artifact, args.policy, args.host, args.port, limits, dtype=args.dtype)
+        return 0
+    run_server(args.model, args.artifact, args.policy, args.host, args.port, limits,
+               load=lambda spec: load_placed(args, spec))
     return 0
 
 

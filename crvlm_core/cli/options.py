@@ -10,6 +10,7 @@ import argparse
 import math
 import sys
 
+from crvlm_core.cli.placement import add_placement_options
 from crvlm_core.core.errors import InputError
 
 __all__ = ["Parser", "add_eval_options", "add_fit_options", "add_serve_options", "finite", "gate_layer",
@@ -188,6 +189,7 @@ def add_fit_options(f: argparse.ArgumentParser, default_model: str, methods: lis
     f.add_argument("--batch-size", type=_POS, default=8)
     f.add_argument("--out", required=True, help="artifact folder to write (must be absent or empty)")
     f.add_argument("--force", action="store_true", help="replace an existing --out folder whole once the fit is done")
+    add_placement_options(f)
 
 
 def add_eval_options(e: argparse.ArgumentParser, default_judge: str, judges: tuple[str, ...]) -> None:
@@ -221,6 +223,7 @@ def add_eval_options(e: argparse.ArgumentParser, default_judge: str, judges: tup
                         "fixed general set of questions (metrics.json `capability`)")
     e.add_argument("--capability-n", type=_POS, default=100, help="questions per capability set (default 100)")
     e.add_argument("--out", required=True, help="folder for metrics.json and samples.jsonl (not a file)")
+    add_placement_options(e)
 
 
 def add_serve_options(s: argparse.ArgumentParser, default_model: str) -> None:
@@ -235,3 +238,7 @@ def add_serve_options(s: argparse.ArgumentParser, default_model: str) -> None:
     s.add_argument("--max-prompt-tokens", type=_POS, default=2048, help="largest prompt (tokens) a request may send")
     s.add_argument("--batch-size", type=_POS, default=8, help="requests generated together at most")
     s.add_argument("--batch-window-ms", type=finite(0.0), default=10.0, help="wait this long to gather a batch")
+    s.add_argument("--engine", choices=["crvlm", "vllm"], default="crvlm",
+                   help="crvlm: this package's batcher on transformers (CPU or GPU; streaming, logprobs); vllm: "
+                        "vLLM through nnsight, steering installed on the engine (needs vllm and a CUDA GPU)")
+    add_placement_options(s, remote=False)

@@ -15,7 +15,7 @@ from crvlm_core.methods.policies.data import policy_data
 from crvlm_core.methods.policies.evaluate import evaluate_policy
 from crvlm_core.methods.policies.fit import fit_policy
 from crvlm_core.methods.policies.spec import PolicyError, load_policy
-from crvlm_core.models.loading import load_model
+from crvlm_core.cli.placement import load_placed
 
 __all__ = ["cmd_eval_policy", "cmd_fit_policy"]
 
@@ -24,7 +24,7 @@ def cmd_fit_policy(args: argparse.Namespace) -> int:
     """Fit the policy file ``--policy`` on ``--model`` and save it as the artifact folder ``--out`` (a folder that
     holds anything stops the fit unless ``--force``)."""
     policy = load_policy(args.policy)
-    handle = load_model(args.model)
+    handle = load_placed(args, args.model)
     opts = policy.fit_options(design=args.design)
     data = policy_data(policy, opts["n_train"], opts["n_test"], opts["seed"])
     check_prompt_lengths(handle, data.train + data.test, getattr(args, "max_prompt_tokens", None),
@@ -57,7 +57,7 @@ def cmd_eval_policy(args: argparse.Namespace) -> int:
     else:
         policy = load_policy(args.policy)
     opts = {**policy.fit_options(), **fit.get("options", {})}
-    handle = load_model(args.model or fit["model"])
+    handle = load_placed(args, args.model or fit["model"])
     steering = load_policy_steering(artifact, handle) if artifact else None
     data = policy_data(policy, opts["n_train"], opts["n_test"], opts["seed"])
     check_prompt_lengths(handle, data.test, getattr(args, "max_prompt_tokens", None),

@@ -46,8 +46,10 @@ def _summary(args, fit: RefusalSteeringFit, seconds: float, model_key: str) -> d
 def cli_fit(args) -> int:
     """``crvlm fit --method {mean-diff,rmd,wrmd} --remove TOPIC --keep TOPIC [--train DATA] --out DIR``: fit, choose
     layers / λ / α on the data's train and val splits, save the artifact (vector, gate, settings, ``fit.json``)."""
-    from crvlm_core.models.loading import load_model
+    from crvlm_core.cli.placement import load_placed, refuse_remote
 
+    refuse_remote(args, "Refusal Steering samples its K answers with transformers' generate on the weights here; "
+                  "fit it without --remote ndif", ("ndif",))
     config = fit_config_from_args(args)
     source = DATASET if args.train in (None, "mmlu") else args.train  # mmlu: the scope default
     samples = load_dataset(source)
@@ -55,7 +57,7 @@ def cli_fit(args) -> int:
         check_topics(samples, args.remove, args.keep, args.neutral)
     except ValueError as err:
         raise InputError(f"--remove/--keep/--neutral: {err} in {source}") from None
-    handle = load_model(args.model)
+    handle = load_placed(args, args.model)
     check_prompt_lengths(handle, samples, args.max_prompt_tokens, source=source)
     warm_up(handle)
     out = Path(args.out)
@@ -92,11 +94,11 @@ def cli_eval(args, fit: dict) -> int:
     """``crvlm eval --artifact DIR --test DATA``: unsteered and steered refusal rates per subject on the held-out split
     of the fit (same seed and sizes), KL and unchanged-answer fraction on the neutral prompts → ``metrics.json``."""
     from crvlm_core.core.io import write_run_outputs
+    from crvlm_core.cli.placement import load_placed
     from crvlm_core.methods.loading import load_artifact
-    from crvlm_core.models.loading import load_model
 
     test = _test_split(args, fit)
-    handle = load_model(args.model or fit["model"])
+    handle = load_placed(args, args.model or fit["model"])
     check_layers(handle, layers=args.layers)
     check_prompt_lengths(handle, test, args.max_prompt_tokens, source=args.test)
     warm_up(handle)

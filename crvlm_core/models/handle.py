@@ -47,12 +47,15 @@ class ModelHandle:
         spec: the spec it was loaded from.
         family: family name (``causal``, ``llava``, ``idefics3``, ``instructblip``, ``qwen2_vl`` …).
         hf_model: the transformers model (eval mode, gradients off).
-        model: the nnsight wrapper around ``hf_model``; trace with ``handle.model.trace(handle.build_inputs(...))``.
+        model: the nnsight wrapper around ``hf_model``; trace with
+            ``handle.model.trace(handle.build_inputs(...), **handle.trace_options())``.
         tokenizer: the text tokenizer (left padding, a pad token set).
         processor: the multimodal processor (``None`` for text-only models).
         layers_path: dotted path from ``hf_model`` to its decoder layers.
         n_layers / hidden_size: of the language model.
         load_seconds: wall time of the load.
+        remote: where its traces run: None (here), ``"local"`` (nnsight's simulation of a remote server) or
+            ``"ndif"`` (:mod:`crvlm_core.models.remote`). Traces take :meth:`trace_options`.
     """
 
     spec: str
@@ -66,6 +69,7 @@ class ModelHandle:
     hidden_size: int
     load_seconds: float = 0.0
     info: dict = field(default_factory=dict)
+    remote: str | None = None
 
     # -- structure ---------------------------------------------------------------------------------
     @property
@@ -93,6 +97,9 @@ class ModelHandle:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the first parameter's device (CPU for an NDIF handle, whose weights are meta here)."""
+        if self.remote == "ndif":
+            return torch.device("cpu")
         return next(self.hf_model.parameters()).device
 
     @property
@@ -201,6 +208,14 @@ class ModelHandle:
         return not (bos and text.startswith(bos))
 
     # -- running -----------------------------------------------------------------------------------
+    def trace_options(self) -> dict:
+        """Keyword arguments that send a trace where :attr:`remote` says: every trace of the library is opened as
+        ``with handle.model.trace(inputs, **handle.trace_options())`` (or ``.generate(...)``; nnsight reads the
+        ``with`` line itself, so the call cannot hide in a helper)."""
+        from crvlm_core.models.remote import trace_options
+
+        return trace_options(self.remote, self.model)
+
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], images: Sequence[Any] | None = None, system: str | None = None,
                  max_new_tokens: int = 32, **gen_kwargs: Any) -> list[str]:
@@ -244,7 +259,16 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
     """``device`` as a torch device; ``None``: CUDA when available, else CPU."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    from crvlm_core.models.specs import ModelLoadError
+
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ModelLoadError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device}: no CUDA GPU is visible to torch {torch.__version__} here "
+                             "(leave --device out to use the CPU)")
+    return device
 
 
 def wrap_model(spec: str, family: str, hf_model, tokenizer, processor, layers_path: str) -> ModelHandle:

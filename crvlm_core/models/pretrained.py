@@ -59,8 +59,14 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def load_pretrained(spec: str, dtype: torch.dtype, trust_remote_code: bool):
-    """A hub id or a local folder; the family comes from its config's ``model_type``."""
+def is_pretrained_spec(spec: str) -> bool:
+    """Whether ``spec`` is a hub id or a local folder (not a named or built ``tiny-*`` spec)."""
+    return spec not in SPECS and not spec.startswith("tiny-")
+
+
+def load_pretrained(spec: str, dtype: torch.dtype, trust_remote_code: bool, device_map: str | None = None):
+    """A hub id or a local folder; the family comes from its config's ``model_type``. ``device_map="auto"``: placed
+    over the GPUs (and CPU) by accelerate."""
     import transformers
     from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
@@ -86,7 +92,8 @@ def load_pretrained(spec: str, dtype: torch.dtype, trust_remote_code: bool):
     family = FAMILIES.get(model_type, FAMILIES["causal"])
     cls = getattr(transformers, family.auto_class)
     try:
-        model = cls.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+        placed = {"device_map": device_map} if device_map else {}
+        model = cls.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **placed)
     except OSError as err:
         raise ModelLoadError(f"could not load the weights of {spec!r}: {err}") from None
     tokenizer = processor = None
@@ -96,3 +103,30 @@ def load_pretrained(spec: str, dtype: torch.dtype, trust_remote_code: bool):
     else:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     return model, tokenizer, processor, family.name, find_layers_path(model, family)
+
+
+def ndif_handle(spec: str):
+    """A handle whose traces run on NDIF: the model's meta skeleton (config and tokenizer from the hub, no
+    weights) wrapped by nnsight; NDIF holds the weights. Only hub ids of text models NDIF serves."""
+    from crvlm_core.models.handle import ModelHandle
+
+    if not is_pretrained_spec(spec) or Path(spec).expanduser().exists() or spec.count("/") != 1:
+        raise ModelLoadError(f"--remote ndif runs models NDIF hosts, named by hub id (owner/name); {spec!r} is not "
+                             "one (built-in and local models run here: --remote local checks a trace is remote-safe)")
+    import nnsight
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(spec)
+    except OSError as err:
+        raise ModelLoadError(f"could not read the config of {spec!r} from the hub: {err}") from None
+    family = FAMILIES.get(getattr(config, "model_type", ""), FAMILIES["causal"])
+    if family.is_vlm:
+        raise ModelLoadError(f"{spec} is a vision-language model: --remote ndif takes text models only here")
+    wrapped = nnsight.LanguageModel(spec)  # not dispatched: meta tensors, no download of the weights
+    hf_model = wrapped._model
+    layers_path = find_layers_path(hf_model, family)
+    text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return ModelHandle(spec=spec, family=family.name, hf_model=hf_model, model=wrapped, tokenizer=wrapped.tokenizer,
+                       processor=None, layers_path=layers_path, n_layers=len(resolve_path(hf_model, layers_path)),
+                       hidden_size=int(text_cfg.hidden_size), remote="ndif")

@@ -55,9 +55,11 @@ def running(model_server: ModelServer, host: str = "127.0.0.1", port: int | None
 
 def run_server(model: str | None = None, artifact: str | Path | None = None, policy: str | Path | None = None,
                host: str = "127.0.0.1", port: int = 8000, limits: ServeLimits | None = None,
-               log_level: str = "info") -> None:
+               log_level: str = "info", load=None) -> None:
     """Load the model (the artifact's, unless ``model`` is given), build the served variants and run uvicorn until
-    interrupted. ``policy`` is a policy YAML whose fitted artifact folder it names (see :mod:`crvlm_core.methods.policies.artifact`)."""
+    interrupted. ``policy`` is a policy YAML whose fitted artifact folder it names (see
+    :mod:`crvlm_core.methods.policies.artifact`). ``load(spec) -> handle`` places the model (default
+    :func:`~crvlm_core.models.loading.load_model`: a GPU when one is visible)."""
     import uvicorn
 
     from crvlm_core.models.loading import load_model
@@ -71,7 +73,7 @@ def run_server(model: str | None = None, artifact: str | Path | None = None, pol
         artifact = fitted_artifact(policy)
     if artifact is not None:  # the model it was fitted on (after checking the folder whole)
         model = model or read_manifest(artifact)["model"]["spec"]
-    handle = load_model(model or DEFAULT_MODEL)
+    handle = (load or load_model)(model or DEFAULT_MODEL)
     server = ModelServer(handle, load_variants(handle, artifact), limits)
     print(f"[serve] {handle.spec}: models {sorted(server.variants)} on http://{host}:{port}/v1", flush=True)
     try:

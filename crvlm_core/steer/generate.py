@@ -59,16 +59,17 @@ def generate_batch(handle: ModelHandle, enc: dict, table: dict, max_new_tokens: 
 
     With the hook backend, prefill gates with ``gate_pass="shared"`` are read in the one unsteered prompt pass whose
     cache the steered generation continues from (:mod:`crvlm_core.steer.prefill`); the nnsight backend reads them in
-    a pass of their own and steers the same positions."""
+    a pass of their own and steers the same positions. A handle with :attr:`~ModelHandle.remote` set always takes
+    the nnsight backend (forward hooks cannot be shipped to a server)."""
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=handle.tokenizer.pad_token_id,
                   **gen_kwargs)
     backend = backend or GENERATE_BACKEND
     if backend not in GENERATE_BACKENDS:
         raise ValueError(f"unknown generation backend {backend!r}; choose from {GENERATE_BACKENDS}")
     ivs = interventions_of(table)
-    if backend == "nnsight" and ivs:
+    if handle.remote or (backend == "nnsight" and ivs):  # hooks cannot travel: a remote run is one nnsight trace
         if on_logits is not None:
-            raise ValueError("on_logits needs the hook backend")
+            raise ValueError("on_logits needs the hook backend (not available with remote traces)")
         return _generate_nnsight(handle, enc, table, ivs, kwargs)
     shared = shared_gates(ivs)
     with prepared(handle, ivs, enc, skip=shared):
@@ -96,10 +97,11 @@ def logits_watched(handle: ModelHandle, on_logits: Callable[[torch.Tensor], None
 def _generate_nnsight(handle: ModelHandle, enc: dict, table: dict, ivs: list, kwargs: dict) -> torch.Tensor:
     with prepared(handle, ivs, enc), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with handle.model.generate(**kwargs) as tracer:
+        with handle.model.generate(**kwargs, **handle.trace_options()) as tracer:
             with tracer.invoke(enc):
-                for _ in tracer.all():
-                    apply_in_trace(handle, table)
+                if table:
+                    for _ in tracer.all():
+                        apply_in_trace(handle, table)
             with tracer.invoke():
-                ids = tracer.result.save()
+                ids = tracer.result.detach().cpu().save()  # what leaves a (remote) trace is on the CPU
     return ids.detach().cpu()

@@ -32,14 +32,14 @@ def steered_logits(handle: ModelHandle, enc: dict, interventions: Sequence[Inter
     (:mod:`crvlm_core.steer.prefill`); otherwise a gate reads its own pass."""
     table = validated(handle, interventions)
     shared = shared_gates(interventions)
-    if last_only and shared:  # one generated token through the shared pass; its logits are the last position's
+    if last_only and shared and not handle.remote:  # one generated token through the shared pass; its logits are the last position's
         seen: list[torch.Tensor] = []
         generate_batch(handle, enc, table, 1, on_logits=seen.append)
         return seen[0][:, None].cpu()
     keep = {"logits_to_keep": 1} if last_only and accepts_logits_to_keep(handle) else {}
     with prepared(handle, interventions, enc), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with handle.model.trace(enc, **keep):
+        with handle.model.trace(enc, **keep, **handle.trace_options()):
             apply_in_trace(handle, table)
             logits = handle.model.output.logits.detach().cpu().save()
     return logits[:, -1:] if last_only else logits
