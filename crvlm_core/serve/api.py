@@ -18,7 +18,7 @@ from crvlm_core.serve.limits import RequestError
 from crvlm_core.serve.schema import parse_request
 from crvlm_core.serve.streaming import Job
 
-__all__ = ["create_app"]
+__all__ = ["check_content_type", "create_app", "error_response", "read_body"]
 
 
 def _import_anyio_backend() -> None:
@@ -45,12 +45,12 @@ def _import_anyio_backend() -> None:
 _import_anyio_backend()
 
 
-def _error_response(err: RequestError):
+def error_response(err: RequestError):
     headers = {"Retry-After": "1"} if err.code == "server_busy" else None
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
-def _check_content_type(request) -> None:
+def check_content_type(request) -> None:
     """Only ``application/json`` bodies (any parameters, e.g. ``; charset=utf-8``): a browser page may POST
     ``text/plain`` or a form to a server on localhost without asking first, but not JSON (a CSRF guard)."""
     declared = request.headers.get("content-type", "")
@@ -67,7 +67,7 @@ async def _until_disconnected(request) -> None:
         await asyncio.sleep(0.05)
 
 
-async def _read_body(request, limit: int) -> bytes:
+async def read_body(request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError(413, f"request body of {declared} bytes exceeds the limit of {limit}", "request_too_large")
@@ -112,12 +112,12 @@ def create_app(server: ModelServer):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         try:
-            _check_content_type(request)
-            req = parse_request(await _read_body(request, server.limits.max_body_bytes))
+            check_content_type(request)
+            req = parse_request(await read_body(request, server.limits.max_body_bytes))
             job = server.make_job(req, asyncio.get_running_loop())
             server.submit(job)
         except RequestError as err:
-            return _error_response(err)
+            return error_response(err)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": cid, "created": created, "model": job.model, "system_fingerprint": "crvlm"}
         if req.stream:
