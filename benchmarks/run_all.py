@@ -35,6 +35,7 @@ BENCHMARKS = {
     "llava_memory": ("bench_llava_memory.py", "llava_memory"),
     "end_to_end": ("bench_end_to_end.py", "end_to_end"),
     "serve": ("bench_serve.py", "serve"),
+    "remote": ("bench_remote.py", "remote"),
 }
 LOCK = "/tmp/crvlm-heavy.lock"
 #: benchmarks that load no model (no lock needed)
