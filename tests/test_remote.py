@@ -111,6 +111,11 @@ def test_cli_eval_remote_local_gives_the_local_answers(smollm2, tmp_path, method
     assert len(here) == 6 and there == here
     placed = json.loads((tmp_path / "there" / "metrics.json").read_text())["placement"]
     assert placed == {"device": "cpu", "dtype": "float32", "device_map": None, "remote": "local"}
+    if method == "teacher-forced":  # the fit's extraction remotely: the same vector, byte for byte
+        assert _cli("fit", "--model", "smollm2-135m", "--method", method, "--in-scope", "biology", "--layers", "10",
+                    "--n-train", "3", *extra, "--remote", "local", "--out", str(tmp_path / "art-remote")) == 0
+        assert (tmp_path / "art-remote" / "vector.safetensors").read_bytes() == (art / "vector.safetensors").read_bytes()
+        assert json.loads((tmp_path / "art-remote" / "fit.json").read_text())["placement"]["remote"] == "local"
 
 
 def test_cli_placement_errors_are_one_line(tmp_path, capsys, monkeypatch):
