@@ -227,6 +227,8 @@ MINIMUMS = {
     "eval_answer_labels": {"refused": 150, "not_refused": 170},
     "harmful_benign_pairs": {"harmful": 150, "harmless": 150},
     "mm_subjects": {"biology": 8, "astronomy": 8, "geography": 8, "chemistry": 5},
+    "plain_questions": {"biology": 50, "physics": 50, "geography": 50, "chemistry": 40, "astronomy": 40,
+                        "mathematics": 40},
 }
 
 
@@ -470,3 +472,36 @@ def test_prompt_length_on_the_tiny_llava_handle():
     assert with_image > plain > 1
     with pytest.raises(PromptTooLong, match=r"sample 'long' \(mine\.jsonl\): prompt has \d+ tokens .*context is 512"):
         check_prompt_lengths(handle, [Sample("long", "word " * 600, "b")], source="mine.jsonl")
+
+
+# --- framing (#25) ----------------------------------------------------------------------------
+
+
+def test_plain_questions_never_name_a_subject_or_a_framing():
+    words = ("biology", "physics", "geography", "chemistry", "astronomy", "mathematics", "student", "teacher")
+    samples = load_dataset("plain_questions")
+    assert all(s.prompt.endswith("?") and not any(w in s.prompt.lower() for w in words) for s in samples)
+    assert len({s.prompt for s in samples}) == len(samples)
+
+
+def test_framing_templates_train_and_test_are_disjoint_with_the_same_styles():
+    from crvlm_core.data.framing import FRAME_STYLES, TEST_TEMPLATES, TRAIN_TEMPLATES
+
+    assert set(TEST_TEMPLATES) == set(TRAIN_TEMPLATES) == set(FRAME_STYLES)
+    test = {t for ts in TEST_TEMPLATES.values() for t in ts}
+    train = {t for ts in TRAIN_TEMPLATES.values() for t in ts}
+    assert not test & train and all("{q}" in t for t in test | train)
+
+
+def test_framing_test_dresses_each_question_as_the_wrong_side():
+    from crvlm_core.data.framing import TEST_TEMPLATES, framing_augment, framing_test
+
+    plain = assign_scope(load_dataset("plain_questions"), in_scope=["biology"])
+    framed = framing_test(plain, ["biology"], seed=0)
+    assert [f.extra["base_id"] for f in framed] == [s.id for s in plain]
+    assert all(f.scope == s.scope and f.subject == s.subject and s.prompt in f.prompt for f, s in zip(framed, plain))
+    assert all((f.extra["frame"] == "biology") == (f.scope == "out") for f in framed)
+    assert {f.extra["style"] for f in framed} == set(TEST_TEMPLATES)
+    assert framing_test(plain, ["biology"], seed=0) == framed != framing_test(plain, ["biology"], seed=1)
+    test_wording = {t for ts in TEST_TEMPLATES.values() for t in ts}
+    assert not {f.extra["template"] for f in framing_augment(plain, ["biology"])} & test_wording
