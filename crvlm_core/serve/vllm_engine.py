@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import sys
 import time
 import uuid
 from typing import Awaitable, Callable, Sequence
@@ -44,15 +45,9 @@ Generate = Callable[[list[str], int, bool], Awaitable[list[str]]]
 def check_vllm() -> None:
     """One line (InputError) when vLLM or a CUDA GPU is missing."""
     if importlib.util.find_spec("vllm") is None:
-        raise InputError(f"{VLLM_NEEDS}: vllm is not installed in {_venv()}")
+        raise InputError(f"{VLLM_NEEDS}: vllm is not installed in {sys.prefix}")
     if not torch.cuda.is_available():
         raise InputError(f"{VLLM_NEEDS}: torch {torch.__version__} sees no CUDA GPU here")
-
-
-def _venv() -> str:
-    import sys
-
-    return sys.prefix
 
 
 def check_engine_interventions(interventions: Sequence[Intervention]) -> None:
