@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--judge", default="llm-probe")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--gate-only", action="store_true", help="only the prefill gate's accuracy (no generation)")
+    p.add_argument("--part", choices=["dev", "held-out", "both"], default="both")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     from crvlm_core.evaluation import evaluate
@@ -77,6 +78,8 @@ def main(argv=None) -> int:
     report: dict = {"artifact": args.artifact, "in_scope": in_scope, "judge": None if args.gate_only else args.judge,
                     "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "parts": {}}
     for part, sets in parts(in_scope).items():
+        if args.part not in ("both", part):
+            continue
         for kind, samples in sets.items():
             row: dict = {"n_in": sum(s.scope == "in" for s in samples), "n_out": sum(s.scope == "out" for s in samples)}
             if gate is not None:

@@ -143,3 +143,20 @@ def test_behavioural_finetune_trains_only_the_calibrator(smollm2, scoped):
     assert any(not torch.equal(v, steering.calibrator.state_dict()[k]) for k, v in cal_before.items())
     assert all(torch.equal(v, smollm2.hf_model.state_dict()[k]) for k, v in model_before.items())
     assert not any(p.requires_grad for p in smollm2.hf_model.parameters())
+
+
+def test_framing_augmentation_adds_framed_copies_to_the_calibrators_training(smollm2, scoped, tmp_path):
+    """#25: ``framing_augment=1`` trains on every question twice, once dressed with a training template; the
+    refusal vector still comes from the plain questions."""
+    from crvlm_core.methods.refusal_vectors import VectorConfig, fit_vector
+
+    train, _ = scoped
+    vector = fit_vector(smollm2, train, VectorConfig("teacher-forced", layers=[10]), progress=False)
+    base = CrvlmConfig(layers=[10], gate_layer="auto", width=16, epochs=1)
+    plain = fit_crvlm(smollm2, train, base, vector, progress=False)
+    framed = fit_crvlm(smollm2, train, CrvlmConfig(**{**base.to_dict(), "framing_augment": 1}), vector,
+                       progress=False)
+    assert (framed.info["n_in"], framed.info["n_out"]) == (2 * plain.info["n_in"], 2 * plain.info["n_out"])
+    assert framed.config.framing_augment == 1 and plain.config.framing_augment == 0
+    with pytest.raises(Exception, match="framing_augment"):
+        CrvlmConfig(framing_augment=-1)

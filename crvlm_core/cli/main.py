@@ -88,11 +88,13 @@ def _fit_method(args: argparse.Namespace, handle, train: list, in_scope: list[st
         config = CrvlmConfig(layers=layers, gate_layer=gate, gate_pass=args.gate_pass or "shared",
                              target_scale=args.target_scale,
                              width=args.width, epochs=args.epochs, lr=args.lr, seed=args.seed,
-                             train_positions=args.train_positions, behavioural=behavioural)
+                             train_positions=args.train_positions, behavioural=behavioural,
+                             framing_augment=args.framing_augment)
         steering = fit_crvlm(handle, train, config, cache_dir=True)  # resume checkpoints in outputs/cache/
         extra = {"gate_layer": steering.gate_layer, "gate_pass": steering.gate_pass, "epochs": args.epochs,
                  "width": args.width,
                  "train_positions": args.train_positions, "behavioural_epochs": args.behavioural_epochs,
+                 "framing_augment": args.framing_augment,
                  "final_losses": steering.info["final_losses"]}
         return steering, list(steering.layers), args.target_scale, steering.info["vector_fingerprint"], extra
     if args.method in _baselines():

@@ -134,6 +134,8 @@ def _add_crvlm_options(f: argparse.ArgumentParser) -> None:
     c.add_argument("--lr", type=finite(0.0, above=True), default=3e-4)
     c.add_argument("--train-positions", choices=["tokens", "last"], default="tokens",
                    help="train on sampled prompt-token states (default) or only the last prompt token (the paper)")
+    c.add_argument("--framing-augment", type=_COUNT0, default=0, help="copies of each training question dressed "
+                   "in misleading framing (training templates) added to the training data (#25; default 0)")
     c.add_argument("--behavioural-epochs", type=_COUNT0, default=1, help="then fine-tune on the refusal's "
                    "cross-entropy out of scope and KL in scope (default 1 epoch; 0: off)")
 

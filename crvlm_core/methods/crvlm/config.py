@@ -152,6 +152,9 @@ class CrvlmConfig:
         positions_per_prompt: Extra prompt tokens per sample with ``train_positions="tokens"``.
         behavioural: A :class:`BehaviouralConfig` → the behavioural fine-tune runs after the activation losses
             (when its ``epochs`` > 0); ``None`` → none.
+        framing_augment: Copies of every training question dressed in misleading framing with the training templates
+            (:func:`crvlm_core.data.framing.framing_augment`, seeded; never the test wording), added to the calibrator's
+            and the behavioural stage's training data (#25). 0: none (the paper).
         Remaining fields: :class:`CalibratorConfig`'s (validated by it). Defaults differ from the paper's (200
             epochs, batch 8, lr 1e-4 on one state per prompt) because each prompt contributes
             ``positions_per_prompt + 1`` states: 40 epochs of batch 32 at lr 3e-4 take a similar number of steps.
@@ -178,6 +181,7 @@ class CrvlmConfig:
     train_positions: str = "tokens"
     positions_per_prompt: int = 8
     behavioural: BehaviouralConfig | None = None
+    framing_augment: int = 0
 
     def __post_init__(self) -> None:
         if self.layers is not None:
@@ -190,6 +194,7 @@ class CrvlmConfig:
             raise ValueError(f"train_positions must be 'tokens' or 'last', got {self.train_positions!r}")
         int_field(self, "extract_batch_size")
         int_field(self, "positions_per_prompt", minimum=0)
+        int_field(self, "framing_augment", minimum=0)
         if isinstance(self.behavioural, dict):
             set_field(self, "behavioural", BehaviouralConfig(**self.behavioural))
         elif self.behavioural is not None and not isinstance(self.behavioural, BehaviouralConfig):

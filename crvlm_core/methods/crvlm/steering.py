@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from crvlm_core.data.framing import framing_augment
 from crvlm_core.data.schema import Sample
 from crvlm_core.extract import extract, extract_token_states
 from crvlm_core.methods.crvlm.behavioural import finetune_behavioural
@@ -141,8 +142,14 @@ def fit_crvlm(handle: ModelHandle, train: Sequence[Sample], config: CrvlmConfig 
     out = [s for s in train if s.scope == "out"]
     if not inn or not out:
         raise ValueError(f"CR-VLM needs in- and out-of-scope training samples (got {len(inn)} in, {len(out)} out)")
-    if vector is None:
+    if vector is None:  # from the plain questions
         vector = fit_vector(handle, train, VectorConfig("teacher-forced", layers=layers), progress=progress)
+    if config.framing_augment:
+        scope = sorted({s.subject for s in inn})
+        framed = [replace(f, id=f"{f.id}#{k}") for k in range(config.framing_augment)
+                  for f in framing_augment(train, scope, seed=config.seed + k)]
+        inn, out = inn + [f for f in framed if f.scope == "in"], out + [f for f in framed if f.scope == "out"]
+        train = list(train) + framed
     vector.check_compatible(handle.n_layers, handle.hidden_size)
     states = _training_states(handle, inn, out, layers, gate_layer, config, progress)
     vision, vision_info = _vision_data(handle, inn, out, layers, vector, states, config, progress)
