@@ -22,8 +22,9 @@ from crvlm_core.steer.score import refusal_score
 
 @pytest.fixture(scope="module")
 def remote(smollm2):
+    plain = load_model("smollm2-135m", device="cpu")  # the cached handle now (a test before may have reloaded it)
     handle = load_model("smollm2-135m", device="cpu", remote="local")
-    assert handle.remote == "local" and smollm2.remote is None and handle.hf_model is smollm2.hf_model
+    assert handle.remote == "local" and plain.remote is None and handle.hf_model is plain.hf_model
     return handle
 
 
