@@ -28,7 +28,8 @@ from fastapi import Request  # at module level: FastAPI resolves the handler's a
 
 from crvlm_core.core.errors import InputError
 from crvlm_core.models.handle import ModelHandle, resolve_path
-from crvlm_core.serve.limits import ServeLimits
+from crvlm_core.serve.limits import RequestError, ServeLimits
+from crvlm_core.serve.schema import format_messages, parse_request
 from crvlm_core.steer.apply import by_layer
 from crvlm_core.steer.base import Intervention, PrefillGate
 
@@ -103,8 +104,6 @@ def create_vllm_app(handle: ModelHandle, variants: dict[str, list[Intervention]]
     from fastapi import FastAPI
 
     from crvlm_core.serve.api import check_content_type, error_response, read_body
-    from crvlm_core.serve.limits import RequestError
-    from crvlm_core.serve.schema import format_messages, parse_request
 
     limits = limits or ServeLimits()
     app = FastAPI(title="crvlm serve (vllm)", version="1", docs_url=None, redoc_url=None)
@@ -124,7 +123,7 @@ def create_vllm_app(handle: ModelHandle, variants: dict[str, list[Intervention]]
         try:
             check_content_type(request)
             req = parse_request(await read_body(request, limits.max_body_bytes))
-            prompt, max_tokens = _checked(req, handle, variants, limits, format_messages, RequestError)
+            prompt, max_tokens = _checked(req, handle, variants, limits)
         except RequestError as err:
             return error_response(err)
         text = (await generate([prompt], max_tokens, bool(variants[req.model])))[0]
@@ -136,7 +135,7 @@ def create_vllm_app(handle: ModelHandle, variants: dict[str, list[Intervention]]
     return app
 
 
-def _checked(req, handle, variants, limits, format_messages, RequestError) -> tuple[str, int]:
+def _checked(req, handle: ModelHandle, variants: dict, limits: ServeLimits) -> tuple[str, int]:
     """The request's chat-formatted prompt and token budget, or a RequestError."""
     if req.model not in variants:
         raise RequestError(404, f"the model `{req.model}` does not exist here; served: {sorted(variants)}",
