@@ -20,17 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from crvlm_core.data.bundled import load_dataset  # noqa: E402
-from crvlm_core.data.framing import framing_test  # noqa: E402
-from crvlm_core.data.splits import assign_scope, split  # noqa: E402
-
-
-def parts(in_scope: list[str], seed: int = 0) -> dict[str, dict[str, list]]:
-    """``{"dev": {"plain": [...], "framed": [...]}, "held-out": {...}}`` for the scope."""
-    plain = assign_scope(load_dataset("plain_questions"), in_scope=in_scope)
-    dev, held = split(plain, test_fraction=0.5, seed=seed)
-    return {name: {"plain": p, "framed": framing_test(p, in_scope, seed=seed)} for name, p in
-            (("dev", dev), ("held-out", held))}
+from crvlm_core.data.framing import framing_parts as parts  # noqa: E402
 
 
 def gate_accuracy(handle, steering, samples) -> dict:

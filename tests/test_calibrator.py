@@ -316,6 +316,39 @@ def test_prefill_gated_training_runs():
     assert cal.gate_values(g_out)[3].shape == (12,)
 
 
+def test_a_hidden_layer_gate_separates_what_a_linear_gate_cannot_and_round_trips(tmp_path):
+    """#25: ``gate_hidden`` gives the prefill gate one hidden layer. Gate inputs in and out of scope form an XOR
+    (in: same-sign quadrants of two of the eight dimensions, out: opposite-sign), which no linear gate separates; old calibrator files (no
+    ``gate_hidden`` key) still load as the linear gate."""
+    x_in, x_out, s = _toy(64)
+    g = torch.Generator().manual_seed(1)
+    corners = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0]])
+    g_in = torch.cat([corners[torch.randint(0, 2, (64,), generator=g)], torch.zeros(64, 6)], 1) \
+        + 0.2 * torch.randn(64, 8, generator=g)
+    g_out = torch.cat([corners[torch.randint(2, 4, (64,), generator=g)], torch.zeros(64, 6)], 1) \
+        + 0.2 * torch.randn(64, 8, generator=g)
+
+    def gate_accuracy(cal):
+        with torch.no_grad():
+            return float(((cal.gate_values(g_in)[3] < 0.5).float().mean() +
+                          (cal.gate_values(g_out)[3] > 0.5).float().mean()) / 2)
+
+    kw = dict(gate_dim=8, epochs=60, lr=1e-2)
+    mlp, _ = train_calibrator(_cfg(gate_hidden=16, **kw), x_in, x_out, s, gate_in=g_in, gate_out=g_out, run=QUIET)
+    linear, _ = train_calibrator(_cfg(**kw), x_in, x_out, s, gate_in=g_in, gate_out=g_out, run=QUIET)
+    assert gate_accuracy(mlp) > 0.95 and gate_accuracy(linear) < 0.8
+    mlp.save(tmp_path / "mlp")
+    back = Calibrator.load(tmp_path / "mlp")
+    assert back.config.gate_hidden == 16 and _same_state(back, mlp)
+    linear.save(tmp_path / "linear")
+    meta = json.loads((tmp_path / "linear" / CALIBRATOR_JSON).read_text())
+    del meta["config"]["gate_hidden"]  # a file written before the option existed
+    (tmp_path / "linear" / CALIBRATOR_JSON).write_text(json.dumps(meta))
+    assert _same_state(Calibrator.load(tmp_path / "linear"), linear)
+    with pytest.raises(ValueError, match="gate_hidden"):
+        _cfg(gate_hidden=-1)
+
+
 def test_validation_and_early_stopping():
     x_in, x_out, s = _toy(20)
     cfg = _cfg(epochs=40, val_fraction=0.25, patience=2, lr=5e-2)

@@ -45,6 +45,23 @@ def test_fit_then_eval_round_trip(tmp_path, smollm2):
     assert json.loads((tmp_path / "plain" / "metrics.json").read_text())["method"] == "unsteered"
 
 
+def test_fit_train_extra_adds_another_sources_questions_by_the_same_scope(tmp_path, smollm2, capsys):
+    """#25: ``--train-extra`` joins all of a second source (at most ``--n-train`` per scope) to ``--train``'s part."""
+    extra = tmp_path / "extra.jsonl"
+    rows = [("b1", "What do white blood cells do?", "biology"), ("b2", "Why do leaves change colour?", "biology"),
+            ("g1", "Which ocean is the largest?", "geography")]
+    extra.write_text("".join(json.dumps({"id": i, "prompt": p, "subject": s}) + "\n" for i, p, s in rows))
+    art = tmp_path / "art"
+    assert _run(["fit", "--model", "smollm2-135m", "--train", "mmlu", "--train-extra", str(extra), "--in-scope",
+                 "biology", "--layers", "8", "--n-train", "3", "--out", str(art)]) == 0
+    fit = json.loads((art / "fit.json").read_text())
+    assert fit["train_extra"] == str(extra) and (fit["n_in"], fit["n_out"]) == (5, 4)
+    assert f"{extra} (all): 1 out-of-scope / 2 in-scope" in capsys.readouterr().out
+    assert _run(["fit", "--model", "smollm2-135m", "--train-extra", str(extra), "--in-scope", "physics",
+                 "--out", str(tmp_path / "b")]) == 2
+    assert f"--in-scope: unknown subject(s) physics (available in {extra}" in capsys.readouterr().err
+
+
 def test_cli_bad_inputs(tmp_path, smollm2, capsys):
     with pytest.raises(SystemExit):  # argparse rejects an unknown method
         main(["fit", "--method", "telepathy", "--in-scope", "biology", "--out", str(tmp_path)])

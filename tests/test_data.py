@@ -229,6 +229,9 @@ MINIMUMS = {
     "mm_subjects": {"biology": 8, "astronomy": 8, "geography": 8, "chemistry": 5},
     "plain_questions": {"biology": 50, "physics": 50, "geography": 50, "chemistry": 40, "astronomy": 40,
                         "mathematics": 40},
+    "plain_questions_train": {"biology": 70, "physics": 70, "geography": 70, "chemistry": 60, "astronomy": 60,
+                              "mathematics": 60, **{s: 35 for s in ("history", "literature", "music", "sport",
+                                                                    "cooking", "computing", "economics", "art")}},
 }
 
 
@@ -477,11 +480,17 @@ def test_prompt_length_on_the_tiny_llava_handle():
 # --- framing (#25) ----------------------------------------------------------------------------
 
 
-def test_plain_questions_never_name_a_subject_or_a_framing():
+@pytest.mark.parametrize("name", ["plain_questions", "plain_questions_train"])
+def test_plain_questions_never_name_a_subject_or_a_framing(name):
+    from crvlm_core.data.framing import SUBJECT_WORDS
+
     words = ("biology", "physics", "geography", "chemistry", "astronomy", "mathematics", "student", "teacher")
-    samples = load_dataset("plain_questions")
+    samples = load_dataset(name)
     assert all(s.prompt.endswith("?") and not any(w in s.prompt.lower() for w in words) for s in samples)
-    assert len({s.prompt for s in samples}) == len(samples)
+    assert len({s.prompt for s in samples}) == len(samples) and {s.subject for s in samples} <= set(SUBJECT_WORDS)
+    if name == "plain_questions_train":  # training only: nothing of the test set
+        assert not {s.prompt.lower() for s in samples} & {s.prompt.lower() for s in load_dataset("plain_questions")}
+        assert not any(w in s.prompt.lower() for s in samples for w in ("history", "music", "cooking", "economics"))
 
 
 def test_framing_templates_train_and_test_are_disjoint_with_the_same_styles():
@@ -505,3 +514,16 @@ def test_framing_test_dresses_each_question_as_the_wrong_side():
     assert framing_test(plain, ["biology"], seed=0) == framed != framing_test(plain, ["biology"], seed=1)
     test_wording = {t for ts in TEST_TEMPLATES.values() for t in ts}
     assert not {f.extra["template"] for f in framing_augment(plain, ["biology"])} & test_wording
+
+
+def test_framing_parts_split_the_plain_questions_into_disjoint_halves_each_plain_and_framed():
+    from crvlm_core.data.framing import framing_parts
+
+    parts = framing_parts(["physics"])
+    dev, held = parts["dev"], parts["held-out"]
+    assert not {s.id for s in dev["plain"]} & {s.id for s in held["plain"]}
+    assert len(dev["plain"]) + len(held["plain"]) == len(load_dataset("plain_questions"))
+    for part in (dev, held):
+        assert [f.extra["base_id"] for f in part["framed"]] == [s.id for s in part["plain"]]
+        assert all((f.extra["frame"] == "physics") == (f.scope == "out") for f in part["framed"])
+    assert framing_parts(["physics"]) == parts

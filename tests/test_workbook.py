@@ -154,7 +154,7 @@ EXPECTED_KEYS = {
     "02_calibrator_training": ["refusal_rate_out", "over_refusal_in", "mb_score", "gate_mean", "table",
                                "throughput_ratio"],
     "03_evaluation": ["refusal_rate_out", "over_refusal_in", "mb_score", "best_method", "crvlm_mb", "judge",
-                      "judge_validation", "table", "capability", "capability_ids"],
+                      "judge_validation", "table", "capability", "capability_ids", "framing"],
     "04_ablations": ["refusal_rate_out", "over_refusal_in", "mb_score", "mb_without_ortho", "table", "vision"],
     "05_figures": ["rho_out", "rho_in", "update_norm_out", "refusal_score_means", "figures"],
     "06_refusal_steering": ["refusal_rate_by_subject", "fits", "profile", "induction", "table", "judge"],

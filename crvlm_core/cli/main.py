@@ -41,11 +41,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise InputError("--in-scope needs at least one subject (empty scope), or give --policy FILE")
     args.split = fit_split(args.split, args.train)
     train = scoped_data(args.train, in_scope, out_scope, args.split, args.n_train, args.seed, "fit")
+    if args.train_extra:
+        train += scoped_data(args.train_extra, in_scope, out_scope, "all", args.n_train, args.seed, "fit")
     _refuse_ndif_training(args)
     handle = load_placed(args, args.model)
     check_layers(handle, layers=args.layers, condition_layers=args.condition_layers,
                  gate_layer=args.gate_layer if args.method == "crvlm" else None)
-    check_prompt_lengths(handle, train, args.max_prompt_tokens, source=args.train)
+    check_prompt_lengths(handle, train, args.max_prompt_tokens,
+                         source=args.train + (f" / {args.train_extra}" if args.train_extra else ""))
     out = Path(args.out)
     start = time.perf_counter()
     artifact, layers_done, alpha, fingerprint, extra = _fit_method(args, handle, train, in_scope)
@@ -53,6 +56,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     summary = {
         "model": args.model, "method": args.method, "layers": layers_done, "alpha": alpha,
         "in_scope": in_scope, "out_scope": out_scope, "train": args.train, "split": args.split, "seed": args.seed,
+        **({"train_extra": args.train_extra} if args.train_extra else {}),
         "n_in": sum(s.scope == "in" for s in train), "n_out": sum(s.scope == "out" for s in train),
         "fit_seconds": seconds, "fingerprint": fingerprint,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "placement": placement(handle), **extra,
@@ -89,12 +93,12 @@ def _fit_method(args: argparse.Namespace, handle, train: list, in_scope: list[st
                              target_scale=args.target_scale,
                              width=args.width, epochs=args.epochs, lr=args.lr, seed=args.seed,
                              train_positions=args.train_positions, behavioural=behavioural,
-                             framing_augment=args.framing_augment)
+                             framing_augment=args.framing_augment, gate_hidden=args.gate_hidden)
         steering = fit_crvlm(handle, train, config, cache_dir=True)  # resume checkpoints in outputs/cache/
         extra = {"gate_layer": steering.gate_layer, "gate_pass": steering.gate_pass, "epochs": args.epochs,
                  "width": args.width,
                  "train_positions": args.train_positions, "behavioural_epochs": args.behavioural_epochs,
-                 "framing_augment": args.framing_augment,
+                 "framing_augment": args.framing_augment, "gate_hidden": args.gate_hidden,
                  "final_losses": steering.info["final_losses"]}
         return steering, list(steering.layers), args.target_scale, steering.info["vector_fingerprint"], extra
     if args.method in _baselines():

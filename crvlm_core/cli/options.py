@@ -136,6 +136,8 @@ def _add_crvlm_options(f: argparse.ArgumentParser) -> None:
                    help="train on sampled prompt-token states (default) or only the last prompt token (the paper)")
     c.add_argument("--framing-augment", type=_COUNT0, default=0, help="copies of each training question dressed "
                    "in misleading framing (training templates) added to the training data (#25; default 0)")
+    c.add_argument("--gate-hidden", type=_COUNT0, default=0, help="width of a one-hidden-layer prefill gate (#25; "
+                   "default 0: the paper's linear gate)")
     c.add_argument("--behavioural-epochs", type=_COUNT0, default=1, help="then fine-tune on the refusal's "
                    "cross-entropy out of scope and KL in scope (default 1 epoch; 0: off)")
 
@@ -168,6 +170,9 @@ def add_fit_options(f: argparse.ArgumentParser, default_model: str, methods: lis
                    help="a refusal-vector method, or crvlm (teacher-forced vector + calibrator); with --remove: "
                         "mean-diff, rmd or wrmd (Refusal Steering)")
     f.add_argument("--train", default="mmlu", help="bundled dataset name or a JSONL file")
+    f.add_argument("--train-extra", default=None, help="a second bundled dataset or JSONL file whose questions (all "
+                   "of them, at most --n-train per scope) join the training data, scoped by the same subjects: e.g. "
+                   "plain_questions_train, short questions in another style than MMLU's (#25)")
     f.add_argument("--in-scope", default=None, help="subjects the model should answer, comma separated")
     f.add_argument("--policy", default=None, help="a policy YAML (several constraints): fit what it needs")
     f.add_argument("--design", choices=["composed", "union"], default=None,

@@ -16,13 +16,16 @@ from typing import Sequence
 from crvlm_core.data.schema import Sample
 
 __all__ = ["FRAME_STYLES", "SUBJECT_WORDS", "TEST_TEMPLATES", "TRAIN_TEMPLATES", "frame", "framing_augment",
-           "framing_test"]
+           "framing_parts", "framing_test"]
 
 #: subject → (its name in a sentence, a person who works in it).
 SUBJECT_WORDS: dict[str, tuple[str, str]] = {
     "biology": ("biology", "biologist"), "physics": ("physics", "physicist"),
     "geography": ("geography", "geographer"), "chemistry": ("chemistry", "chemist"),
     "astronomy": ("astronomy", "astronomer"), "mathematics": ("maths", "mathematician"),
+    "history": ("history", "historian"), "literature": ("literature", "literary critic"),
+    "music": ("music", "musician"), "sport": ("sport", "coach"), "cooking": ("cooking", "chef"),
+    "computing": ("computing", "programmer"), "economics": ("economics", "economist"), "art": ("art", "painter"),
 }
 
 #: The framing styles; each has templates in both sets.
@@ -91,3 +94,16 @@ def framing_test(samples: Sequence[Sample], in_scope: Sequence[str], seed: int =
 def framing_augment(samples: Sequence[Sample], in_scope: Sequence[str], seed: int = 0) -> list[Sample]:
     """Training-time augmentation: :func:`framing_test` with :data:`TRAIN_TEMPLATES` (never the test wording)."""
     return framing_test(samples, in_scope, seed=seed, templates=TRAIN_TEMPLATES)
+
+
+def framing_parts(in_scope: Sequence[str], seed: int = 0) -> dict[str, dict[str, list[Sample]]]:
+    """The framing test sets of a scope: the bundled ``plain_questions`` split in half by question (``seed``) into
+    ``"dev"`` (may be looked at while choosing a fix) and ``"held-out"`` (reported), each ``{"plain": [...],
+    "framed": [...]}`` (:func:`framing_test` of that half, test templates only)."""
+    from crvlm_core.data.bundled import load_dataset
+    from crvlm_core.data.splits import assign_scope, split
+
+    plain = assign_scope(load_dataset("plain_questions"), in_scope=list(in_scope))
+    dev, held = split(plain, test_fraction=0.5, seed=seed)
+    return {name: {"plain": p, "framed": framing_test(p, in_scope, seed=seed)} for name, p in
+            (("dev", dev), ("held-out", held))}

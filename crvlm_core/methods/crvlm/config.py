@@ -30,6 +30,8 @@ class CalibratorConfig:
             embedding (initialised to zero) added to its input — ``1/len(layers)`` of the parameters.
         gate_dim: Width of the gate's input. ``None`` → ``hidden_size`` (the gate reads ``x``). Another value means
             the gate reads an explicit prefill summary (``gate_input``; e.g. a late layer's last-prompt-token state).
+        gate_hidden: ``0`` (default, the paper): the gate is linear, ``σ(w·g + b)``; ``H > 0``: a one-hidden-layer
+            gate ``σ(Linear(H, 1)(SiLU(Linear(d_gate, H)(LayerNorm(g)))))`` (#25: a scope that holds under framing).
         target_scale: ``λ`` in the out-of-scope target ``h_out + λ·s``.
         w_out, w_in, w_ortho, w_vision: Weights of the four loss terms (the vision term is only active on batches
             with vision counterfactuals).
@@ -49,6 +51,7 @@ class CalibratorConfig:
     width: int = 1024
     shared: bool = False
     gate_dim: int | None = None
+    gate_hidden: int = 0
     target_scale: float = 1.0
     w_out: float = 1.0
     w_in: float = 1.0
@@ -68,6 +71,7 @@ class CalibratorConfig:
         if self.gate_dim is not None:
             int_field(self, "gate_dim")
         int_field(self, "seed", minimum=0)
+        int_field(self, "gate_hidden", minimum=0)
         layers_field(self, "layers", optional=False)
         set_field(self, "shared", bool(self.shared))
         set_field(self, "gate_supervision", bool(self.gate_supervision))
@@ -126,7 +130,8 @@ class BehaviouralConfig:
         return dataclasses.asdict(self)
 
 
-_CALIBRATOR_FIELDS = ("width", "shared", "target_scale", "w_out", "w_in", "w_ortho", "w_vision", "gate_supervision",
+_CALIBRATOR_FIELDS = ("width", "gate_hidden", "shared", "target_scale", "w_out", "w_in", "w_ortho", "w_vision",
+                      "gate_supervision",
                       "lr", "batch_size", "epochs", "seed", "val_fraction", "patience")
 
 
@@ -165,6 +170,7 @@ class CrvlmConfig:
     gate_pass: str = "shared"
     target_scale: float = 1.0
     width: int = 1024
+    gate_hidden: int = 0
     epochs: int = 40
     lr: float = 3e-4
     batch_size: int = 32

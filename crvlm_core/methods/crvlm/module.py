@@ -5,6 +5,7 @@ For a hidden state ``x ∈ R^d`` at a steered layer::
 
     Δx = W3 · SiLU(W2 · SiLU(W1 · x))         flow network  Linear(d, W) → SiLU → Linear(W, W) → SiLU → Linear(W, d)
     ρ  = σ(w_g · g + b_g)                      gate network  Linear(d_gate, 1) → sigmoid; g = x unless a gate input is given
+                                               (``gate_hidden`` H > 0: LayerNorm → Linear(d_gate, H) → SiLU → Linear(H, 1))
     x' = x + α · ρ · Δx                        α a learned scalar, initialised to 1
 """
 
@@ -42,11 +43,13 @@ binary cross-entropy stays finite."""
 class _Block(nn.Module):
     """One calibrator block: flow network, gate, learned scale α."""
 
-    def __init__(self, d: int, width: int, d_gate: int):
+    def __init__(self, d: int, width: int, d_gate: int, gate_hidden: int = 0):
         super().__init__()
         self.flow = nn.Sequential(nn.Linear(d, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
                                   nn.Linear(width, d))
-        self.gate = nn.Linear(d_gate, 1)
+        self.gate = nn.Linear(d_gate, 1) if not gate_hidden else \
+            nn.Sequential(nn.LayerNorm(d_gate, elementwise_affine=False), nn.Linear(d_gate, gate_hidden), nn.SiLU(),
+                          nn.Linear(gate_hidden, 1))
         self.alpha = nn.Parameter(torch.ones(()))
 
 
@@ -86,14 +89,14 @@ class Calibrator(nn.Module):
         self.n_model_layers = None if n_model_layers is None else int(n_model_layers)
         self._index = {layer: j for j, layer in enumerate(config.layers)}
         self._gate_override: Tensor | dict[int, Tensor] | None = None
-        d, w, dg = config.hidden_size, config.width, config.d_gate
+        d, w, dg, gh = config.hidden_size, config.width, config.d_gate, config.gate_hidden
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             if config.shared:
-                self.blocks = nn.ModuleDict({"shared": _Block(d, w, dg)})
+                self.blocks = nn.ModuleDict({"shared": _Block(d, w, dg, gh)})
                 self.layer_embedding = nn.Parameter(torch.zeros(len(config.layers), d))
             else:
-                self.blocks = nn.ModuleDict({str(layer): _Block(d, w, dg) for layer in config.layers})
+                self.blocks = nn.ModuleDict({str(layer): _Block(d, w, dg, gh) for layer in config.layers})
                 self.layer_embedding = None
 
     # ---------------------------------------------------------------- properties

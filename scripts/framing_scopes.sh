@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Issue #25: plain vs framed MB on the held-out half of the plain questions, per scope and method. Each fit is skipped
+# when its artifact exists, each measurement when its JSON does; answers are cached (outputs/cache). Heavy jobs take
+# the benchmarks' lock one at a time.
+#
+#   bash scripts/framing_scopes.sh "biology physics geography" "crvlm-robust cast persona system-prompt"
+#     → outputs/framing/<scope>/fits/<method>/ and outputs/framing/<scope>/<method>-mb-heldout.json
+#
+# crvlm-robust: MMLU's train half (100 per scope) + plain_questions_train (at most 100 per scope), one framed copy of
+# each training question (training templates), a one-hidden-layer prefill gate (256 wide).
+# crvlm and the baselines: the CLI's defaults on MMLU's train half (100 per scope), as notebook 03 fits them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+LOCK=/tmp/crvlm-heavy.lock
+SCOPES=${1:-"biology physics geography"}
+METHODS=${2:-"crvlm-robust crvlm system-prompt persona cast lora"}
+for scope in $SCOPES; do
+  dir=outputs/framing/$scope
+  mkdir -p "$dir/fits"
+  for name in $METHODS; do
+    case $name in
+      crvlm-robust) opts=(--method crvlm --train-extra plain_questions_train --framing-augment 1 --gate-hidden 256) ;;
+      *) opts=(--method "$name") ;;
+    esac
+    [ -f "$dir/fits/$name/artifact.json" ] || flock $LOCK $PY -m crvlm_core.cli fit --in-scope "$scope" \
+      --n-train 100 --out "$dir/fits/$name" "${opts[@]}"
+    out=$dir/$name-mb-heldout.json
+    [ -f "$out" ] || flock $LOCK $PY scripts/measure_framing.py --artifact "$dir/fits/$name" --in-scope "$scope" \
+      --judge keyword --part held-out --out "$out"
+  done
+done
