@@ -7,7 +7,8 @@
 #     → outputs/framing/<scope>/fits/<method>/ and outputs/framing/<scope>/<method>-mb-heldout.json
 #
 # crvlm-robust: MMLU's train half (100 per scope) + plain_questions_train (at most 100 per scope), one framed copy of
-# each training question (training templates), a one-hidden-layer prefill gate (256 wide).
+# each training question (training templates), the prefill gate fitted alone as a logistic probe, then frozen.
+# crvlm-mlpgate: the same data, a one-hidden-layer gate (256 wide) trained jointly with the flow network.
 # crvlm and the baselines: the CLI's defaults on MMLU's train half (100 per scope), as notebook 03 fits them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,8 @@ for scope in $SCOPES; do
   mkdir -p "$dir/fits"
   for name in $METHODS; do
     case $name in
-      crvlm-robust) opts=(--method crvlm --train-extra plain_questions_train --framing-augment 1 --gate-hidden 256) ;;
+      crvlm-robust) opts=(--method crvlm --train-extra plain_questions_train --framing-augment 1 --gate-fit probe) ;;
+      crvlm-mlpgate) opts=(--method crvlm --train-extra plain_questions_train --framing-augment 1 --gate-hidden 256) ;;
       *) opts=(--method "$name") ;;
     esac
     [ -f "$dir/fits/$name/artifact.json" ] || flock $LOCK $PY -m crvlm_core.cli fit --in-scope "$scope" \

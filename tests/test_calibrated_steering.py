@@ -160,3 +160,18 @@ def test_framing_augmentation_adds_framed_copies_to_the_calibrators_training(smo
     assert framed.config.framing_augment == 1 and plain.config.framing_augment == 0
     with pytest.raises(Exception, match="framing_augment"):
         CrvlmConfig(framing_augment=-1)
+
+
+def test_a_probe_gate_stays_as_fitted_through_the_behavioural_stage(smollm2, scoped):
+    """#25: with ``gate_fit="probe"`` the behavioural stage trains the flow network and leaves the gate alone."""
+    from crvlm_core.methods.crvlm.behavioural import finetune_behavioural
+
+    train, _ = scoped
+    few = [s for s in train if s.scope == "out"][:2] + [s for s in train if s.scope == "in"][:2]
+    steering = fit_crvlm(smollm2, few, CrvlmConfig(layers=[10], gate_fit="probe", width=16, epochs=1),
+                         progress=False)
+    before = {k: v.clone() for k, v in steering.calibrator.state_dict().items()}
+    finetune_behavioural(steering, smollm2, few, BehaviouralConfig(epochs=2, lr=1e-3, batch_size=2), progress=False)
+    after = steering.calibrator.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items() if ".gate." in k)
+    assert any(not torch.equal(v, after[k]) for k, v in before.items() if ".flow." in k)

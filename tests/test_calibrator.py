@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from crvlm_core.methods.crvlm.config import BehaviouralConfig, CalibratorConfig, CrvlmConfig
 from crvlm_core.methods.crvlm.losses import loss_in, loss_ortho, loss_out, loss_vision, total_loss
 from crvlm_core.methods.crvlm.module import CALIBRATOR_JSON, CALIBRATOR_SAFETENSORS, Calibrator
-from crvlm_core.methods.crvlm.train import TrainRun, train_calibrator
+from crvlm_core.methods.crvlm.train import TrainRun, fit_probe_gate, train_calibrator
 from crvlm_core.steer.interventions import HiddenStateFn
 
 D = 8
@@ -318,8 +318,8 @@ def test_prefill_gated_training_runs():
 
 def test_a_hidden_layer_gate_separates_what_a_linear_gate_cannot_and_round_trips(tmp_path):
     """#25: ``gate_hidden`` gives the prefill gate one hidden layer. Gate inputs in and out of scope form an XOR
-    (in: same-sign quadrants of two of the eight dimensions, out: opposite-sign), which no linear gate separates; old calibrator files (no
-    ``gate_hidden`` key) still load as the linear gate."""
+    (in: same-sign quadrants of two of the eight dimensions, out: opposite-sign), which no linear gate separates; old
+    calibrator files (no ``gate_hidden`` key) still load as the linear gate."""
     x_in, x_out, s = _toy(64)
     g = torch.Generator().manual_seed(1)
     corners = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0]])
@@ -347,6 +347,35 @@ def test_a_hidden_layer_gate_separates_what_a_linear_gate_cannot_and_round_trips
     assert _same_state(Calibrator.load(tmp_path / "linear"), linear)
     with pytest.raises(ValueError, match="gate_hidden"):
         _cfg(gate_hidden=-1)
+
+
+def test_a_probe_fitted_gate_separates_badly_scaled_inputs_and_stays_frozen():
+    """#25: ``gate_fit="probe"`` fits the linear gate alone as a standardised logistic regression, then freezes it.
+    The scope is told by a feature a thousand times smaller than a noise feature: the probe gets it right from the
+    start, and training the flow network leaves the gate as the probe set it."""
+    x_in, x_out, s = _toy(64)
+    g = torch.Generator().manual_seed(2)
+    noise = 1000.0 * torch.randn(128, 1, generator=g)
+    signal = torch.cat([torch.full((64, 1), -0.01), torch.full((64, 1), 0.01)])
+    signal = signal * (1 + 0.3 * torch.rand(128, 1, generator=g))
+    gates = torch.cat([signal, noise, torch.zeros(128, 2)], 1)
+    g_in, g_out = gates[:64], gates[64:]
+    cfg = _cfg(gate_dim=4, gate_fit="probe", epochs=5)
+    probed = Calibrator(cfg)
+    fit_probe_gate(probed, g_in, g_out)
+    cal, _ = train_calibrator(cfg, x_in, x_out, s, gate_in=g_in, gate_out=g_out, run=QUIET)
+    with torch.no_grad():
+        assert bool((cal.gate_values(g_in)[3] < 0.5).all() and (cal.gate_values(g_out)[3] > 0.5).all())
+    for layer in LAYERS:
+        gate, start = cal.blocks[str(layer)].gate, probed.blocks[str(layer)].gate
+        assert not gate.weight.requires_grad and torch.equal(gate.weight, start.weight)
+        assert torch.equal(gate.bias, start.bias)
+    with pytest.raises(ValueError, match="gate_fit"):
+        _cfg(gate_fit="bogus")
+    with pytest.raises(ValueError, match="linear prefill gate"):
+        _cfg(gate_dim=4, gate_fit="probe", gate_hidden=8)
+    with pytest.raises(ValueError, match="prefill gate layer"):
+        CrvlmConfig(gate_fit="probe", gate_layer=None)
 
 
 def test_validation_and_early_stopping():
@@ -422,7 +451,7 @@ def test_resume_after_sigkill_identical_weights(tmp_path):
     script = (
         "import os, signal, sys, torch\n"
         "from crvlm_core.methods.crvlm.config import CalibratorConfig\n"
-        "from crvlm_core.methods.crvlm.train import TrainRun, train_calibrator\n"
+        "from crvlm_core.methods.crvlm.train import TrainRun, fit_probe_gate, train_calibrator\n"
         "torch.set_num_threads(1)\n"
         "d = torch.load(sys.argv[1])\n"
         "def kill(epoch, entry):\n"

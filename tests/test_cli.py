@@ -60,6 +60,9 @@ def test_fit_train_extra_adds_another_sources_questions_by_the_same_scope(tmp_pa
     assert _run(["fit", "--model", "smollm2-135m", "--train-extra", str(extra), "--in-scope", "physics",
                  "--out", str(tmp_path / "b")]) == 2
     assert f"--in-scope: unknown subject(s) physics (available in {extra}" in capsys.readouterr().err
+    assert _run(["fit", "--model", "smollm2-135m", "--method", "crvlm", "--in-scope", "biology", "--gate-fit", "probe",
+                 "--gate-layer", "none", "--out", str(tmp_path / "c")]) == 2
+    assert "--gate-fit probe fits a linear prefill gate" in capsys.readouterr().err
 
 
 def test_cli_bad_inputs(tmp_path, smollm2, capsys):

@@ -44,6 +44,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.train_extra:
         train += scoped_data(args.train_extra, in_scope, out_scope, "all", args.n_train, args.seed, "fit")
     _refuse_ndif_training(args)
+    if args.method == "crvlm" and args.gate_fit == "probe" and (args.gate_layer == "none" or args.gate_hidden):
+        raise InputError("--gate-fit probe fits a linear prefill gate: it needs a --gate-layer (not none) and no "
+                         "--gate-hidden")
     handle = load_placed(args, args.model)
     check_layers(handle, layers=args.layers, condition_layers=args.condition_layers,
                  gate_layer=args.gate_layer if args.method == "crvlm" else None)
@@ -93,12 +96,13 @@ def _fit_method(args: argparse.Namespace, handle, train: list, in_scope: list[st
                              target_scale=args.target_scale,
                              width=args.width, epochs=args.epochs, lr=args.lr, seed=args.seed,
                              train_positions=args.train_positions, behavioural=behavioural,
-                             framing_augment=args.framing_augment, gate_hidden=args.gate_hidden)
+                             framing_augment=args.framing_augment, gate_hidden=args.gate_hidden,
+                             gate_fit=args.gate_fit)
         steering = fit_crvlm(handle, train, config, cache_dir=True)  # resume checkpoints in outputs/cache/
         extra = {"gate_layer": steering.gate_layer, "gate_pass": steering.gate_pass, "epochs": args.epochs,
                  "width": args.width,
                  "train_positions": args.train_positions, "behavioural_epochs": args.behavioural_epochs,
-                 "framing_augment": args.framing_augment, "gate_hidden": args.gate_hidden,
+                 "framing_augment": args.framing_augment, "gate_hidden": args.gate_hidden, "gate_fit": args.gate_fit,
                  "final_losses": steering.info["final_losses"]}
         return steering, list(steering.layers), args.target_scale, steering.info["vector_fingerprint"], extra
     if args.method in _baselines():

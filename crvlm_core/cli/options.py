@@ -138,6 +138,9 @@ def _add_crvlm_options(f: argparse.ArgumentParser) -> None:
                    "in misleading framing (training templates) added to the training data (#25; default 0)")
     c.add_argument("--gate-hidden", type=_COUNT0, default=0, help="width of a one-hidden-layer prefill gate (#25; "
                    "default 0: the paper's linear gate)")
+    c.add_argument("--gate-fit", choices=["joint", "probe"], default="joint", help="fit the prefill gate with the "
+                   "flow network (joint, the paper) or alone first as a logistic probe on standardised states, then "
+                   "frozen (probe; #25)")
     c.add_argument("--behavioural-epochs", type=_COUNT0, default=1, help="then fine-tune on the refusal's "
                    "cross-entropy out of scope and KL in scope (default 1 epoch; 0: off)")
 

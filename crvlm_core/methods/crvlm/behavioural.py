@@ -84,7 +84,8 @@ def finetune_behavioural(steering: CalibratedSteering, handle: ModelHandle, trai
         raise ValueError("the behavioural loss needs in- and out-of-scope training samples")
     steering.validate(handle)
     cal = steering.calibrator
-    params = [p for p in cal.parameters()]
+    frozen_gate = cal.config.gate_fit == "probe"  # fitted alone as a probe: the behavioural loss leaves it as it is
+    params = [p for name, p in cal.named_parameters() if not (frozen_gate and ".gate." in name)]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=config.lr)

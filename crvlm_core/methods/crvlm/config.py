@@ -9,7 +9,10 @@ from dataclasses import dataclass
 from crvlm_core.core.fields import int_field, layers_field, number_field, set_field
 from crvlm_core.steer.base import GATE_PASSES
 
-__all__ = ["BEHAVIOURAL_REFUSAL", "BehaviouralConfig", "CalibratorConfig", "CrvlmConfig"]
+__all__ = ["BEHAVIOURAL_REFUSAL", "BehaviouralConfig", "CalibratorConfig", "CrvlmConfig", "GATE_FITS"]
+
+#: How the calibrator's gate is fitted: with the flow network (the paper), or alone first as a logistic probe.
+GATE_FITS = ("joint", "probe")
 
 #: The refusal the behavioural loss teaches out of scope (teacher-forced after the prompt).
 BEHAVIOURAL_REFUSAL = "I'm sorry, but I can't assist with that."
@@ -32,6 +35,10 @@ class CalibratorConfig:
             the gate reads an explicit prefill summary (``gate_input``; e.g. a late layer's last-prompt-token state).
         gate_hidden: ``0`` (default, the paper): the gate is linear, ``σ(w·g + b)``; ``H > 0``: a one-hidden-layer
             gate ``σ(Linear(H, 1)(SiLU(Linear(d_gate, H)(LayerNorm(g)))))`` (#25: a scope that holds under framing).
+        gate_fit: ``"joint"`` (default, the paper): the gate learns with the flow network from the summed losses.
+            ``"probe"`` (#25; a linear prefill gate only): before the flow network trains, the gate is fitted alone as
+            an L2-regularised logistic regression on standardised gate inputs (out of scope = 1; the scaling folded into
+            its weights), then frozen — here and in the behavioural stage.
         target_scale: ``λ`` in the out-of-scope target ``h_out + λ·s``.
         w_out, w_in, w_ortho, w_vision: Weights of the four loss terms (the vision term is only active on batches
             with vision counterfactuals).
@@ -52,6 +59,7 @@ class CalibratorConfig:
     shared: bool = False
     gate_dim: int | None = None
     gate_hidden: int = 0
+    gate_fit: str = "joint"
     target_scale: float = 1.0
     w_out: float = 1.0
     w_in: float = 1.0
@@ -72,6 +80,11 @@ class CalibratorConfig:
             int_field(self, "gate_dim")
         int_field(self, "seed", minimum=0)
         int_field(self, "gate_hidden", minimum=0)
+        if self.gate_fit not in GATE_FITS:
+            raise ValueError(f"gate_fit must be one of {GATE_FITS}, got {self.gate_fit!r}")
+        if self.gate_fit == "probe" and (self.gate_hidden or self.gate_dim is None):
+            raise ValueError("gate_fit='probe' fits a linear prefill gate: it needs gate_dim (a gate layer) and "
+                             "gate_hidden=0")
         layers_field(self, "layers", optional=False)
         set_field(self, "shared", bool(self.shared))
         set_field(self, "gate_supervision", bool(self.gate_supervision))
@@ -130,9 +143,8 @@ class BehaviouralConfig:
         return dataclasses.asdict(self)
 
 
-_CALIBRATOR_FIELDS = ("width", "gate_hidden", "shared", "target_scale", "w_out", "w_in", "w_ortho", "w_vision",
-                      "gate_supervision",
-                      "lr", "batch_size", "epochs", "seed", "val_fraction", "patience")
+_CALIBRATOR_FIELDS = ("width", "gate_hidden", "gate_fit", "shared", "target_scale", "w_out", "w_in", "w_ortho",
+                      "w_vision", "gate_supervision", "lr", "batch_size", "epochs", "seed", "val_fraction", "patience")
 
 
 @dataclass(frozen=True)
@@ -159,7 +171,8 @@ class CrvlmConfig:
             (when its ``epochs`` > 0); ``None`` → none.
         framing_augment: Copies of every training question dressed in misleading framing with the training templates
             (:func:`crvlm_core.data.framing.framing_augment`, seeded; never the test wording), added to the calibrator's
-            and the behavioural stage's training data (#25). 0: none (the paper).
+            training data and, unless ``gate_fit="probe"`` (the gate is frozen then), the behavioural stage's (#25).
+            0: none (the paper).
         Remaining fields: :class:`CalibratorConfig`'s (validated by it). Defaults differ from the paper's (200
             epochs, batch 8, lr 1e-4 on one state per prompt) because each prompt contributes
             ``positions_per_prompt + 1`` states: 40 epochs of batch 32 at lr 3e-4 take a similar number of steps.
@@ -171,6 +184,7 @@ class CrvlmConfig:
     target_scale: float = 1.0
     width: int = 1024
     gate_hidden: int = 0
+    gate_fit: str = "joint"
     epochs: int = 40
     lr: float = 3e-4
     batch_size: int = 32
@@ -205,7 +219,10 @@ class CrvlmConfig:
             set_field(self, "behavioural", BehaviouralConfig(**self.behavioural))
         elif self.behavioural is not None and not isinstance(self.behavioural, BehaviouralConfig):
             raise ValueError(f"behavioural must be a BehaviouralConfig or None, got {type(self.behavioural).__name__}")
-        probe = self.calibrator_config(hidden_size=1, layers=(0,))  # CalibratorConfig validates the shared fields
+        if self.gate_fit == "probe" and self.gate_layer is None:
+            raise ValueError("gate_fit='probe' needs a prefill gate layer (gate_layer 'auto' or a layer)")
+        probe = self.calibrator_config(hidden_size=1, layers=(0,), gate_dim=1 if self.gate_layer is not None else None)
+        # CalibratorConfig validates the shared fields
         for name in _CALIBRATOR_FIELDS:
             set_field(self, name, getattr(probe, name))
 

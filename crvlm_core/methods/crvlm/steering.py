@@ -144,6 +144,7 @@ def fit_crvlm(handle: ModelHandle, train: Sequence[Sample], config: CrvlmConfig 
         raise ValueError(f"CR-VLM needs in- and out-of-scope training samples (got {len(inn)} in, {len(out)} out)")
     if vector is None:  # from the plain questions
         vector = fit_vector(handle, train, VectorConfig("teacher-forced", layers=layers), progress=progress)
+    plain = list(train)
     if config.framing_augment:
         scope = sorted({s.subject for s in inn})
         framed = [replace(f, id=f"{f.id}#{k}") for k in range(config.framing_augment)
@@ -169,5 +170,7 @@ def fit_crvlm(handle: ModelHandle, train: Sequence[Sample], config: CrvlmConfig 
     steering = CalibratedSteering(calibrator, tuple(layers), gate_layer, info, vector, config=config, history=history,
                                   gate_pass=config.gate_pass)
     if config.behavioural is not None and config.behavioural.epochs > 0:
-        finetune_behavioural(steering, handle, train, config.behavioural, progress=progress)
+        # a probe gate is frozen: the behavioural stage only teaches the refusal, on the plain questions
+        finetune_behavioural(steering, handle, plain if config.gate_fit == "probe" else train, config.behavioural,
+                             progress=progress)
     return steering

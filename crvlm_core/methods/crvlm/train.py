@@ -28,7 +28,7 @@ from crvlm_core.methods.crvlm.data import data_fingerprint, epoch_indices, prepa
 from crvlm_core.methods.crvlm.losses import LOSS_TERMS, compute_losses
 from crvlm_core.methods.crvlm.module import Calibrator, tensor_hash
 
-__all__ = ["CHECKPOINT_NAME", "TrainRun", "checkpoint_path", "train_calibrator", "write_history"]
+__all__ = ["CHECKPOINT_NAME", "TrainRun", "checkpoint_path", "fit_probe_gate", "train_calibrator", "write_history"]
 
 CHECKPOINT_NAME = "calibrator-ckpt"
 """Name of resume checkpoints in the cache: ``<cache>/calibrator-ckpt-<key digest>.pt``."""
@@ -77,6 +77,25 @@ def checkpoint_path(cache_dir, cfg: CalibratorConfig, fingerprint: str) -> Path 
     return entry_path(cache_dir, CHECKPOINT_NAME, _resume_key(cfg, fingerprint), ".pt")
 
 
+def fit_probe_gate(calibrator: Calibrator, gate_in: Tensor, gate_out: Tensor, c: float = 1.0) -> None:
+    """``gate_fit="probe"``: set every block's linear gate to an L2-regularised logistic regression (``C = c``) of
+    out of scope (1) vs in scope (0) on standardised gate inputs, the standardisation folded into the weights
+    (``w/σ``, ``b − Σ w·μ/σ``), and freeze it (``requires_grad=False``)."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = torch.cat([gate_in, gate_out]).double()
+    y = torch.cat([torch.zeros(len(gate_in)), torch.ones(len(gate_out))]).numpy()
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    probe = LogisticRegression(C=c, max_iter=5000).fit(((x - mu) / sd).numpy(), y)
+    w = torch.as_tensor(probe.coef_[0]) / sd
+    b = float(probe.intercept_[0]) - float((w * mu).sum())
+    with torch.no_grad():
+        for block in calibrator.blocks.values():
+            block.gate.weight.copy_(w.reshape(1, -1).to(block.gate.weight.dtype))
+            block.gate.bias.fill_(b)
+            block.gate.requires_grad_(False)
+
+
 class _Fit:
     """The mutable state of one run: model, optimiser, sampler RNG, history and early-stopping bookkeeping."""
 
@@ -86,14 +105,18 @@ class _Fit:
         vector_fp = run.vector_fingerprint or tensor_hash(data["refusal_vectors"])
         self.model = Calibrator(cfg, vector_fingerprint=vector_fp, data_fingerprint=self.fingerprint,
                                 model_spec=run.model_spec, n_model_layers=run.n_model_layers)
-        # fused Adam: one kernel for the whole update instead of ~10 elementwise passes per tensor; the optimiser step
-        # was 41 % of a training step on CPU (torch.profiler, Qwen-sized calibrator), fused it is 12 %
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr,
-                                    fused=all(p.device.type in ("cpu", "cuda") for p in self.model.parameters()))
         split_gen = torch.Generator().manual_seed(cfg.seed)
         self.train_in, self.val_in = split_rows(data["acts_in"].shape[0], cfg.val_fraction, split_gen, "in-scope")
         self.train_out, self.val_out = split_rows(data["acts_out"].shape[0], cfg.val_fraction, split_gen,
                                                   "out-of-scope")
+        if cfg.gate_fit == "probe":
+            if data["gate_in"] is None:
+                raise ValueError("gate_fit='probe' needs prefill gate inputs (gate_in, gate_out)")
+            fit_probe_gate(self.model, data["gate_in"][self.train_in], data["gate_out"][self.train_out])
+        # fused Adam: one kernel for the whole update instead of ~10 elementwise passes per tensor; the optimiser step
+        # was 41 % of a training step on CPU (torch.profiler, Qwen-sized calibrator), fused it is 12 %
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.Adam(trained, lr=cfg.lr, fused=all(p.device.type in ("cpu", "cuda") for p in trained))
         self.batch_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.steps = -(-max(self.train_in.numel(), self.train_out.numel()) // cfg.batch_size)
         self.key = key_digest(_resume_key(cfg, self.fingerprint))
