@@ -71,7 +71,8 @@ def main(argv=None) -> int:
                 for gate_kind, clf in (("mlp", MLPClassifier((256,), alpha=1e-3, max_iter=500, random_state=0)),
                                        ("linear", LogisticRegression(C=1.0, max_iter=3000))):
                     model = make_pipeline(StandardScaler(), clf).fit(x, y)
-                    name = f"{'in-style + ' if use_extra else ''}MMLU, {copies} framed cop{'y' if copies == 1 else 'ies'}, {gate_kind}"
+                    data = ("in-style + " if use_extra else "") + "MMLU"
+                    name = f"{data}, {copies} framed cop{'y' if copies == 1 else 'ies'}, {gate_kind}"
                     rows[name] = {k: round(float((model.predict(xs) == ys).mean()), 3) for k, (xs, ys) in tests.items()}
                     print(f"[ablation] {scope:9s} {name:45s} {rows[name]}", flush=True)
         report["scopes"][scope] = rows
