@@ -12,7 +12,6 @@ half of ``plain_questions``, plain and framed (test templates). States are read 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -37,6 +36,7 @@ def main(argv=None) -> int:
     from sklearn.preprocessing import StandardScaler
 
     from crvlm_core.cli.inputs import scoped_data
+    from crvlm_core.core.io import atomic_write_json
     from crvlm_core.data.framing import framing_augment, framing_parts
     from crvlm_core.extract import extract
     from crvlm_core.methods.crvlm.calibrated import default_gate_layer
@@ -76,10 +76,7 @@ def main(argv=None) -> int:
                     rows[name] = {k: round(float((model.predict(xs) == ys).mean()), 3) for k, (xs, ys) in tests.items()}
                     print(f"[ablation] {scope:9s} {name:45s} {rows[name]}", flush=True)
         report["scopes"][scope] = rows
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"[ablation] wrote {out}")
+    print(f"[ablation] wrote {atomic_write_json(args.out, report)}")  # whole or not at all
     return 0
 
 

@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--part", choices=["dev", "held-out", "both"], default="both")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    from crvlm_core.core.io import atomic_write_json
     from crvlm_core.evaluation import evaluate
     from crvlm_core.methods.loading import load_artifact
     from crvlm_core.metrics import scope_metrics
@@ -83,10 +84,7 @@ def main(argv=None) -> int:
             report["parts"].setdefault(part, {})[kind] = row
             shown = {k: row[k] for k in ("refusal_rate_out", "over_refusal_in", "mb_score") if k in row}
             print(f"[framing] {part:8s} {kind:6s} gate {row.get('gate', {}).get('accuracy')} {shown}", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"[framing] wrote {out}")
+    print(f"[framing] wrote {atomic_write_json(args.out, report)}")  # whole or not at all
     return 0
 
 
