@@ -175,3 +175,21 @@ def test_a_probe_gate_stays_as_fitted_through_the_behavioural_stage(smollm2, sco
     after = steering.calibrator.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items() if ".gate." in k)
     assert any(not torch.equal(v, after[k]) for k, v in before.items() if ".flow." in k)
+
+
+def test_the_behavioural_stage_sees_a_seeded_subset_of_each_scope_at_most(smollm2, scoped):
+    """``BehaviouralConfig.max_per_scope``: the stage's cost grows with its data; a cap keeps it bounded."""
+    from crvlm_core.methods.crvlm.behavioural import _subset, finetune_behavioural
+
+    train, _ = scoped
+    few = [s for s in train if s.scope == "out"][:3] + [s for s in train if s.scope == "in"][:2]
+    steering = fit_crvlm(smollm2, few, CrvlmConfig(layers=[10], gate_layer=None, width=16, epochs=1), progress=False)
+    history = finetune_behavioural(steering, smollm2, few, BehaviouralConfig(epochs=1, batch_size=1, max_per_scope=1),
+                                   progress=False)
+    info = steering.info["behavioural"]
+    assert (info["n_in"], info["n_out"]) == (1, 1) and len(history) == 1
+    rows = list(range(10))
+    assert _subset(rows, 4, 0) == _subset(rows, 4, 0) != _subset(rows, 4, 1) and len(_subset(rows, 4, 0)) == 4
+    assert _subset(rows, 4, 0) == sorted(_subset(rows, 4, 0)) and _subset(rows, None, 0) == rows == _subset(rows, 10, 0)
+    with pytest.raises(Exception, match="max_per_scope"):
+        BehaviouralConfig(max_per_scope=0)

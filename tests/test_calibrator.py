@@ -539,3 +539,18 @@ def test_hook_through_steered_logits_and_generate_on_a_tiny_model():
     with cal.gate_override(torch.tensor([0.0, 1.0])):  # steer only the second prompt, prompt pass and every token
         steered = steered_generate(handle, prompts, [cal.as_intervention()], max_new_tokens=4)
     assert steered[0] == plain[0] and steered[1] != plain[1]
+
+
+def test_a_probe_gate_weighs_both_scopes_equally_however_many_questions_each_has():
+    """#25: 30 in-scope vs 600 out-of-scope gate states that overlap (two unit Gaussians one σ apart); an unweighted
+    probe would call most in-scope states out of scope (the prior of the larger scope); the class-balanced probe
+    keeps both scopes' accuracy near the 0.69 of the midpoint threshold."""
+    g = torch.Generator().manual_seed(3)
+    g_in = torch.cat([torch.randn(30, 1, generator=g) - 0.5, torch.randn(30, 3, generator=g)], 1)
+    g_out = torch.cat([torch.randn(600, 1, generator=g) + 0.5, torch.randn(600, 3, generator=g)], 1)
+    cal = Calibrator(_cfg(gate_dim=4, gate_fit="probe"))
+    fit_probe_gate(cal, g_in, g_out)
+    with torch.no_grad():
+        in_right = float((cal.gate_values(g_in)[3] < 0.5).float().mean())
+        out_right = float((cal.gate_values(g_out)[3] > 0.5).float().mean())
+    assert in_right > 0.5 and out_right > 0.5, (in_right, out_right)

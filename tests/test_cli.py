@@ -55,14 +55,36 @@ def test_fit_train_extra_adds_another_sources_questions_by_the_same_scope(tmp_pa
     assert _run(["fit", "--model", "smollm2-135m", "--train", "mmlu", "--train-extra", str(extra), "--in-scope",
                  "biology", "--layers", "8", "--n-train", "3", "--out", str(art)]) == 0
     fit = json.loads((art / "fit.json").read_text())
-    assert fit["train_extra"] == str(extra) and (fit["n_in"], fit["n_out"]) == (5, 4)
+    assert fit["train_extra"] == str(extra) and (fit["n_in"], fit["n_out"]) == (5, 4) and fit["n_train_extra"] == 3
     assert f"{extra} (all): 1 out-of-scope / 2 in-scope" in capsys.readouterr().out
+    assert _run(["fit", "--model", "smollm2-135m", "--train", "mmlu", "--train-extra", str(extra), "--in-scope",
+                 "biology", "--layers", "8", "--n-train", "3", "--n-train-extra", "1", "--out", str(art),
+                 "--force"]) == 0  # at most 1 per scope of the extra source
+    fit = json.loads((art / "fit.json").read_text())
+    assert (fit["n_in"], fit["n_out"], fit["n_train_extra"]) == (4, 4, 1)
+    assert _run(["fit", "--model", "smollm2-135m", "--in-scope", "biology", "--n-train-extra", "5",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--n-train-extra caps the questions of --train-extra" in capsys.readouterr().err
     assert _run(["fit", "--model", "smollm2-135m", "--train-extra", str(extra), "--in-scope", "physics",
                  "--out", str(tmp_path / "b")]) == 2
     assert f"--in-scope: unknown subject(s) physics (available in {extra}" in capsys.readouterr().err
     assert _run(["fit", "--model", "smollm2-135m", "--method", "crvlm", "--in-scope", "biology", "--gate-fit", "probe",
                  "--gate-layer", "none", "--out", str(tmp_path / "c")]) == 2
     assert "--gate-fit probe fits a linear prefill gate" in capsys.readouterr().err
+
+
+def test_crvlm_takes_its_refusal_vector_from_train_alone_when_train_extra_joins(tmp_path, smollm2):
+    """#25: ``--train-extra`` questions teach the calibrator and its gate the scope; the refusal vector is fitted on
+    ``--train``'s questions only (the same vector as without the extra source, and its cost stays bounded)."""
+    extra = tmp_path / "extra.jsonl"
+    rows = [("b1", "What do white blood cells do?", "biology"), ("g1", "Which ocean is the largest?", "geography")]
+    extra.write_text("".join(json.dumps({"id": i, "prompt": p, "subject": s}) + "\n" for i, p, s in rows))
+    common = ["fit", "--model", "smollm2-135m", "--method", "crvlm", "--in-scope", "biology", "--layers", "8",
+              "--n-train", "3", "--epochs", "1", "--width", "16", "--behavioural-epochs", "0"]
+    assert _run(common + ["--out", str(tmp_path / "a")]) == 0
+    assert _run(common + ["--train-extra", str(extra), "--out", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / k / "fit.json").read_text()) for k in "ab")
+    assert (b["n_in"], b["n_out"]) == (a["n_in"] + 1, a["n_out"] + 1) and a["fingerprint"] == b["fingerprint"]
 
 
 def test_cli_bad_inputs(tmp_path, smollm2, capsys):

@@ -41,8 +41,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise InputError("--in-scope needs at least one subject (empty scope), or give --policy FILE")
     args.split = fit_split(args.split, args.train)
     train = scoped_data(args.train, in_scope, out_scope, args.split, args.n_train, args.seed, "fit")
+    n_main, n_extra = len(train), None
+    if args.n_train_extra is not None and not args.train_extra:
+        raise InputError("--n-train-extra caps the questions of --train-extra: give --train-extra SOURCE too")
     if args.train_extra:
-        train += scoped_data(args.train_extra, in_scope, out_scope, "all", args.n_train, args.seed, "fit")
+        n_extra = args.n_train_extra if args.n_train_extra is not None else args.n_train
+        train += scoped_data(args.train_extra, in_scope, out_scope, "all", n_extra, args.seed, "fit")
     _refuse_ndif_training(args)
     if args.method == "crvlm" and args.gate_fit == "probe" and (args.gate_layer == "none" or args.gate_hidden):
         raise InputError("--gate-fit probe fits a linear prefill gate: it needs a --gate-layer (not none) and no "
@@ -54,12 +58,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
                          source=args.train + (f" / {args.train_extra}" if args.train_extra else ""))
     out = Path(args.out)
     start = time.perf_counter()
-    artifact, layers_done, alpha, fingerprint, extra = _fit_method(args, handle, train, in_scope)
+    artifact, layers_done, alpha, fingerprint, extra = _fit_method(args, handle, train, in_scope, n_main)
     seconds = time.perf_counter() - start
     summary = {
         "model": args.model, "method": args.method, "layers": layers_done, "alpha": alpha,
         "in_scope": in_scope, "out_scope": out_scope, "train": args.train, "split": args.split, "seed": args.seed,
-        **({"train_extra": args.train_extra} if args.train_extra else {}),
+        **({"train_extra": args.train_extra, "n_train_extra": n_extra}
+           if args.train_extra else {}),
         "n_in": sum(s.scope == "in" for s in train), "n_out": sum(s.scope == "out" for s in train),
         "fit_seconds": seconds, "fingerprint": fingerprint,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "placement": placement(handle), **extra,
@@ -80,8 +85,9 @@ def _refuse_ndif_training(args: argparse.Namespace) -> None:
                       "--behavioural-epochs 0", ("ndif",))
 
 
-def _fit_method(args: argparse.Namespace, handle, train: list, in_scope: list[str]) -> tuple:
-    """Fit ``args.method``: ``(artifact, layers, alpha, fingerprint, extra fit.json keys)``."""
+def _fit_method(args: argparse.Namespace, handle, train: list, in_scope: list[str], n_main: int) -> tuple:
+    """Fit ``args.method``: ``(artifact, layers, alpha, fingerprint, extra fit.json keys)``. ``train[:n_main]`` are
+    ``--train``'s questions (the rest ``--train-extra``'s): CR-VLM's refusal vector comes from them alone."""
     layers = parse_layers(args.layers)
     if args.method == "crvlm":
         from crvlm_core.methods.crvlm.config import BehaviouralConfig, CrvlmConfig
@@ -90,18 +96,21 @@ def _fit_method(args: argparse.Namespace, handle, train: list, in_scope: list[st
         gate = {"auto": "auto", "none": None}.get(args.gate_layer, None)
         if args.gate_layer not in ("auto", "none"):
             gate = int(args.gate_layer)
-        behavioural = BehaviouralConfig(epochs=args.behavioural_epochs, seed=args.seed) \
-            if args.behavioural_epochs > 0 else None
+        behavioural = BehaviouralConfig(epochs=args.behavioural_epochs, seed=args.seed,
+                                        max_per_scope=args.behavioural_n) if args.behavioural_epochs > 0 else None
         config = CrvlmConfig(layers=layers, gate_layer=gate, gate_pass=args.gate_pass or "shared",
                              target_scale=args.target_scale,
                              width=args.width, epochs=args.epochs, lr=args.lr, seed=args.seed,
                              train_positions=args.train_positions, behavioural=behavioural,
                              framing_augment=args.framing_augment, gate_hidden=args.gate_hidden,
                              gate_fit=args.gate_fit)
-        steering = fit_crvlm(handle, train, config, cache_dir=True)  # resume checkpoints in outputs/cache/
+        # the refusal direction from --train alone (--train-extra only teaches the scope); resume checkpoints in
+        # outputs/cache/
+        steering = fit_crvlm(handle, train, config, vector_train=train[:n_main], cache_dir=True)
         extra = {"gate_layer": steering.gate_layer, "gate_pass": steering.gate_pass, "epochs": args.epochs,
                  "width": args.width,
                  "train_positions": args.train_positions, "behavioural_epochs": args.behavioural_epochs,
+                 "behavioural_n": args.behavioural_n,
                  "framing_augment": args.framing_augment, "gate_hidden": args.gate_hidden, "gate_fit": args.gate_fit,
                  "final_losses": steering.info["final_losses"]}
         return steering, list(steering.layers), args.target_scale, steering.info["vector_fingerprint"], extra

@@ -3,6 +3,7 @@ what the model *says* — the refusal teacher-forced out of scope, the unsteered
 
 from __future__ import annotations
 
+import random
 from typing import Sequence
 
 import torch
@@ -66,6 +67,14 @@ def _step(steering: CalibratedSteering, handle: ModelHandle, b_out: list[Sample]
     return ce.item(), kl.item()
 
 
+def _subset(samples: list[Sample], n: int | None, seed: int) -> list[Sample]:
+    """At most ``n`` of ``samples``, a seeded random subset in their original order (all of them when ``n`` is None)."""
+    if n is None or len(samples) <= n:
+        return samples
+    keep = set(random.Random(seed).sample(range(len(samples)), n))
+    return [s for k, s in enumerate(samples) if k in keep]
+
+
 def finetune_behavioural(steering: CalibratedSteering, handle: ModelHandle, train: Sequence[Sample],
                          config: BehaviouralConfig | None = None, progress: bool = True) -> list[dict]:
     """Fine-tune ``steering``'s calibrator in place on the behavioural loss. Out of scope: cross-entropy of
@@ -78,8 +87,8 @@ def finetune_behavioural(steering: CalibratedSteering, handle: ModelHandle, trai
         One dict per epoch with the mean ``ce_out`` and ``kl_in``.
     """
     config = config if config is not None else BehaviouralConfig()
-    inn = [s for s in train if s.scope == "in"]
-    out = [s for s in train if s.scope == "out"]
+    inn = _subset([s for s in train if s.scope == "in"], config.max_per_scope, config.seed)
+    out = _subset([s for s in train if s.scope == "out"], config.max_per_scope, config.seed)
     if not inn or not out:
         raise ValueError("the behavioural loss needs in- and out-of-scope training samples")
     steering.validate(handle)
@@ -112,5 +121,5 @@ def finetune_behavioural(steering: CalibratedSteering, handle: ModelHandle, trai
         p.requires_grad_(False)
     cal.eval()
     steering.info["behavioural"] = {"epochs": config.epochs, "lr": config.lr, "refusal_text": config.refusal_text,
-                                    "history": history}
+                                    "n_in": len(inn), "n_out": len(out), "history": history}
     return history

@@ -118,7 +118,9 @@ class CalibratorConfig:
 class BehaviouralConfig:
     """Settings of the behavioural fine-tune (:func:`~crvlm_core.methods.crvlm.behavioural.finetune_behavioural`):
     ``epochs`` passes with Adam at ``lr``, ``batch_size`` prompts of each scope per step, loss
-    ``w_ce·CE(refusal_text | out-of-scope prompt) + w_kl·KL(unsteered ‖ calibrated | in-scope prompt)``."""
+    ``w_ce·CE(refusal_text | out-of-scope prompt) + w_kl·KL(unsteered ‖ calibrated | in-scope prompt)``.
+    ``max_per_scope``: at most this many training questions of each scope, a seeded subset (None: all; the stage's
+    cost grows with the larger scope)."""
 
     epochs: int = 1
     lr: float = 1e-4
@@ -127,9 +129,12 @@ class BehaviouralConfig:
     w_kl: float = 1.0
     refusal_text: str = BEHAVIOURAL_REFUSAL
     seed: int = 42
+    max_per_scope: int | None = None
 
     def __post_init__(self) -> None:
         int_field(self, "epochs", minimum=0)
+        if self.max_per_scope is not None:
+            int_field(self, "max_per_scope")
         int_field(self, "batch_size")
         int_field(self, "seed", minimum=0)
         number_field(self, "lr", minimum=0.0, strict=True)

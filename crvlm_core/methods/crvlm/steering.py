@@ -110,8 +110,9 @@ def _vision_data(handle: ModelHandle, inn: list[Sample], out: list[Sample], laye
 
 
 def fit_crvlm(handle: ModelHandle, train: Sequence[Sample], config: CrvlmConfig | None = None,
-              vector: SteeringVector | None = None, *, cache_dir: str | Path | bool | None = None,
-              log_path: str | Path | None = None, progress: bool = True) -> CalibratedSteering:
+              vector: SteeringVector | None = None, *, vector_train: Sequence[Sample] | None = None,
+              cache_dir: str | Path | bool | None = None, log_path: str | Path | None = None,
+              progress: bool = True) -> CalibratedSteering:
     """Fit CR-VLM on scoped training samples.
 
     Args:
@@ -120,7 +121,9 @@ def fit_crvlm(handle: ModelHandle, train: Sequence[Sample], config: CrvlmConfig 
         config: The fit's settings (:class:`~crvlm_core.methods.crvlm.config.CrvlmConfig`; default its defaults).
             With ``config.behavioural``, the behavioural fine-tune
             (:func:`~crvlm_core.methods.crvlm.behavioural.finetune_behavioural`) follows the activation losses.
-        vector: The teacher-forced refusal vector ``s`` of the targets ``h + λ·s`` (fitted here when not given).
+        vector: The teacher-forced refusal vector ``s`` of the targets ``h + λ·s`` (fitted here when not given, on
+            ``vector_train`` when given, else on ``train``: e.g. the main source's questions only, when a second
+            source only teaches the scope).
         cache_dir: Where the calibrator's resume checkpoints go (``crvlm_core.core.cache`` convention; default none),
             keyed by the config and the training states: a fit killed midway resumes there to the same weights.
         log_path: A JSONL file that gets one line per training epoch as it runs (the history is also kept in the
@@ -143,7 +146,8 @@ def fit_crvlm(handle: ModelHandle, train: Sequence[Sample], config: CrvlmConfig 
     if not inn or not out:
         raise ValueError(f"CR-VLM needs in- and out-of-scope training samples (got {len(inn)} in, {len(out)} out)")
     if vector is None:  # from the plain questions
-        vector = fit_vector(handle, train, VectorConfig("teacher-forced", layers=layers), progress=progress)
+        vector = fit_vector(handle, train if vector_train is None else vector_train,
+                            VectorConfig("teacher-forced", layers=layers), progress=progress)
     plain = list(train)
     if config.framing_augment:
         scope = sorted({s.subject for s in inn})

@@ -79,14 +79,15 @@ def checkpoint_path(cache_dir, cfg: CalibratorConfig, fingerprint: str) -> Path 
 
 def fit_probe_gate(calibrator: Calibrator, gate_in: Tensor, gate_out: Tensor, c: float = 1.0) -> None:
     """``gate_fit="probe"``: set every block's linear gate to an L2-regularised logistic regression (``C = c``) of
-    out of scope (1) vs in scope (0) on standardised gate inputs, the standardisation folded into the weights
-    (``w/σ``, ``b − Σ w·μ/σ``), and freeze it (``requires_grad=False``)."""
+    out of scope (1) vs in scope (0) on standardised gate inputs, the two scopes weighted equally however many
+    questions each has, the standardisation folded into the weights (``w/σ``, ``b − Σ w·μ/σ``), and freeze it
+    (``requires_grad=False``)."""
     from sklearn.linear_model import LogisticRegression
 
     x = torch.cat([gate_in, gate_out]).double()
     y = torch.cat([torch.zeros(len(gate_in)), torch.ones(len(gate_out))]).numpy()
     mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
-    probe = LogisticRegression(C=c, max_iter=5000).fit(((x - mu) / sd).numpy(), y)
+    probe = LogisticRegression(C=c, max_iter=5000, class_weight="balanced").fit(((x - mu) / sd).numpy(), y)
     w = torch.as_tensor(probe.coef_[0]) / sd
     b = float(probe.intercept_[0]) - float((w * mu).sum())
     with torch.no_grad():
