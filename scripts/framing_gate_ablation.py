@@ -1,12 +1,19 @@
-"""What makes a scope gate hold under framing (#25), measured on the dev half only: probes on the default model's
-prefill-gate states (layer 22, last prompt token), trained on the data of ``scripts/framing_scopes.sh``'s
-``crvlm-robust`` fit with one ingredient at a time left out — the in-style questions (``plain_questions_train``), the
-framed copies (training templates), the hidden layer (logistic regression instead of an MLP) — and scored on the dev
-half of ``plain_questions``, plain and framed (test templates). States are read exactly as the fit reads them (layers
-8 and 22, the extraction cache), so after the fits this script only reads the dev questions.
+"""What makes a framing-robust scope gate hold (#25), measured on the dev half only: probes on the default model's
+prefill-gate states (layer 22, last prompt token), trained as ``crvlm fit --gate-fit probe`` trains its gate, scored on
+the dev half of ``plain_questions``, plain and framed (test templates). The held-out half is never read.
 
-    .venv/bin/python scripts/framing_gate_ablation.py --scopes biology,physics,geography \\
-        --out outputs/framing/gate-ablation-dev.json
+``--study ingredients``: the data of ``scripts/framing_scopes.sh``'s first robust fit (MMLU's train half 100 per
+scope, ``plain_questions_train`` at most 100 per scope, one framed copy of each) with one ingredient at a time left
+out — the in-style questions, the framed copies, the hidden layer (logistic regression instead of an MLP); accuracy.
+
+``--study data``: MMLU + ``plain_questions_train`` at most CAP per scope (``--caps``) + one framed copy, logistic
+probes with C 0.1 / 1, with and without class-balanced weights; the gate's R, over-refusal and MB (gate refuses ⇔
+ρ > 0.5).
+
+States are read as the fit reads them (layers 8 and 22, the extraction cache).
+
+    .venv/bin/python scripts/framing_gate_ablation.py --study data --scopes biology \\
+        --out outputs/framing/gate-data-dev-biology.json
 """
 
 from __future__ import annotations
@@ -24,20 +31,75 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scopes", default="biology,physics,geography")
-    p.add_argument("--model", default="qwen2.5-0.5b")
-    p.add_argument("--out", required=True)
-    args = p.parse_args(argv)
+def gate_scores(pred: np.ndarray, out: np.ndarray) -> dict:
+    """The gate's R (out of scope gated), over-refusal (in scope gated) and MB."""
+    from crvlm_core.metrics import mb_score
+
+    r, orr = float(pred[out].mean()), float(pred[~out].mean())
+    return {"R": round(r, 3), "ORR": round(orr, 3), "MB": round(mb_score(r, orr), 3)}
+
+
+def ingredients(scope, mmlu, in_style, states, label, tests) -> dict:
+    """One ingredient left out at a time: accuracy per dev set."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    from crvlm_core.data.framing import framing_augment
+
+    extra = in_style(100)
+    rows = {}
+    for use_extra in (True, False):
+        for copies in (1, 0):
+            base = mmlu + extra if use_extra else mmlu
+            framed = [replace(f, id=f"{f.id}#0") for f in framing_augment(base, [scope], seed=42)] if copies else []
+            x, y = states(base + framed), label(base + framed)
+            for gate_kind, clf in (("mlp", MLPClassifier((256,), alpha=1e-3, max_iter=500, random_state=0)),
+                                   ("linear", LogisticRegression(C=1.0, max_iter=3000))):
+                model = make_pipeline(StandardScaler(), clf).fit(x, y)
+                data = ("in-style + " if use_extra else "") + "MMLU"
+                name = f"{data}, {copies} framed cop{'y' if copies == 1 else 'ies'}, {gate_kind}"
+                rows[name] = {k: round(float((model.predict(xs) == ys).mean()), 3) for k, (xs, ys) in tests.items()}
+                print(f"[ablation] {scope:9s} {name:45s} {rows[name]}", flush=True)
+    return rows
+
+
+def data_curve(scope, mmlu, in_style, states, label, tests, caps) -> dict:
+    """The gate against the amount of in-style data: R / ORR / MB per dev set."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from crvlm_core.data.framing import framing_augment
+
+    rows = {}
+    for cap in caps:
+        base = mmlu + (in_style(cap) if cap else [])
+        framed = [replace(f, id=f"{f.id}#0") for f in framing_augment(base, [scope], seed=42)]
+        x, y = states(base + framed), label(base + framed)
+        for weight in (None, "balanced"):
+            for c in (0.1, 1.0):
+                model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000, class_weight=weight))
+                model.fit(x, y)
+                name = f"in-style ≤{cap}/scope, C={c}{', balanced' if weight else ''}"
+                rows[name] = {"n_in": int((~y).sum()), "n_out": int(y.sum()),
+                              **{k: gate_scores(model.predict(xs).astype(bool), ys) for k, (xs, ys) in tests.items()}}
+                print(f"[gate-data] {scope:9s} {name:40s} {rows[name]}", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--study", choices=["ingredients", "data"], default="ingredients")
+    p.add_argument("--scopes", default="biology,physics,geography")
+    p.add_argument("--model", default="qwen2.5-0.5b")
+    p.add_argument("--caps", default="0,100,200,1000", help="--study data: in-style questions per scope")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
     from crvlm_core.cli.inputs import scoped_data
     from crvlm_core.core.io import atomic_write_json
-    from crvlm_core.data.framing import framing_augment, framing_parts
+    from crvlm_core.data.framing import framing_parts
     from crvlm_core.extract import extract
     from crvlm_core.methods.crvlm.calibrated import default_gate_layer
     from crvlm_core.methods.refusal_vectors import default_layers
@@ -55,28 +117,19 @@ def main(argv=None) -> int:
     def label(samples):
         return np.array([s.scope == "out" for s in samples])
 
-    report = {"model": args.model, "gate_layer": gate, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "scopes": {}}
+    report = {"model": args.model, "study": args.study, "gate_layer": gate,
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "scopes": {}}
     for scope in args.scopes.split(","):
         mmlu = scoped_data("mmlu", [scope], [], "train", 100, 42, "mmlu")
-        extra = scoped_data("plain_questions_train", [scope], [], "all", 100, 42, "in-style")
-        dev = framing_parts([scope])["dev"]
-        tests = {kind: (states(rows), label(rows)) for kind, rows in dev.items()}
-        rows = {}
-        for use_extra in (True, False):
-            for copies in (1, 0):
-                base = mmlu + extra if use_extra else mmlu
-                framed = [replace(f, id=f"{f.id}#0") for f in framing_augment(base, [scope], seed=42)] if copies else []
-                x, y = states(base + framed), label(base + framed)
-                for gate_kind, clf in (("mlp", MLPClassifier((256,), alpha=1e-3, max_iter=500, random_state=0)),
-                                       ("linear", LogisticRegression(C=1.0, max_iter=3000))):
-                    model = make_pipeline(StandardScaler(), clf).fit(x, y)
-                    data = ("in-style + " if use_extra else "") + "MMLU"
-                    name = f"{data}, {copies} framed cop{'y' if copies == 1 else 'ies'}, {gate_kind}"
-                    rows[name] = {k: round(float((model.predict(xs) == ys).mean()), 3) for k, (xs, ys) in tests.items()}
-                    print(f"[ablation] {scope:9s} {name:45s} {rows[name]}", flush=True)
-        report["scopes"][scope] = rows
-    print(f"[ablation] wrote {atomic_write_json(args.out, report)}")  # whole or not at all
+        tests = {kind: (states(rows), label(rows)) for kind, rows in framing_parts([scope])["dev"].items()}
+
+        def in_style(cap, scope=scope):
+            return scoped_data("plain_questions_train", [scope], [], "all", cap, 42, "in-style")
+
+        report["scopes"][scope] = (
+            ingredients(scope, mmlu, in_style, states, label, tests) if args.study == "ingredients" else
+            data_curve(scope, mmlu, in_style, states, label, tests, [int(c) for c in args.caps.split(",")]))
+    print(f"[{args.study}] wrote {atomic_write_json(args.out, report)}")  # whole or not at all
     return 0
 
 

@@ -6,8 +6,11 @@
 #   bash scripts/framing_scopes.sh "biology physics geography" "crvlm-robust cast persona system-prompt"
 #     → outputs/framing/<scope>/fits/<method>/ and outputs/framing/<scope>/<method>-mb-heldout.json
 #
-# crvlm-robust: MMLU's train half (100 per scope) + plain_questions_train (at most 100 per scope), one framed copy of
-# each training question (training templates), the prefill gate fitted alone as a logistic probe, then frozen.
+# crvlm-robust: MMLU's train half (100 per scope) + all of plain_questions_train (1480 questions), one framed copy of
+# each training question (training templates), the prefill gate fitted alone as a class-balanced logistic probe, then
+# frozen; the refusal vector from the MMLU questions; the behavioural stage on 100 questions per scope.
+# crvlm-robust-v1 (the first round, kept to compare): plain_questions_train at most 100 per scope (its first 670 rows
+# then), behavioural stage on all plain training questions, an unweighted probe.
 # crvlm-mlpgate: the same data, a one-hidden-layer gate (256 wide) trained jointly with the flow network.
 # crvlm and the baselines: the CLI's defaults on MMLU's train half (100 per scope), as notebook 03 fits them.
 set -euo pipefail
@@ -21,7 +24,8 @@ for scope in $SCOPES; do
   mkdir -p "$dir/fits"
   for name in $METHODS; do
     case $name in
-      crvlm-robust) opts=(--method crvlm --train-extra plain_questions_train --framing-augment 1 --gate-fit probe) ;;
+      crvlm-robust) opts=(--method crvlm --train-extra plain_questions_train --n-train-extra 1500 --framing-augment 1
+                          --gate-fit probe --behavioural-n 100) ;;
       crvlm-mlpgate) opts=(--method crvlm --train-extra plain_questions_train --framing-augment 1 --gate-hidden 256) ;;
       *) opts=(--method "$name") ;;
     esac
@@ -30,5 +34,8 @@ for scope in $SCOPES; do
     out=$dir/$name-mb-heldout.json
     [ -f "$out" ] || flock $LOCK $PY scripts/measure_framing.py --artifact "$dir/fits/$name" --in-scope "$scope" \
       --judge keyword --part held-out --out "$out"
+    dev=$dir/$name-gate-dev.json  # a prefill gate's accuracy on the dev half (no generation)
+    [ "${name#crvlm}" = "$name" ] || [ -f "$dev" ] || flock $LOCK $PY scripts/measure_framing.py \
+      --artifact "$dir/fits/$name" --in-scope "$scope" --gate-only --part dev --out "$dev"
   done
 done
