@@ -10,6 +10,12 @@ out — the in-style questions, the framed copies, the hidden layer (logistic re
 probes with C 0.1 / 1, with and without class-balanced weights; the gate's R, over-refusal and MB (gate refuses ⇔
 ρ > 0.5).
 
+``--study copies``: the data of ``framing_scopes.sh``'s ``crvlm-robust`` fit (MMLU's train half + all of
+``plain_questions_train``) with 0, 1 or 2 framed copies of each question, logistic probes (class-balanced, C 0.1 / 1),
+and the probe on layers 8 and 22 side by side; the gate's R / over-refusal / MB. The training lists are
+``fit_crvlm``'s own (:func:`~crvlm_core.methods.crvlm.steering.training_sets` with two copies), so a later
+``crvlm fit --framing-augment 2`` reads its gate states from this study's cache.
+
 States are read as the fit reads them (layers 8 and 22, the extraction cache).
 
     .venv/bin/python scripts/framing_gate_ablation.py --study data --scopes biology \\
@@ -89,9 +95,39 @@ def data_curve(scope, mmlu, in_style, states, label, tests, caps) -> dict:
     return rows
 
 
+def copies_curve(scope, mmlu, in_style, read, gate, extract_states, tests) -> dict:
+    """The gate against the number of framed copies (0, 1, 2) of every training question: R / ORR / MB per dev set."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from crvlm_core.methods.crvlm.config import CrvlmConfig
+    from crvlm_core.methods.crvlm.steering import training_sets
+
+    inn, out = training_sets(mmlu + in_style(1500), CrvlmConfig(framing_augment=2))
+    acts = np.concatenate([extract_states(inn), extract_states(out)])  # [n, len(read), d]
+    y = np.array([False] * len(inn) + [True] * len(out))
+    copy = np.array([int(s.id.rsplit("#", 1)[1]) + 1 if "#" in s.id else 0 for s in inn + out])
+    rows = {}
+    for n_copies, c, feats in ((0, 1.0, "22"), (1, 0.1, "22"), (1, 1.0, "22"), (2, 0.1, "22"), (2, 1.0, "22"),
+                               (1, 1.0, "8+22"), (2, 1.0, "8+22")):
+        cols = [read.index(gate)] if feats == "22" else list(range(len(read)))
+        keep = copy <= n_copies
+        x = acts[keep][:, cols].reshape(int(keep.sum()), -1)
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000, class_weight="balanced"))
+        model.fit(x, y[keep])
+        plural = "s" if "+" in feats else ""
+        name = f"{n_copies} framed cop{'y' if n_copies == 1 else 'ies'}, C={c}, layer{plural} {feats}"
+        rows[name] = {"n_in": int((~y[keep]).sum()), "n_out": int(y[keep].sum()),
+                      **{k: gate_scores(model.predict(xs[:, cols].reshape(len(xs), -1)).astype(bool), ys)
+                         for k, (xs, ys) in tests.items()}}
+        print(f"[gate-copies] {scope:9s} {name:40s} {rows[name]}", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--study", choices=["ingredients", "data"], default="ingredients")
+    p.add_argument("--study", choices=["ingredients", "data", "copies"], default="ingredients")
     p.add_argument("--scopes", default="biology,physics,geography")
     p.add_argument("--model", default="qwen2.5-0.5b")
     p.add_argument("--caps", default="0,100,200,1000", help="--study data: in-style questions per scope")
@@ -110,9 +146,11 @@ def main(argv=None) -> int:
     gate = default_gate_layer(handle)
     read = sorted(set(default_layers(handle)) | {gate})  # as fit_crvlm reads its training states: cache hits
 
+    def extract_states(samples):  # [n, len(read), d]: the fit's call (layers, batch size), so the cache is shared
+        return extract(handle, samples, layers=read, batch_size=8, progress="gate states").acts.numpy()
+
     def states(samples):
-        acts = extract(handle, samples, layers=read, batch_size=8, progress=False).acts
-        return acts[:, read.index(gate)].numpy()
+        return extract_states(samples)[:, read.index(gate)]
 
     def label(samples):
         return np.array([s.scope == "out" for s in samples])
@@ -121,14 +159,20 @@ def main(argv=None) -> int:
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "scopes": {}}
     for scope in args.scopes.split(","):
         mmlu = scoped_data("mmlu", [scope], [], "train", 100, 42, "mmlu")
-        tests = {kind: (states(rows), label(rows)) for kind, rows in framing_parts([scope])["dev"].items()}
+        dev = framing_parts([scope])["dev"].items()
+        tests = ({kind: (extract_states(rows), label(rows)) for kind, rows in dev} if args.study == "copies" else
+                 {kind: (states(rows), label(rows)) for kind, rows in dev})
 
         def in_style(cap, scope=scope):
             return scoped_data("plain_questions_train", [scope], [], "all", cap, 42, "in-style")
 
-        report["scopes"][scope] = (
-            ingredients(scope, mmlu, in_style, states, label, tests) if args.study == "ingredients" else
-            data_curve(scope, mmlu, in_style, states, label, tests, [int(c) for c in args.caps.split(",")]))
+        if args.study == "copies":
+            report["scopes"][scope] = copies_curve(scope, mmlu, in_style, read, gate, extract_states, tests)
+        elif args.study == "ingredients":
+            report["scopes"][scope] = ingredients(scope, mmlu, in_style, states, label, tests)
+        else:
+            report["scopes"][scope] = data_curve(scope, mmlu, in_style, states, label, tests,
+                                                 [int(c) for c in args.caps.split(",")])
     print(f"[{args.study}] wrote {atomic_write_json(args.out, report)}")  # whole or not at all
     return 0
 

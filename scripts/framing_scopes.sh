@@ -9,6 +9,10 @@
 # crvlm-robust: MMLU's train half (100 per scope) + all of plain_questions_train (1480 questions), one framed copy of
 # each training question (training templates), the prefill gate fitted alone as a class-balanced logistic probe, then
 # frozen; the refusal vector from the MMLU questions; the behavioural stage on 100 questions per scope.
+# crvlm-robust2 (third round): the same with two framed copies of each training question and --hard-gate (the gate's
+# value rounded at 0.5: no update at all on a question gated in scope).
+# crvlm-robust3 (third round, the recipe): crvlm-robust2 with a gate that reads the last prompt token at layer 8
+# (the steered layer) as well as at the gate layer, concatenated (--gate-extra-layers 8).
 # crvlm-robust-v1 (the first round, kept to compare): plain_questions_train at most 100 per scope (its first 670 rows
 # then), behavioural stage on all plain training questions, an unweighted probe.
 # crvlm-mlpgate: the same data, a one-hidden-layer gate (256 wide) trained jointly with the flow network.
@@ -26,6 +30,10 @@ for scope in $SCOPES; do
     case $name in
       crvlm-robust) opts=(--method crvlm --train-extra plain_questions_train --n-train-extra 1500 --framing-augment 1
                           --gate-fit probe --behavioural-n 100) ;;
+      crvlm-robust2) opts=(--method crvlm --train-extra plain_questions_train --n-train-extra 1500 --framing-augment 2
+                           --gate-fit probe --behavioural-n 100 --hard-gate) ;;
+      crvlm-robust3) opts=(--method crvlm --train-extra plain_questions_train --n-train-extra 1500 --framing-augment 2
+                           --gate-fit probe --gate-extra-layers 8 --behavioural-n 100 --hard-gate) ;;
       crvlm-mlpgate) opts=(--method crvlm --train-extra plain_questions_train --framing-augment 1 --gate-hidden 256) ;;
       *) opts=(--method "$name") ;;
     esac

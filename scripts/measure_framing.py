@@ -27,13 +27,12 @@ def gate_accuracy(handle, steering, samples) -> dict:
     """The prefill gate's decisions: accuracy, and per framing style."""
     import torch
 
-    from crvlm_core.extract import prompt_batches, read_last_token
+    from crvlm_core.extract import prompt_batches
 
     rho = torch.empty(len(samples))
     for _, idx in prompt_batches(handle, [s.prompt for s in samples], [False] * len(samples), 8):
         enc = handle.build_inputs([samples[k].prompt for k in idx])
-        summary = read_last_token(handle, enc, [steering.gate_layer])[:, 0]
-        values = steering.calibrator.gate_values(summary)
+        values = steering.calibrator.gate_values(steering.gate_summary(handle, enc))
         rho[idx] = values[steering.layers[0]].float().reshape(-1)
     right = [(float(r) > 0.5) == (s.scope == "out") for r, s in zip(rho, samples)]
     by_style: dict[str, list[bool]] = {}
@@ -52,6 +51,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--gate-only", action="store_true", help="only the prefill gate's accuracy (no generation)")
     p.add_argument("--part", choices=["dev", "held-out", "both"], default="both")
+    p.add_argument("--gate-mode", choices=["as-fitted", "soft", "hard"], default="as-fitted",
+                   help="a prefill-gated calibrator's gate as fitted, or forced soft (ρ scales the update) or hard "
+                   "(ρ rounded at 0.5): the ablation of --hard-gate on one fit")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     from crvlm_core.core.io import atomic_write_json
@@ -66,7 +68,10 @@ def main(argv=None) -> int:
     loaded = load_artifact(args.artifact, handle)
     handle, ivs, system = loaded.handle, loaded.interventions, loaded.system
     gate = next((iv for iv in ivs if getattr(iv, "gate_layer", None) is not None and hasattr(iv, "calibrator")), None)
-    report: dict = {"artifact": args.artifact, "in_scope": in_scope, "judge": None if args.gate_only else args.judge,
+    if gate is not None and args.gate_mode != "as-fitted":
+        gate.hard_gate = args.gate_mode == "hard"
+    report: dict = {"gate_mode": args.gate_mode if gate is None else ("hard" if gate.hard_gate else "soft"),
+                    "artifact": args.artifact, "in_scope": in_scope, "judge": None if args.gate_only else args.judge,
                     "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "parts": {}}
     for part, sets in parts(in_scope).items():
         if args.part not in ("both", part):

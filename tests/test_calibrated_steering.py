@@ -89,6 +89,75 @@ def test_prefill_gate_fixes_rho_per_row(fitted, smollm2):
         steered_generate(smollm2, prompts, [steering], max_new_tokens=5, batch_size=2)
 
 
+def test_a_hard_gate_leaves_in_scope_rows_exactly_alone(fitted, smollm2, tmp_path):
+    """#25 ``hard_gate``: the prefill gate's ρ rounded at 0.5 — a row gated in scope gets no update at all (the soft
+    gate's ρ is never exactly 0, so it always leaks some), a row gated out gets the whole update; saved and loaded."""
+    from crvlm_core.extract import read_last_token
+
+    steering, _ = fitted
+    prompts = ["What is a cell?", "What is the derivative of x^2?", "Name the capital of France.", "What is DNA?"]
+    enc = smollm2.build_inputs(prompts)
+    soft = steering.calibrator.gate_values(read_last_token(smollm2, enc, [steering.gate_layer])[:, 0])
+    hard = CalibratedSteering(steering.calibrator, steering.layers, steering.gate_layer, gate_pass=steering.gate_pass,
+                              hard_gate=True)
+    rounded = hard.gate_values(read_last_token(smollm2, enc, [steering.gate_layer])[:, 0])
+    for layer, values in rounded.items():
+        assert torch.equal(values, (soft[layer] > 0.5).to(values.dtype))
+    plain = steered_logits(smollm2, enc)
+    by_gate = steered_logits(smollm2, enc, [hard])
+    manual = CalibratedSteering(steering.calibrator, steering.layers, None, gate_pass=steering.gate_pass)
+    with steering.calibrator.gate_override(rounded):
+        assert (by_gate - steered_logits(smollm2, enc, [manual])).abs().max() < 1e-4
+    assert not torch.allclose(by_gate, steered_logits(smollm2, enc, [steering]), atol=1e-4), "ρ is not rounded"
+    rows = rounded[steering.layers[0]]
+    for k in range(len(prompts)):
+        if rows[k] == 0:
+            assert torch.equal(by_gate[k], plain[k])
+    hard.save(tmp_path / "hard")
+    assert load_calibrated(tmp_path / "hard").hard_gate and not load_calibrated(tmp_path / "hard").fixed_gate
+    steering.save(tmp_path / "soft")
+    meta = json.loads((tmp_path / "soft" / "crvlm.json").read_text())
+    assert meta.pop("hard_gate") is False
+    (tmp_path / "soft" / "crvlm.json").write_text(json.dumps(meta))  # an artifact from before the option
+    assert not CalibratedSteering.read_files(tmp_path / "soft").hard_gate
+    with pytest.raises(ValueError, match="gate layer"):
+        CrvlmConfig(gate_layer=None, hard_gate=True)
+    with pytest.raises(ValueError, match="gate_layer"):
+        CalibratedSteering(steering.calibrator, steering.layers, None, hard_gate=True)
+
+
+def test_a_gate_can_read_several_layers(smollm2, scoped, tmp_path):
+    """#25 ``gate_extra_layers``: the prefill gate reads the last prompt token at the gate layer and at more layers,
+    concatenated; the shared prompt pass and a pass of its own set the same gate; saved and loaded."""
+    from crvlm_core.extract import read_last_token
+
+    train, _ = scoped
+    config = CrvlmConfig(layers=[10], gate_extra_layers=[10, 5], width=16, epochs=1, gate_fit="probe")
+    assert config.gate_extra_layers == (5, 10) and CrvlmConfig(**config.to_dict()) == config
+    steering = fit_crvlm(smollm2, train, config, progress=False)
+    assert steering.gate_read_layers == (5, 10, 27) and steering.gate_extra_layers == (5, 10)
+    assert steering.calibrator.config.d_gate == 3 * smollm2.hidden_size
+    enc = smollm2.build_inputs(["What is a cell?", "Who wrote Hamlet?"])
+    summary = read_last_token(smollm2, enc, [5, 10, 27]).flatten(1)
+    assert torch.equal(steering.gate_summary(smollm2, enc), summary)
+    separate = CalibratedSteering(steering.calibrator, steering.layers, steering.gate_layer, gate_pass="shared",
+                                  gate_extra_layers=(5, 10))
+    shared_pass = steered_logits(smollm2, enc, [steering], last_only=True)  # the gates read in the one prompt pass
+    own_pass = steered_logits(smollm2, enc, [separate])[:, -1:]  # full-sequence logits: the gate's own pass
+    assert (shared_pass - own_pass).abs().max() < 1e-3
+    only_22 = CalibratedSteering(steering.calibrator, steering.layers, steering.gate_layer, gate_pass="shared")
+    with pytest.raises(Exception):  # the gate's weights are 3·d wide: one layer's summary does not fit
+        steered_logits(smollm2, enc, [only_22], last_only=True)
+    steering.save(tmp_path / "a")
+    loaded = load_calibrated(tmp_path / "a", smollm2)
+    assert loaded.gate_extra_layers == (5, 10) and loaded.config.gate_extra_layers == (5, 10)
+    assert (steered_logits(smollm2, enc, [loaded], last_only=True) - shared_pass).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="gate layer"):
+        CrvlmConfig(gate_layer=None, gate_extra_layers=[3])
+    with pytest.raises(ValueError, match="gate_extra_layers"):
+        CrvlmConfig(gate_extra_layers=[-1])
+
+
 def test_save_and_load_round_trip(fitted, smollm2, tmp_path):
     steering, _ = fitted
     steering.save(tmp_path / "saved")

@@ -71,6 +71,13 @@ def test_fit_train_extra_adds_another_sources_questions_by_the_same_scope(tmp_pa
     assert _run(["fit", "--model", "smollm2-135m", "--method", "crvlm", "--in-scope", "biology", "--gate-fit", "probe",
                  "--gate-layer", "none", "--out", str(tmp_path / "c")]) == 2
     assert "--gate-fit probe fits a linear prefill gate" in capsys.readouterr().err
+    assert _run(["fit", "--model", "smollm2-135m", "--method", "crvlm", "--in-scope", "biology", "--hard-gate",
+                 "--gate-layer", "none", "--out", str(tmp_path / "d")]) == 2
+    assert "--hard-gate rounds a prefill gate's value" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+    assert _run(["fit", "--model", "smollm2-135m", "--method", "crvlm", "--in-scope", "biology", "--gate-extra-layers",
+                 "99", "--out", str(tmp_path / "e")]) == 2
+    assert "--gate-extra-layers 99: layer 99 out of range" in capsys.readouterr().err
 
 
 def test_crvlm_takes_its_refusal_vector_from_train_alone_when_train_extra_joins(tmp_path, smollm2):

@@ -51,9 +51,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.method == "crvlm" and args.gate_fit == "probe" and (args.gate_layer == "none" or args.gate_hidden):
         raise InputError("--gate-fit probe fits a linear prefill gate: it needs a --gate-layer (not none) and no "
                          "--gate-hidden")
+    if args.method == "crvlm" and args.hard_gate and args.gate_layer == "none":
+        raise InputError("--hard-gate rounds a prefill gate's value: it needs a --gate-layer (not none)")
+    if args.method == "crvlm" and args.gate_extra_layers and args.gate_layer == "none":
+        raise InputError("--gate-extra-layers are read by a prefill gate: it needs a --gate-layer (not none)")
     handle = load_placed(args, args.model)
     check_layers(handle, layers=args.layers, condition_layers=args.condition_layers,
-                 gate_layer=args.gate_layer if args.method == "crvlm" else None)
+                 gate_layer=args.gate_layer if args.method == "crvlm" else None,
+                 gate_extra_layers=args.gate_extra_layers if args.method == "crvlm" else None)
     check_prompt_lengths(handle, train, args.max_prompt_tokens,
                          source=args.train + (f" / {args.train_extra}" if args.train_extra else ""))
     out = Path(args.out)
@@ -103,7 +108,8 @@ def _fit_method(args: argparse.Namespace, handle, train: list, in_scope: list[st
                              width=args.width, epochs=args.epochs, lr=args.lr, seed=args.seed,
                              train_positions=args.train_positions, behavioural=behavioural,
                              framing_augment=args.framing_augment, gate_hidden=args.gate_hidden,
-                             gate_fit=args.gate_fit)
+                             gate_fit=args.gate_fit, hard_gate=args.hard_gate,
+                             gate_extra_layers=parse_layers(args.gate_extra_layers, "--gate-extra-layers") or ())
         # the refusal direction from --train alone (--train-extra only teaches the scope); resume checkpoints in
         # outputs/cache/
         steering = fit_crvlm(handle, train, config, vector_train=train[:n_main], cache_dir=True)
@@ -112,6 +118,7 @@ def _fit_method(args: argparse.Namespace, handle, train: list, in_scope: list[st
                  "train_positions": args.train_positions, "behavioural_epochs": args.behavioural_epochs,
                  "behavioural_n": args.behavioural_n,
                  "framing_augment": args.framing_augment, "gate_hidden": args.gate_hidden, "gate_fit": args.gate_fit,
+                 "hard_gate": args.hard_gate, "gate_extra_layers": list(steering.gate_extra_layers),
                  "final_losses": steering.info["final_losses"]}
         return steering, list(steering.layers), args.target_scale, steering.info["vector_fingerprint"], extra
     if args.method in _baselines():

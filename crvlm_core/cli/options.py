@@ -141,6 +141,12 @@ def _add_crvlm_options(f: argparse.ArgumentParser) -> None:
     c.add_argument("--gate-fit", choices=["joint", "probe"], default="joint", help="fit the prefill gate with the "
                    "flow network (joint, the paper) or alone first as a logistic probe on standardised states, then "
                    "frozen (probe; #25)")
+    c.add_argument("--gate-extra-layers", type=layers_option("--gate-extra-layers"), default=None,
+                   help="more layers the prefill gate reads: its input is the last prompt token's state at the gate "
+                   "layer and at these, concatenated (N, A-B or A,B,C; #25; default: the gate layer alone)")
+    c.add_argument("--hard-gate", action="store_true", help="round the prefill gate's value to 0 or 1 at 0.5: "
+                   "in-scope prompts are left exactly alone, out-of-scope ones get the whole update (#25; default: "
+                   "the update scaled by the gate value, as in the paper)")
     c.add_argument("--behavioural-epochs", type=_COUNT0, default=1, help="then fine-tune on the refusal's "
                    "cross-entropy out of scope and KL in scope (default 1 epoch; 0: off)")
     c.add_argument("--behavioural-n", type=_POS, default=None, help="the behavioural stage sees at most this many "

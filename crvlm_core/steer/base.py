@@ -35,8 +35,9 @@ class Intervention:
 
 class PrefillGate(Intervention):
     """Per-row prefill gating, shared by the gated interventions: the last prompt token's state at ``gate_layer``
-    is handed to :meth:`set_gate` as a ``[batch, d]`` summary; the gate so fixed holds for every steered position
-    of the batch, and :meth:`release` clears it. Subclasses implement ``set_gate``/``clear_gate`` and :meth:`steer`.
+    (at each of :attr:`gate_read_layers`, concatenated) is handed to :meth:`set_gate` as a ``[batch, d]`` summary;
+    the gate so fixed holds for every steered position of the batch, and :meth:`release` clears it. Subclasses
+    implement ``set_gate``/``clear_gate`` and :meth:`steer`.
 
     ``gate_pass`` says how the gate is read and which positions are steered:
 
@@ -57,6 +58,16 @@ class PrefillGate(Intervention):
     def shares_prompt_pass(self) -> bool:
         """Whether a shared prompt pass can set this gate (``gate_pass == "shared"`` and a gate layer to read)."""
         return self.gate_pass == "shared" and self.gate_layer is not None
+
+    @property
+    def gate_read_layers(self) -> tuple[int, ...]:
+        """The layers whose last-prompt-token states, concatenated in this (ascending) order, are the summary handed
+        to :meth:`set_gate`: the gate layer alone unless a subclass reads more."""
+        return () if self.gate_layer is None else (int(self.gate_layer),)
+
+    def gate_summary(self, handle: ModelHandle, enc: dict) -> torch.Tensor:
+        """``[batch, len(gate_read_layers) · d]``: the unsteered summary of prepared inputs (one forward)."""
+        return read_last_token(handle, enc, list(self.gate_read_layers)).flatten(1)
 
     def set_gate(self, summary: torch.Tensor) -> None:
         raise NotImplementedError
@@ -79,12 +90,12 @@ class PrefillGate(Intervention):
         super().validate(handle)
         if self.gate_pass not in GATE_PASSES:
             raise ValueError(f"gate_pass must be one of {GATE_PASSES}, got {self.gate_pass!r}")
-        if self.gate_layer is not None:
-            handle.check_layer(self.gate_layer)
+        for layer in self.gate_read_layers:
+            handle.check_layer(layer)
 
     def prepare(self, handle: ModelHandle, enc: dict) -> None:
         if self.gate_layer is not None:
-            self.set_gate(read_last_token(handle, enc, [self.gate_layer])[:, 0])
+            self.set_gate(self.gate_summary(handle, enc))
 
     def release(self) -> None:
         self.clear_gate()

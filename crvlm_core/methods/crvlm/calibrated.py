@@ -56,11 +56,18 @@ class CalibratedSteering(PrefillGate):
     config: CrvlmConfig | None = None  # the settings of the fit that made it (None when built by hand)
     history: list = field(default_factory=list, repr=False)  # one dict per training epoch
     gate_pass: str = "separate"  # "shared": one prompt pass, steering from the last prompt token (PrefillGate)
+    hard_gate: bool = False  # a prefill gate's ρ rounded to 0 / 1 at 0.5 (CrvlmConfig.hard_gate)
+    gate_extra_layers: tuple[int, ...] = ()  # more layers the prefill gate reads (CrvlmConfig.gate_extra_layers)
 
     def __post_init__(self):
         self.layers = tuple(int(l) for l in self.layers)
+        self.gate_extra_layers = tuple(sorted({int(l) for l in self.gate_extra_layers} - {self.gate_layer}))
+        if self.gate_extra_layers and self.gate_layer is None:
+            raise ValueError("gate_extra_layers are read with a prefill gate: they need a gate_layer")
         if self.fixed_gate is not None and not 0.0 <= float(self.fixed_gate) <= 1.0:
             raise ValueError(f"fixed_gate must be in [0, 1], got {self.fixed_gate}")
+        if self.hard_gate and self.gate_layer is None:
+            raise ValueError("hard_gate rounds a prefill gate's value: it needs a gate_layer")
 
     def prepare(self, handle: ModelHandle, enc: dict) -> None:
         if self.fixed_gate is None:
@@ -72,8 +79,19 @@ class CalibratedSteering(PrefillGate):
         self.calibrator.check_compatible(handle.n_layers, handle.hidden_size)  # the model mismatch first
         super().validate(handle)
 
+    @property
+    def gate_read_layers(self) -> tuple[int, ...]:
+        """The gate layer and ``gate_extra_layers``, ascending: their last-prompt-token states, concatenated, are the
+        gate's input."""
+        return () if self.gate_layer is None else tuple(sorted({int(self.gate_layer), *self.gate_extra_layers}))
+
+    def gate_values(self, summary: torch.Tensor) -> dict[int, torch.Tensor]:
+        """``layer → [batch]`` gate values of prefill summaries ``[batch, d]``, rounded at 0.5 with ``hard_gate``."""
+        values = self.calibrator.gate_values(summary)
+        return {l: (v > 0.5).to(v.dtype) for l, v in values.items()} if self.hard_gate else values
+
     def set_gate(self, summary: torch.Tensor) -> None:
-        self.calibrator.set_gate_override(self.calibrator.gate_values(summary))
+        self.calibrator.set_gate_override(self.gate_values(summary))
 
     def clear_gate(self) -> None:
         self.calibrator.clear_gate_override()
@@ -100,7 +118,7 @@ class CalibratedSteering(PrefillGate):
         calibrated [n, L, d], rho [n, L])`` with ``L = len(self.layers)``; ``fixed_gate`` is honoured. ``cache_dir``:
         the activation cache (:func:`~crvlm_core.extract.extract`'s).
         """
-        read = sorted(set(self.layers) | ({self.gate_layer} if self.gate_layer is not None else set()))
+        read = sorted(set(self.layers) | set(self.gate_read_layers))
         acts = extract(handle, samples, layers=read, batch_size=batch_size, cache_dir=cache_dir, progress=False)
         original = torch.stack([acts.at(l) for l in self.layers], dim=1).float()
         if self.fixed_gate is not None:
@@ -108,8 +126,12 @@ class CalibratedSteering(PrefillGate):
             with self.calibrator.gate_override({l: rho[:, j] for j, l in enumerate(self.layers)}):
                 calibrated = torch.stack([self.calibrator(original[:, j], l)[0] for j, l in enumerate(self.layers)], 1)
             return original, calibrated, rho
-        gate_input = acts.at(self.gate_layer).float() if self.gate_layer is not None else None
-        outs = [self.calibrator(original[:, j], l, gate_input) for j, l in enumerate(self.layers)]
+        if self.gate_layer is None:
+            outs = [self.calibrator(original[:, j], l) for j, l in enumerate(self.layers)]
+        else:  # the prefill gate as generation sets it (hard_gate honoured)
+            summary = torch.cat([acts.at(l).float() for l in self.gate_read_layers], dim=-1)
+            with self.calibrator.gate_override(self.gate_values(summary)):
+                outs = [self.calibrator(original[:, j], l) for j, l in enumerate(self.layers)]
         return original, torch.stack([o[0] for o in outs], 1), torch.stack([o[1] for o in outs], 1)
 
     def write_files(self, folder: str | Path) -> Path:
@@ -119,8 +141,8 @@ class CalibratedSteering(PrefillGate):
         self.calibrator.save(folder)
         atomic_write_json(folder / CRVLM_JSON, {
             "layers": list(self.layers), "gate_layer": self.gate_layer, "fixed_gate": self.fixed_gate,
-            "gate_pass": self.gate_pass, "config": None if self.config is None else self.config.to_dict(),
-            "info": self.info})
+            "gate_pass": self.gate_pass, "hard_gate": self.hard_gate, "gate_extra_layers": list(self.gate_extra_layers),
+            "config": None if self.config is None else self.config.to_dict(), "info": self.info})
         if self.history:
             write_history(folder / TRAIN_LOG, self.history)
         if self.vector is not None:
@@ -138,7 +160,9 @@ class CalibratedSteering(PrefillGate):
         history = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()] if log.is_file() else []
         config = CrvlmConfig(**{"gate_pass": "separate", **meta["config"]}) if meta.get("config") else None
         return cls(Calibrator.load(folder), tuple(meta["layers"]), meta["gate_layer"], meta["info"], vector,
-                   meta["fixed_gate"], config, history, meta.get("gate_pass", "separate"))  # older: separate
+                   meta["fixed_gate"], config, history, meta.get("gate_pass", "separate"),  # older: separate
+                   bool(meta.get("hard_gate", False)),  # older artifacts: the soft gate
+                   tuple(meta.get("gate_extra_layers", ())))  # older: the gate layer alone
 
     def save(self, folder: str | Path, *, force: bool = False, extra_json: dict | None = None) -> Path:
         """Write the artifact folder whole (see the module docstring); ``extra_json`` maps more file names to JSON
@@ -149,7 +173,8 @@ class CalibratedSteering(PrefillGate):
         """
         cal = self.calibrator
         config = {"layers": list(self.layers), "gate_layer": self.gate_layer, "fixed_gate": self.fixed_gate,
-                  "gate_pass": self.gate_pass, "calibrator": cal.config.to_dict(),
+                  "gate_pass": self.gate_pass, "hard_gate": self.hard_gate,
+                  "gate_extra_layers": list(self.gate_extra_layers), "calibrator": cal.config.to_dict(),
                   "fit": None if self.config is None else self.config.to_dict()}
         n_layers = cal.n_model_layers if cal.n_model_layers is not None or self.vector is None else self.vector.n_layers
         model = {"spec": cal.model_spec, "key": self.info.get("model_key", cal.model_spec),

@@ -178,6 +178,13 @@ class CrvlmConfig:
             (:func:`crvlm_core.data.framing.framing_augment`, seeded; never the test wording), added to the calibrator's
             training data and, unless ``gate_fit="probe"`` (the gate is frozen then), the behavioural stage's (#25).
             0: none (the paper).
+        hard_gate: ``False`` (default, the paper): the update is scaled by the gate value, ``α·ρ·Δx``. ``True`` (a
+            prefill gate only; #25): each row's ρ is rounded to 0 or 1 at 0.5 — an in-scope prompt whose ρ is low but
+            not zero is left exactly alone, an out-of-scope one gets the whole update. Applies wherever the prefill gate
+            is read (the behavioural stage, generation); the calibrator's activation losses train the soft gate.
+        gate_extra_layers: More layers a prefill gate reads (#25): its input is the last prompt token's state at the
+            gate layer and at each of these, concatenated in ascending layer order (width ``d · (1 + n)``). ``()``
+            (default): the gate layer alone.
         Remaining fields: :class:`CalibratorConfig`'s (validated by it). Defaults differ from the paper's (200
             epochs, batch 8, lr 1e-4 on one state per prompt) because each prompt contributes
             ``positions_per_prompt + 1`` states: 40 epochs of batch 32 at lr 3e-4 take a similar number of steps.
@@ -207,6 +214,8 @@ class CrvlmConfig:
     positions_per_prompt: int = 8
     behavioural: BehaviouralConfig | None = None
     framing_augment: int = 0
+    hard_gate: bool = False
+    gate_extra_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.layers is not None:
@@ -220,6 +229,18 @@ class CrvlmConfig:
         int_field(self, "extract_batch_size")
         int_field(self, "positions_per_prompt", minimum=0)
         int_field(self, "framing_augment", minimum=0)
+        if not isinstance(self.hard_gate, bool):
+            raise ValueError(f"hard_gate must be a bool, got {self.hard_gate!r}")
+        if self.gate_extra_layers:
+            set_field(self, "gate_extra_layers", tuple(sorted(layers_field(self, "gate_extra_layers",
+                                                                           error=ValueError))))
+            if self.gate_layer is None:
+                raise ValueError("gate_extra_layers are read with a prefill gate: they need a gate layer ('auto' or a "
+                                 "layer)")
+        else:
+            set_field(self, "gate_extra_layers", ())
+        if self.hard_gate and self.gate_layer is None:
+            raise ValueError("hard_gate rounds a prefill gate's value: it needs a gate layer ('auto' or a layer)")
         if isinstance(self.behavioural, dict):
             set_field(self, "behavioural", BehaviouralConfig(**self.behavioural))
         elif self.behavioural is not None and not isinstance(self.behavioural, BehaviouralConfig):
@@ -240,4 +261,5 @@ class CrvlmConfig:
         """The config as a JSON-serialisable dict (round-trips through ``CrvlmConfig(**d)``)."""
         d = dataclasses.asdict(self)
         d["layers"] = None if self.layers is None else list(self.layers)
+        d["gate_extra_layers"] = list(self.gate_extra_layers)
         return d

@@ -22,7 +22,8 @@ from crvlm_core.models.handle import ModelHandle
 from crvlm_core.vectors.steering_vector import SteeringVector
 
 
-__all__ = ["CalibratedSteering", "default_gate_layer", "finetune_behavioural", "fit_crvlm", "vision_counterfactual_shifts"]
+__all__ = ["CalibratedSteering", "default_gate_layer", "finetune_behavioural", "fit_crvlm", "training_sets",
+           "vision_counterfactual_shifts"]
 
 
 def vision_counterfactual_shifts(handle: ModelHandle, out: Sequence[Sample], inn: Sequence[Sample],
@@ -68,17 +69,37 @@ def vision_counterfactual_shifts(handle: ModelHandle, out: Sequence[Sample], inn
     return shifts, mask, paired
 
 
+def _framed_copies(train: list[Sample], config: CrvlmConfig) -> list[Sample]:
+    """``config.framing_augment`` framed copies of every training question (copy ``k`` seeded ``config.seed + k``,
+    id suffix ``#k``), in the scope of the in-scope training questions' subjects."""
+    scope = sorted({s.subject for s in train if s.scope == "in"})
+    return [replace(f, id=f"{f.id}#{k}") for k in range(config.framing_augment)
+            for f in framing_augment(train, scope, seed=config.seed + k)]
+
+
+def training_sets(train: Sequence[Sample], config: CrvlmConfig) -> tuple[list[Sample], list[Sample]]:
+    """``(in-scope, out-of-scope)`` samples the calibrator trains on, in the order :func:`fit_crvlm` reads them: the
+    training questions of each scope, then their framed copies (``config.framing_augment``). Reading the same lists
+    (``extract(..., layers, batch_size=config.extract_batch_size)``) hits the fit's activation cache."""
+    train = list(train)
+    framed = _framed_copies(train, config) if config.framing_augment else []
+    return ([s for s in train if s.scope == "in"] + [f for f in framed if f.scope == "in"],
+            [s for s in train if s.scope == "out"] + [f for f in framed if f.scope == "out"])
+
+
 def _training_states(handle: ModelHandle, inn: list[Sample], out: list[Sample], layers: list[int],
-                     gate_layer: int | None, config: CrvlmConfig, progress: bool) -> dict:
-    """The states the calibrator trains on: ``x_in``/``x_out`` ``[n, L, d]``, their gate inputs (``None`` without a
-    gate layer) and ``own_out``, the sample each out-of-scope state belongs to (``None`` for last-token states)."""
-    read = sorted(set(layers) | ({gate_layer} if gate_layer is not None else set()))
+                     gate_read: list[int], config: CrvlmConfig, progress: bool) -> dict:
+    """The states the calibrator trains on: ``x_in``/``x_out`` ``[n, L, d]``, their gate inputs (the last prompt
+    token at the ``gate_read`` layers, concatenated; ``None`` without a prefill gate) and ``own_out``, the sample each
+    out-of-scope state belongs to (``None`` for last-token states)."""
+    read = sorted(set(layers) | set(gate_read))
     kw = dict(layers=read, batch_size=config.extract_batch_size)
     a_in = extract(handle, inn, progress=progress and "in-scope", **kw)
     a_out = extract(handle, out, progress=progress and "out-of-scope", **kw)
     idx = [read.index(l) for l in layers]
-    gate_in = a_in.acts[:, read.index(gate_layer)] if gate_layer is not None else None
-    gate_out = a_out.acts[:, read.index(gate_layer)] if gate_layer is not None else None
+    g_idx = [read.index(l) for l in gate_read]
+    gate_in = a_in.acts[:, g_idx].flatten(1) if gate_read else None
+    gate_out = a_out.acts[:, g_idx].flatten(1) if gate_read else None
     states = {"x_in": a_in.acts[:, idx], "x_out": a_out.acts[:, idx], "gate_in": gate_in, "gate_out": gate_out,
               "own_out": None}
     if config.train_positions == "tokens":
@@ -141,24 +162,22 @@ def fit_crvlm(handle: ModelHandle, train: Sequence[Sample], config: CrvlmConfig 
     gate_layer = default_gate_layer(handle) if config.gate_layer == "auto" else config.gate_layer
     if gate_layer is not None:
         gate_layer = handle.check_layer(int(gate_layer))
-    inn = [s for s in train if s.scope == "in"]
-    out = [s for s in train if s.scope == "out"]
-    if not inn or not out:
-        raise ValueError(f"CR-VLM needs in- and out-of-scope training samples (got {len(inn)} in, {len(out)} out)")
+    gate_read = [] if gate_layer is None else sorted({gate_layer, *(handle.check_layer(int(l))
+                                                                   for l in config.gate_extra_layers)})
+    n_in, n_out = sum(s.scope == "in" for s in train), sum(s.scope == "out" for s in train)
+    if not n_in or not n_out:
+        raise ValueError(f"CR-VLM needs in- and out-of-scope training samples (got {n_in} in, {n_out} out)")
     if vector is None:  # from the plain questions
         vector = fit_vector(handle, train if vector_train is None else vector_train,
                             VectorConfig("teacher-forced", layers=layers), progress=progress)
     plain = list(train)
-    if config.framing_augment:
-        scope = sorted({s.subject for s in inn})
-        framed = [replace(f, id=f"{f.id}#{k}") for k in range(config.framing_augment)
-                  for f in framing_augment(train, scope, seed=config.seed + k)]
-        inn, out = inn + [f for f in framed if f.scope == "in"], out + [f for f in framed if f.scope == "out"]
-        train = list(train) + framed
+    inn, out = training_sets(plain, config)
+    if config.framing_augment:  # the behavioural stage's data, unless the gate is a frozen probe
+        train = plain + _framed_copies(plain, config)
     vector.check_compatible(handle.n_layers, handle.hidden_size)
-    states = _training_states(handle, inn, out, layers, gate_layer, config, progress)
+    states = _training_states(handle, inn, out, layers, gate_read, config, progress)
     vision, vision_info = _vision_data(handle, inn, out, layers, vector, states, config, progress)
-    cfg = config.calibrator_config(handle.hidden_size, layers, handle.hidden_size if gate_layer is not None else None)
+    cfg = config.calibrator_config(handle.hidden_size, layers, handle.hidden_size * len(gate_read) or None)
     run = TrainRun(cache_dir=cache_dir, log_path=log_path, progress=progress, model_spec=handle.spec,
                    n_model_layers=handle.n_layers, vector_fingerprint=vector.fingerprint)
     calibrator, history = train_calibrator(cfg, states["x_in"], states["x_out"], vector.directions[layers],
@@ -172,7 +191,8 @@ def fit_crvlm(handle: ModelHandle, train: Sequence[Sample], config: CrvlmConfig 
         vision_info["final"] = next((h["loss_vision"] for h in reversed(history) if "loss_vision" in h), None)
     info["vision_loss"] = vision_info
     steering = CalibratedSteering(calibrator, tuple(layers), gate_layer, info, vector, config=config, history=history,
-                                  gate_pass=config.gate_pass)
+                                  gate_pass=config.gate_pass, hard_gate=config.hard_gate,
+                                  gate_extra_layers=tuple(l for l in gate_read if l != gate_layer))
     if config.behavioural is not None and config.behavioural.epochs > 0:
         # a probe gate is frozen: the behavioural stage only teaches the refusal, on the plain questions
         finetune_behavioural(steering, handle, plain if config.gate_fit == "probe" else train, config.behavioural,
