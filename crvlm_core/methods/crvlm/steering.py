@@ -82,9 +82,11 @@ def training_sets(train: Sequence[Sample], config: CrvlmConfig) -> tuple[list[Sa
     training questions of each scope, then their framed copies (``config.framing_augment``). Reading the same lists
     (``extract(..., layers, batch_size=config.extract_batch_size)``) hits the fit's activation cache."""
     train = list(train)
-    framed = _framed_copies(train, config) if config.framing_augment else []
-    return ([s for s in train if s.scope == "in"] + [f for f in framed if f.scope == "in"],
-            [s for s in train if s.scope == "out"] + [f for f in framed if f.scope == "out"])
+    return _by_scope(train + (_framed_copies(train, config) if config.framing_augment else []))
+
+
+def _by_scope(samples: list[Sample]) -> tuple[list[Sample], list[Sample]]:
+    return [s for s in samples if s.scope == "in"], [s for s in samples if s.scope == "out"]
 
 
 def _training_states(handle: ModelHandle, inn: list[Sample], out: list[Sample], layers: list[int],
@@ -171,9 +173,9 @@ def fit_crvlm(handle: ModelHandle, train: Sequence[Sample], config: CrvlmConfig 
         vector = fit_vector(handle, train if vector_train is None else vector_train,
                             VectorConfig("teacher-forced", layers=layers), progress=progress)
     plain = list(train)
-    inn, out = training_sets(plain, config)
-    if config.framing_augment:  # the behavioural stage's data, unless the gate is a frozen probe
-        train = plain + _framed_copies(plain, config)
+    # with framed copies: the calibrator's data, and the behavioural stage's unless the gate is a frozen probe
+    train = plain + (_framed_copies(plain, config) if config.framing_augment else [])
+    inn, out = _by_scope(train)  # what training_sets gives
     vector.check_compatible(handle.n_layers, handle.hidden_size)
     states = _training_states(handle, inn, out, layers, gate_read, config, progress)
     vision, vision_info = _vision_data(handle, inn, out, layers, vector, states, config, progress)
