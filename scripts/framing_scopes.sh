@@ -13,6 +13,9 @@
 # value rounded at 0.5: no update at all on a question gated in scope).
 # crvlm-robust3 (third round, the recipe): crvlm-robust2 with a gate that reads the last prompt token at layer 8
 # (the steered layer) as well as at the gate layer, concatenated (--gate-extra-layers 8).
+# crvlm-robust3-push (fourth round): the crvlm-robust3 fit measured with --in-scope-push $PUSH (default 0.5): where
+# the gate reads in scope, the refusal vector reversed. The push is applied at generation only, so a fit with
+# `--in-scope-push` trains the same calibrator: the robust3 artifact is reused rather than fitted again.
 # crvlm-robust-v1 (the first round, kept to compare): plain_questions_train at most 100 per scope (its first 670 rows
 # then), behavioural stage on all plain training questions, an unweighted probe.
 # crvlm-mlpgate: the same data, a one-hidden-layer gate (256 wide) trained jointly with the flow network.
@@ -27,7 +30,9 @@ for scope in $SCOPES; do
   dir=outputs/framing/$scope
   mkdir -p "$dir/fits"
   for name in $METHODS; do
-    case $name in
+    fit=$name measure=()
+    if [ "$name" = crvlm-robust3-push ]; then fit=crvlm-robust3 measure=(--in-scope-push "${PUSH:-0.5}"); fi
+    case $fit in
       crvlm-robust) opts=(--method crvlm --train-extra plain_questions_train --n-train-extra 1500 --framing-augment 1
                           --gate-fit probe --behavioural-n 100) ;;
       crvlm-robust2) opts=(--method crvlm --train-extra plain_questions_train --n-train-extra 1500 --framing-augment 2
@@ -37,13 +42,13 @@ for scope in $SCOPES; do
       crvlm-mlpgate) opts=(--method crvlm --train-extra plain_questions_train --framing-augment 1 --gate-hidden 256) ;;
       *) opts=(--method "$name") ;;
     esac
-    [ -f "$dir/fits/$name/artifact.json" ] || flock $LOCK $PY -m crvlm_core.cli fit --in-scope "$scope" \
-      --n-train 100 --out "$dir/fits/$name" "${opts[@]}"
+    [ -f "$dir/fits/$fit/artifact.json" ] || flock $LOCK $PY -m crvlm_core.cli fit --in-scope "$scope" \
+      --n-train 100 --out "$dir/fits/$fit" "${opts[@]}"
     out=$dir/$name-mb-heldout.json
-    [ -f "$out" ] || flock $LOCK $PY scripts/measure_framing.py --artifact "$dir/fits/$name" --in-scope "$scope" \
-      --judge keyword --part held-out --out "$out"
-    dev=$dir/$name-gate-dev.json  # a prefill gate's accuracy on the dev half (no generation)
+    [ -f "$out" ] || flock $LOCK $PY scripts/measure_framing.py --artifact "$dir/fits/$fit" --in-scope "$scope" \
+      --judge keyword --part held-out "${measure[@]}" --out "$out"
+    dev=$dir/$fit-gate-dev.json  # a prefill gate's accuracy on the dev half (no generation)
     [ "${name#crvlm}" = "$name" ] || [ -f "$dev" ] || flock $LOCK $PY scripts/measure_framing.py \
-      --artifact "$dir/fits/$name" --in-scope "$scope" --gate-only --part dev --out "$dev"
+      --artifact "$dir/fits/$fit" --in-scope "$scope" --gate-only --part dev --out "$dev"
   done
 done

@@ -43,6 +43,23 @@ def gate_accuracy(handle, steering, samples) -> dict:
             "wrong": [s.id for ok, s in zip(right, samples) if not ok]}
 
 
+def in_scope_vs_unsteered(handle, samples, rows, args, system) -> dict:
+    """The in-scope questions answered without steering (cached): the refusals the model makes on its own (the floor
+    under the steered over-refusal) and the fraction of steered answers whose first 20 tokens are the unsteered ones."""
+    from crvlm_core.evaluation import evaluate
+    from crvlm_core.metrics import unchanged_prefix_fraction
+
+    inn = [s for s in samples if s.scope == "in"]
+    plain = {r["id"]: r for r in evaluate(handle, inn, [], max_new_tokens=args.max_new_tokens, judge=args.judge,
+                                          system=system, cache_dir=True, progress=False).rows}
+    steered = [r for r in rows if r["id"] in plain]
+    return {"unsteered_refused_in_ids": [i for i, r in plain.items() if r["refused"]],
+            "unsteered_over_refusal_in": sum(r["refused"] for r in plain.values()) / max(1, len(plain)),
+            "unchanged_20_in": unchanged_prefix_fraction([r["response"] for r in steered],
+                                                         [plain[r["id"]]["response"] for r in steered],
+                                                         handle.tokenizer, 20)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--artifact", required=True)
@@ -54,6 +71,8 @@ def main(argv=None) -> int:
     p.add_argument("--gate-mode", choices=["as-fitted", "soft", "hard"], default="as-fitted",
                    help="a prefill-gated calibrator's gate as fitted, or forced soft (ρ scales the update) or hard "
                    "(ρ rounded at 0.5): the ablation of --hard-gate on one fit")
+    p.add_argument("--in-scope-push", type=float, default=None, metavar="BETA",
+                   help="override a prefill-gated calibrator's in-scope push (CrvlmConfig.in_scope_push) on this fit")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     from crvlm_core.core.io import atomic_write_json
@@ -70,8 +89,15 @@ def main(argv=None) -> int:
     gate = next((iv for iv in ivs if getattr(iv, "gate_layer", None) is not None and hasattr(iv, "calibrator")), None)
     if gate is not None and args.gate_mode != "as-fitted":
         gate.hard_gate = args.gate_mode == "hard"
+    if args.in_scope_push is not None:
+        if gate is None or gate.vector is None:
+            print("measure_framing: --in-scope-push needs a prefill-gated CR-VLM artifact with its refusal vector",
+                  file=sys.stderr)
+            return 2
+        gate.in_scope_push = args.in_scope_push
     report: dict = {"gate_mode": args.gate_mode if gate is None else ("hard" if gate.hard_gate else "soft"),
-                    "artifact": args.artifact, "in_scope": in_scope, "judge": None if args.gate_only else args.judge,
+                    "artifact": args.artifact,
+                    "in_scope_push": getattr(gate, "in_scope_push", None), "in_scope": in_scope, "judge": None if args.gate_only else args.judge,
                     "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "parts": {}}
     for part, sets in parts(in_scope).items():
         if args.part not in ("both", part):
@@ -86,6 +112,7 @@ def main(argv=None) -> int:
                 refused = [r["refused"] for r in result.rows]
                 row.update(scope_metrics(refused, [s.scope for s in samples], ci=True))
                 row["refused_ids"] = [r["id"] for r in result.rows if r["refused"]]
+                row.update(in_scope_vs_unsteered(handle, samples, result.rows, args, system))
             report["parts"].setdefault(part, {})[kind] = row
             shown = {k: row[k] for k in ("refusal_rate_out", "over_refusal_in", "mb_score") if k in row}
             print(f"[framing] {part:8s} {kind:6s} gate {row.get('gate', {}).get('accuracy')} {shown}", flush=True)

@@ -126,6 +126,61 @@ def test_a_hard_gate_leaves_in_scope_rows_exactly_alone(fitted, smollm2, tmp_pat
         CalibratedSteering(steering.calibrator, steering.layers, None, hard_gate=True)
 
 
+def test_an_in_scope_push_reverses_the_vector_only_where_the_gate_reads_in_scope(fitted, smollm2, tmp_path):
+    """#25 ``in_scope_push``: rows a hard gate reads in scope get ``−β·v`` at the steered layer (from the last prompt
+    token on, as the shared pass steers), rows gated out get exactly the hard gate's update; saved and loaded; older
+    artifacts have none; bad values are refused."""
+    from crvlm_core.extract import read_last_token
+    from crvlm_core.steer.interventions import HiddenStateFn
+
+    steering, _ = fitted
+    prompts = ["What is a cell?", "What is the derivative of x^2?", "Name the capital of France.", "What is DNA?"]
+    enc = smollm2.build_inputs(prompts)
+    kw = dict(gate_pass=steering.gate_pass, hard_gate=True, vector=steering.vector)
+    hard = CalibratedSteering(steering.calibrator, steering.layers, steering.gate_layer, **kw)
+    pushed = CalibratedSteering(steering.calibrator, steering.layers, steering.gate_layer, in_scope_push=0.5, **kw)
+    rows = hard.gate_values(read_last_token(smollm2, enc, [steering.gate_layer])[:, 0])[steering.layers[0]]
+    assert 0 < rows.sum() < len(prompts), f"need rows gated both ways, got {rows.tolist()}"
+    plain, by_hard, by_push = (steered_logits(smollm2, enc, ivs) for ivs in ([], [hard], [pushed]))
+    layer, v = steering.layers[0], steering.vector.directions[steering.layers[0]]
+
+    def by_hand(at, hidden):  # −0.5·v on the in-scope rows' last position
+        out = hidden.clone()
+        out[rows == 0, -1] -= 0.5 * v.to(hidden.dtype)
+        return out
+
+    manual = steered_logits(smollm2, enc, [HiddenStateFn(by_hand, (layer,))])
+    for k in range(len(prompts)):
+        if rows[k] == 1:
+            assert torch.equal(by_push[k], by_hard[k])
+        else:
+            assert not torch.allclose(by_push[k, -1], plain[k, -1], atol=1e-3)
+            assert (by_push[k, -1] - manual[k, -1]).abs().max() < 1e-3
+            assert torch.equal(by_push[k, :-1], plain[k, :-1])
+    original, calibrated, rho = pushed.calibrated_states(smollm2, fitted_samples(prompts), cache_dir=None)
+    inn = rho[:, 0] == 0
+    assert torch.allclose(calibrated[inn, 0], original[inn, 0] - 0.5 * v, atol=1e-5)
+    pushed.save(tmp_path / "pushed")
+    assert load_calibrated(tmp_path / "pushed").in_scope_push == 0.5
+    meta = json.loads((tmp_path / "pushed" / "crvlm.json").read_text())
+    meta.pop("in_scope_push")
+    (tmp_path / "pushed" / "crvlm.json").write_text(json.dumps(meta))  # an artifact from before the option
+    assert CalibratedSteering.read_files(tmp_path / "pushed").in_scope_push == 0.0
+    assert CrvlmConfig(in_scope_push=0.5).in_scope_push == 0.5
+    with pytest.raises(ValueError, match="gate layer"):
+        CrvlmConfig(gate_layer=None, in_scope_push=0.5)
+    with pytest.raises(ValueError, match="in_scope_push must be >= 0"):
+        CrvlmConfig(in_scope_push=-1)
+    with pytest.raises(ValueError, match="needs the vector"):
+        CalibratedSteering(steering.calibrator, steering.layers, steering.gate_layer, in_scope_push=0.5)
+
+
+def fitted_samples(prompts):
+    from crvlm_core.data.schema import Sample
+
+    return [Sample(id=f"p{k}", prompt=p, subject="x") for k, p in enumerate(prompts)]
+
+
 def test_a_gate_can_read_several_layers(smollm2, scoped, tmp_path):
     """#25 ``gate_extra_layers``: the prefill gate reads the last prompt token at the gate layer and at more layers,
     concatenated; the shared prompt pass and a pass of its own set the same gate; saved and loaded."""

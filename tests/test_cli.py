@@ -78,6 +78,12 @@ def test_fit_train_extra_adds_another_sources_questions_by_the_same_scope(tmp_pa
     assert _run(["fit", "--model", "smollm2-135m", "--method", "crvlm", "--in-scope", "biology", "--gate-extra-layers",
                  "99", "--out", str(tmp_path / "e")]) == 2
     assert "--gate-extra-layers 99: layer 99 out of range" in capsys.readouterr().err
+    assert _run(["fit", "--model", "smollm2-135m", "--method", "crvlm", "--in-scope", "biology", "--in-scope-push",
+                 "0.5", "--gate-layer", "none", "--out", str(tmp_path / "f")]) == 2
+    assert "--in-scope-push acts where a prefill gate reads in scope" in capsys.readouterr().err
+    assert _run(["fit", "--model", "smollm2-135m", "--in-scope", "biology", "--in-scope-push", "-1",
+                 "--out", str(tmp_path / "g")]) == 2
+    assert "--in-scope-push: must be >= 0, got '-1'" in capsys.readouterr().err
 
 
 def test_crvlm_takes_its_refusal_vector_from_train_alone_when_train_extra_joins(tmp_path, smollm2):

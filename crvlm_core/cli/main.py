@@ -53,6 +53,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
                          "--gate-hidden")
     if args.method == "crvlm" and args.hard_gate and args.gate_layer == "none":
         raise InputError("--hard-gate rounds a prefill gate's value: it needs a --gate-layer (not none)")
+    if args.method == "crvlm" and args.in_scope_push and args.gate_layer == "none":
+        raise InputError("--in-scope-push acts where a prefill gate reads in scope: it needs a --gate-layer (not none)")
     if args.method == "crvlm" and args.gate_extra_layers and args.gate_layer == "none":
         raise InputError("--gate-extra-layers are read by a prefill gate: it needs a --gate-layer (not none)")
     handle = load_placed(args, args.model)
@@ -108,7 +110,7 @@ def _fit_method(args: argparse.Namespace, handle, train: list, in_scope: list[st
                              width=args.width, epochs=args.epochs, lr=args.lr, seed=args.seed,
                              train_positions=args.train_positions, behavioural=behavioural,
                              framing_augment=args.framing_augment, gate_hidden=args.gate_hidden,
-                             gate_fit=args.gate_fit, hard_gate=args.hard_gate,
+                             gate_fit=args.gate_fit, hard_gate=args.hard_gate, in_scope_push=args.in_scope_push,
                              gate_extra_layers=parse_layers(args.gate_extra_layers, "--gate-extra-layers") or ())
         # the refusal direction from --train alone (--train-extra only teaches the scope); resume checkpoints in
         # outputs/cache/
@@ -119,6 +121,7 @@ def _fit_method(args: argparse.Namespace, handle, train: list, in_scope: list[st
                  "behavioural_n": args.behavioural_n,
                  "framing_augment": args.framing_augment, "gate_hidden": args.gate_hidden, "gate_fit": args.gate_fit,
                  "hard_gate": args.hard_gate, "gate_extra_layers": list(steering.gate_extra_layers),
+                 "in_scope_push": args.in_scope_push,
                  "final_losses": steering.info["final_losses"]}
         return steering, list(steering.layers), args.target_scale, steering.info["vector_fingerprint"], extra
     if args.method in _baselines():

@@ -19,7 +19,7 @@ from crvlm_core.core.artifacts import check_model, read_manifest, write_artifact
 from crvlm_core.core.io import atomic_write_json
 from crvlm_core.data.schema import Sample
 from crvlm_core.extract import extract
-from crvlm_core.methods.crvlm.config import CrvlmConfig
+from crvlm_core.methods.crvlm.config import CrvlmConfig, check_push
 from crvlm_core.methods.crvlm.module import Calibrator
 from crvlm_core.methods.crvlm.train import write_history
 from crvlm_core.models.handle import ModelHandle
@@ -58,6 +58,7 @@ class CalibratedSteering(PrefillGate):
     gate_pass: str = "separate"  # "shared": one prompt pass, steering from the last prompt token (PrefillGate)
     hard_gate: bool = False  # a prefill gate's ρ rounded to 0 / 1 at 0.5 (CrvlmConfig.hard_gate)
     gate_extra_layers: tuple[int, ...] = ()  # more layers the prefill gate reads (CrvlmConfig.gate_extra_layers)
+    in_scope_push: float = 0.0  # β: −β·(1 − ρ)·v where the prefill gate reads in scope (CrvlmConfig.in_scope_push)
 
     def __post_init__(self):
         self.layers = tuple(int(l) for l in self.layers)
@@ -68,6 +69,9 @@ class CalibratedSteering(PrefillGate):
             raise ValueError(f"fixed_gate must be in [0, 1], got {self.fixed_gate}")
         if self.hard_gate and self.gate_layer is None:
             raise ValueError("hard_gate rounds a prefill gate's value: it needs a gate_layer")
+        self.in_scope_push = check_push(self.in_scope_push, self.gate_layer)
+        if self.in_scope_push and self.vector is None:
+            raise ValueError("in_scope_push reverses the refusal vector: it needs the vector")
 
     def prepare(self, handle: ModelHandle, enc: dict) -> None:
         if self.fixed_gate is None:
@@ -101,7 +105,17 @@ class CalibratedSteering(PrefillGate):
         return super().shares_prompt_pass and self.fixed_gate is None  # a fixed gate reads nothing
 
     def steer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        return self.calibrator.apply_hidden(layer, hidden)
+        out = self.calibrator.apply_hidden(layer, hidden)
+        return self.pushed(layer, out, self.calibrator.gate_override_rows(layer)) if self.in_scope_push else out
+
+    def pushed(self, layer: int, x: torch.Tensor, rho: torch.Tensor | None) -> torch.Tensor:
+        """``x − β·(1 − ρ)·v_layer`` per row (``rho`` ``[batch]``, the prefill gate's values; ``None``: no prefill gate
+        set, ``x`` itself): the in-scope push (:attr:`in_scope_push`)."""
+        if not self.in_scope_push or rho is None:
+            return x
+        v = self.vector.directions[layer].to(x.device, x.dtype)
+        weight = (1 - rho.to(x.device, x.dtype)).reshape(-1, *([1] * (x.ndim - 1)))
+        return x - self.in_scope_push * weight * v
 
     @torch.no_grad()
     def gate(self, handle: ModelHandle, samples: Sequence[Sample], batch_size: int = 8) -> torch.Tensor:
@@ -124,7 +138,8 @@ class CalibratedSteering(PrefillGate):
         if self.fixed_gate is not None:
             rho = torch.full(original.shape[:2], float(self.fixed_gate))
             with self.calibrator.gate_override({l: rho[:, j] for j, l in enumerate(self.layers)}):
-                calibrated = torch.stack([self.calibrator(original[:, j], l)[0] for j, l in enumerate(self.layers)], 1)
+                calibrated = torch.stack([self.pushed(l, self.calibrator(original[:, j], l)[0], rho[:, j])
+                                          for j, l in enumerate(self.layers)], 1)
             return original, calibrated, rho
         if self.gate_layer is None:
             outs = [self.calibrator(original[:, j], l) for j, l in enumerate(self.layers)]
@@ -132,6 +147,7 @@ class CalibratedSteering(PrefillGate):
             summary = torch.cat([acts.at(l).float() for l in self.gate_read_layers], dim=-1)
             with self.calibrator.gate_override(self.gate_values(summary)):
                 outs = [self.calibrator(original[:, j], l) for j, l in enumerate(self.layers)]
+            outs = [(self.pushed(l, x, rho.reshape(-1)), rho, d) for l, (x, rho, d) in zip(self.layers, outs)]
         return original, torch.stack([o[0] for o in outs], 1), torch.stack([o[1] for o in outs], 1)
 
     def write_files(self, folder: str | Path) -> Path:
@@ -142,6 +158,7 @@ class CalibratedSteering(PrefillGate):
         atomic_write_json(folder / CRVLM_JSON, {
             "layers": list(self.layers), "gate_layer": self.gate_layer, "fixed_gate": self.fixed_gate,
             "gate_pass": self.gate_pass, "hard_gate": self.hard_gate, "gate_extra_layers": list(self.gate_extra_layers),
+            "in_scope_push": self.in_scope_push,
             "config": None if self.config is None else self.config.to_dict(), "info": self.info})
         if self.history:
             write_history(folder / TRAIN_LOG, self.history)
@@ -162,7 +179,8 @@ class CalibratedSteering(PrefillGate):
         return cls(Calibrator.load(folder), tuple(meta["layers"]), meta["gate_layer"], meta["info"], vector,
                    meta["fixed_gate"], config, history, meta.get("gate_pass", "separate"),  # older: separate
                    bool(meta.get("hard_gate", False)),  # older artifacts: the soft gate
-                   tuple(meta.get("gate_extra_layers", ())))  # older: the gate layer alone
+                   tuple(meta.get("gate_extra_layers", ())),  # older: the gate layer alone
+                   float(meta.get("in_scope_push", 0.0)))  # older: in-scope states left alone
 
     def save(self, folder: str | Path, *, force: bool = False, extra_json: dict | None = None) -> Path:
         """Write the artifact folder whole (see the module docstring); ``extra_json`` maps more file names to JSON
@@ -174,7 +192,8 @@ class CalibratedSteering(PrefillGate):
         cal = self.calibrator
         config = {"layers": list(self.layers), "gate_layer": self.gate_layer, "fixed_gate": self.fixed_gate,
                   "gate_pass": self.gate_pass, "hard_gate": self.hard_gate,
-                  "gate_extra_layers": list(self.gate_extra_layers), "calibrator": cal.config.to_dict(),
+                  "gate_extra_layers": list(self.gate_extra_layers), "in_scope_push": self.in_scope_push,
+                  "calibrator": cal.config.to_dict(),
                   "fit": None if self.config is None else self.config.to_dict()}
         n_layers = cal.n_model_layers if cal.n_model_layers is not None or self.vector is None else self.vector.n_layers
         model = {"spec": cal.model_spec, "key": self.info.get("model_key", cal.model_spec),

@@ -9,13 +9,23 @@ from dataclasses import dataclass
 from crvlm_core.core.fields import int_field, layers_field, number_field, set_field
 from crvlm_core.steer.base import GATE_PASSES
 
-__all__ = ["BEHAVIOURAL_REFUSAL", "BehaviouralConfig", "CalibratorConfig", "CrvlmConfig", "GATE_FITS"]
+__all__ = ["BEHAVIOURAL_REFUSAL", "BehaviouralConfig", "CalibratorConfig", "CrvlmConfig", "GATE_FITS", "check_push"]
 
 #: How the calibrator's gate is fitted: with the flow network (the paper), or alone first as a logistic probe.
 GATE_FITS = ("joint", "probe")
 
 #: The refusal the behavioural loss teaches out of scope (teacher-forced after the prompt).
 BEHAVIOURAL_REFUSAL = "I'm sorry, but I can't assist with that."
+
+
+def check_push(value, gate_layer) -> float:
+    """An in-scope push strength (:attr:`CrvlmConfig.in_scope_push`): a finite number ≥ 0, and > 0 only with a prefill
+    gate (it is scaled by ``1 − ρ`` of the prompt's gate)."""
+    holder = type("Push", (), {"in_scope_push": value})()
+    beta = number_field(holder, "in_scope_push", minimum=0.0, error=ValueError)
+    if beta > 0 and gate_layer is None:
+        raise ValueError("in_scope_push acts where a prefill gate reads in scope: it needs a gate layer")
+    return beta
 
 
 @dataclass(frozen=True)
@@ -185,6 +195,11 @@ class CrvlmConfig:
         gate_extra_layers: More layers a prefill gate reads (#25): its input is the last prompt token's state at the
             gate layer and at each of these, concatenated in ascending layer order (width ``d · (1 + n)``). ``()``
             (default): the gate layer alone.
+        in_scope_push: ``0`` (default, the paper: in-scope states are left alone). ``β > 0`` (a prefill gate only;
+            #25): where the gate reads in scope, the steered layers get ``−β·(1 − ρ)·v`` (the refusal vector,
+            reversed), so the model's *own* refusals of in-scope questions are removed too. Applied at generation
+            only: neither the activation losses nor the behavioural stage see it, so a fit with and without it trains
+            the same calibrator. About 0.5 removes the unsteered Qwen2.5-0.5B's stray refusals; 1.0 derails answers.
         Remaining fields: :class:`CalibratorConfig`'s (validated by it). Defaults differ from the paper's (200
             epochs, batch 8, lr 1e-4 on one state per prompt) because each prompt contributes
             ``positions_per_prompt + 1`` states: 40 epochs of batch 32 at lr 3e-4 take a similar number of steps.
@@ -216,6 +231,7 @@ class CrvlmConfig:
     framing_augment: int = 0
     hard_gate: bool = False
     gate_extra_layers: tuple[int, ...] = ()
+    in_scope_push: float = 0.0
 
     def __post_init__(self) -> None:
         if self.layers is not None:
@@ -241,6 +257,7 @@ class CrvlmConfig:
             set_field(self, "gate_extra_layers", ())
         if self.hard_gate and self.gate_layer is None:
             raise ValueError("hard_gate rounds a prefill gate's value: it needs a gate layer ('auto' or a layer)")
+        set_field(self, "in_scope_push", check_push(self.in_scope_push, self.gate_layer))
         if isinstance(self.behavioural, dict):
             set_field(self, "behavioural", BehaviouralConfig(**self.behavioural))
         elif self.behavioural is not None and not isinstance(self.behavioural, BehaviouralConfig):

@@ -266,6 +266,11 @@ class Calibrator(nn.Module):
         else:
             self._gate_override = check(rho_rows)
 
+    def gate_override_rows(self, layer: int) -> Tensor | None:
+        """The ``[batch]`` gate values :meth:`set_gate_override` fixed for ``layer``, or ``None`` when none is set."""
+        override = self._gate_override
+        return override.get(layer) if isinstance(override, dict) else override
+
     def clear_gate_override(self) -> None:
         """Go back to gating on the hidden state itself."""
         self._gate_override = None

@@ -194,7 +194,8 @@ def fit_crvlm(handle: ModelHandle, train: Sequence[Sample], config: CrvlmConfig 
     info["vision_loss"] = vision_info
     steering = CalibratedSteering(calibrator, tuple(layers), gate_layer, info, vector, config=config, history=history,
                                   gate_pass=config.gate_pass, hard_gate=config.hard_gate,
-                                  gate_extra_layers=tuple(l for l in gate_read if l != gate_layer))
+                                  gate_extra_layers=tuple(l for l in gate_read if l != gate_layer),
+                                  in_scope_push=config.in_scope_push)
     if config.behavioural is not None and config.behavioural.epochs > 0:
         # a probe gate is frozen: the behavioural stage only teaches the refusal, on the plain questions
         finetune_behavioural(steering, handle, plain if config.gate_fit == "probe" else train, config.behavioural,
