@@ -13,7 +13,7 @@
 # value rounded at 0.5: no update at all on a question gated in scope).
 # crvlm-robust3 (third round, the recipe): crvlm-robust2 with a gate that reads the last prompt token at layer 8
 # (the steered layer) as well as at the gate layer, concatenated (--gate-extra-layers 8).
-# crvlm-robust3-push (fourth round): the crvlm-robust3 fit measured with --in-scope-push $PUSH (default 0.5): where
+# crvlm-robust3-push (fourth round): the crvlm-robust3 fit measured with --in-scope-push $PUSH (default 0.25, chosen on dev): where
 # the gate reads in scope, the refusal vector reversed. The push is applied at generation only, so a fit with
 # `--in-scope-push` trains the same calibrator: the robust3 artifact is reused rather than fitted again.
 # crvlm-robust-v1 (the first round, kept to compare): plain_questions_train at most 100 per scope (its first 670 rows
@@ -31,7 +31,7 @@ for scope in $SCOPES; do
   mkdir -p "$dir/fits"
   for name in $METHODS; do
     fit=$name measure=()
-    if [ "$name" = crvlm-robust3-push ]; then fit=crvlm-robust3 measure=(--in-scope-push "${PUSH:-0.5}"); fi
+    if [ "$name" = crvlm-robust3-push ]; then fit=crvlm-robust3 measure=(--in-scope-push "${PUSH:-0.25}"); fi
     case $fit in
       crvlm-robust) opts=(--method crvlm --train-extra plain_questions_train --n-train-extra 1500 --framing-augment 1
                           --gate-fit probe --behavioural-n 100) ;;
