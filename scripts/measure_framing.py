@@ -90,8 +90,9 @@ def main(argv=None) -> int:
     if gate is not None and args.gate_mode != "as-fitted":
         gate.hard_gate = args.gate_mode == "hard"
     if args.in_scope_push is not None:
-        if gate is None or gate.vector is None:
-            print("measure_framing: --in-scope-push needs a prefill-gated CR-VLM artifact with its refusal vector",
+        if gate is None or gate.vector is None or not args.in_scope_push >= 0:
+            print("measure_framing: --in-scope-push needs a number >= 0 and a prefill-gated CR-VLM artifact with its "
+                  "refusal vector",
                   file=sys.stderr)
             return 2
         gate.in_scope_push = args.in_scope_push
