@@ -150,7 +150,8 @@ def _add_crvlm_options(f: argparse.ArgumentParser) -> None:
     c.add_argument("--in-scope-push", type=finite(0.0), default=0.0, metavar="BETA",
                    help="where the prefill gate reads in scope, steer by -BETA x the refusal vector: removes the "
                    "model's own refusals of in-scope questions (#25; default 0: in-scope states left alone, as in "
-                   "the paper; about 0.5 on Qwen2.5-0.5B)")
+                   "the paper; measured on Qwen2.5-0.5B it changed most in-scope answers for little gain, "
+                   "docs/results.md)")
     c.add_argument("--behavioural-epochs", type=_COUNT0, default=1, help="then fine-tune on the refusal's "
                    "cross-entropy out of scope and KL in scope (default 1 epoch; 0: off)")
     c.add_argument("--behavioural-n", type=_POS, default=None, help="the behavioural stage sees at most this many "

@@ -199,7 +199,8 @@ class CrvlmConfig:
             #25): where the gate reads in scope, the steered layers get ``−β·(1 − ρ)·v`` (the refusal vector,
             reversed), so the model's *own* refusals of in-scope questions are removed too. Applied at generation
             only: neither the activation losses nor the behavioural stage see it, so a fit with and without it trains
-            the same calibrator. About 0.5 removes the unsteered Qwen2.5-0.5B's stray refusals; 1.0 derails answers.
+            the same calibrator. On Qwen2.5-0.5B (#25, docs/results.md) 0.25–0.5 changed most in-scope answers’
+            first 20 tokens and answered 0–1 of 3 held-out questions the model refuses on its own; 1.0 derails answers.
         Remaining fields: :class:`CalibratorConfig`'s (validated by it). Defaults differ from the paper's (200
             epochs, batch 8, lr 1e-4 on one state per prompt) because each prompt contributes
             ``positions_per_prompt + 1`` states: 40 epochs of batch 32 at lr 3e-4 take a similar number of steps.
