@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from crvlm_core.cli.options import finite  # noqa: E402
 from crvlm_core.data.framing import framing_parts as parts  # noqa: E402
 
 
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--gate-mode", choices=["as-fitted", "soft", "hard"], default="as-fitted",
                    help="a prefill-gated calibrator's gate as fitted, or forced soft (ρ scales the update) or hard "
                    "(ρ rounded at 0.5): the ablation of --hard-gate on one fit")
-    p.add_argument("--in-scope-push", type=float, default=None, metavar="BETA",
+    p.add_argument("--in-scope-push", type=finite(0.0), default=None, metavar="BETA",
                    help="override a prefill-gated calibrator's in-scope push (CrvlmConfig.in_scope_push) on this fit")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -90,15 +91,14 @@ def main(argv=None) -> int:
     if gate is not None and args.gate_mode != "as-fitted":
         gate.hard_gate = args.gate_mode == "hard"
     if args.in_scope_push is not None:
-        if gate is None or gate.vector is None or not args.in_scope_push >= 0:
-            print("measure_framing: --in-scope-push needs a number >= 0 and a prefill-gated CR-VLM artifact with its "
-                  "refusal vector",
+        if gate is None or gate.vector is None:
+            print("measure_framing: --in-scope-push needs a prefill-gated CR-VLM artifact with its refusal vector",
                   file=sys.stderr)
             return 2
         gate.in_scope_push = args.in_scope_push
     report: dict = {"gate_mode": args.gate_mode if gate is None else ("hard" if gate.hard_gate else "soft"),
-                    "artifact": args.artifact,
-                    "in_scope_push": getattr(gate, "in_scope_push", None), "in_scope": in_scope, "judge": None if args.gate_only else args.judge,
+                    "artifact": args.artifact, "in_scope_push": getattr(gate, "in_scope_push", None),
+                    "in_scope": in_scope, "judge": None if args.gate_only else args.judge,
                     "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "parts": {}}
     for part, sets in parts(in_scope).items():
         if args.part not in ("both", part):
