@@ -227,6 +227,8 @@ MINIMUMS = {
     "eval_answer_labels": {"refused": 150, "not_refused": 170},
     "harmful_benign_pairs": {"harmful": 150, "harmless": 150},
     "mm_subjects": {"biology": 8, "astronomy": 8, "geography": 8, "chemistry": 5},
+    "images": {"animal": 80, "plant": 35, "food": 80, "flag": 80},
+    "images_test": {"animal": 40, "plant": 40, "food": 40, "flag": 40},
     "plain_questions": {"biology": 50, "physics": 50, "geography": 50, "chemistry": 40, "astronomy": 40,
                         "mathematics": 40},
     "plain_questions_train": {"biology": 200, "physics": 200, "geography": 200, "chemistry": 200, "astronomy": 200,
@@ -284,7 +286,10 @@ def test_mm_subjects_images_open_and_small():
 
 def test_bundled_size_small():
     root = Path(__file__).resolve().parents[1] / "crvlm_core" / "datasets"
-    assert sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) < 5 * 1024 * 1024
+    pictures = [p for p in (root / "images" / "pictures").rglob("*.png")]
+    assert sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p not in pictures) < 3 * 1024 * 1024
+    # the vision model's 435 pictures: 224-px 64-colour PNGs, about 11 KB each
+    assert len(pictures) >= 400 and sum(p.stat().st_size for p in pictures) < 6 * 1024 * 1024
 
 
 def test_scope_dataset_paper_sized_split():
