@@ -30,6 +30,13 @@ def _write(name: str, data: bytes | str):
     return setup
 
 
+def _both(*setups):
+    def setup(tmp: Path, art: Path, monkeypatch) -> None:
+        for one in setups:
+            one(tmp, art, monkeypatch)
+    return setup
+
+
 def _jsonl(*rows: dict) -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)
 
@@ -194,6 +201,20 @@ ROWS = [
         setup=_write("d.jsonl", _jsonl(_BIO, {"subject": "history"}))),
     row("data-unknown-subject", [*FIT, "--train", "{tmp}/d.jsonl"], "d.jsonl", "biology",
         setup=_write("d.jsonl", _jsonl(_HIST, {**_HIST, "prompt": "Who was Cicero?"}))),
+    # -- pictures (#20): a missing or corrupt image, a picture for a text-only model, none where one is needed --------
+    row("data-missing-image", [*FIT, "--train", "{tmp}/d.jsonl"], "d.jsonl:1", "image file does not exist",
+        setup=_write("d.jsonl", _jsonl({**_BIO, "image": "nope.png"}, _HIST))),
+    row("data-corrupt-image", [*FIT, "--train", "{tmp}/d.jsonl"], "d.jsonl:1", "image cannot be opened",
+        setup=_both(_write("bad.png", b"\x00not a png" * 10), _write("d.jsonl", _jsonl({**_BIO, "image": "bad.png"},
+                                                                                      _HIST)))),
+    row("fit-pictures-on-text-model", ["fit", "--model", "smollm2-135m", "--method", "mean-diff", "--train", "images",
+                                       "--in-scope", "animal", "--n-train", "2", "--out", "{out}"],
+        "(images)", "text-only model"),
+    row("eval-pictures-on-text-model", ["eval", "--model", "smollm2-135m", "--test", "images_test", "--in-scope",
+                                        "animal", "--n-test", "1", "--out", "{out}"], "(images_test)", "text-only model"),
+    row("eval-no-picture-for-instructblip", ["eval", "--model", "tiny-instructblip", "--test", "{tmp}/d.jsonl",
+                                             "--in-scope", "biology", "--out", "{out}"],
+        "d.jsonl", "cannot run without", setup=_write("d.jsonl", _jsonl(_BIO, _HIST))),
     row("data-prompt-beyond-context", [*FIT_TINY, "--train", "{tmp}/d.jsonl", "--split", "all"], "d.jsonl",
         "512 tokens", setup=_write("d.jsonl", _LONG)),
     row("data-prompt-beyond-limit", [*FIT_TINY, "--max-prompt-tokens", "3"], "mm_subjects", "limit is 3 tokens"),

@@ -9,7 +9,7 @@ from typing import Any, Iterable
 
 from crvlm_core.data.schema import DataError
 
-__all__ = ["PromptTooLong", "check_prompt_lengths", "context_length"]
+__all__ = ["PromptTooLong", "check_images", "check_prompt_lengths", "context_length"]
 
 #: ``tokenizer.model_max_length`` at or above this is transformers' "no limit" placeholder (int(1e30)), not a size.
 _SANE_MAX = 10**7
@@ -53,6 +53,29 @@ def _describe(sample: Any, index: int, source: str | None) -> str:
     return f"sample {sid!r}" + (f" ({source})" if source else "")
 
 
+def check_images(handle: Any, samples: Iterable[Any], *, source: str | None = None) -> None:
+    """Refuse, before any forward pass, samples the model cannot take: pictures for a text-only model, or a sample
+    without a picture for a family that cannot run without one (InstructBLIP). Duck-typed: ``handle.is_vlm``,
+    ``handle.needs_image`` and ``handle.spec`` where present.
+
+    Raises:
+        DataError: one line naming the first such sample, its source and what to use instead.
+    """
+    samples = [s for s in samples if not isinstance(s, str)]
+    is_vlm = getattr(handle, "is_vlm", False)
+    spec = getattr(handle, "spec", "the model")
+    with_image = next((i for i, s in enumerate(samples) if getattr(s, "image", None) is not None), None)
+    if with_image is not None and not is_vlm:
+        n = sum(getattr(s, "image", None) is not None for s in samples)
+        raise DataError(f"{_describe(samples[with_image], with_image, source)}: {n} sample(s) have a picture but "
+                        f"{spec} is a text-only model: use a vision-language model (e.g. --model "
+                        "llava-dinov2-qwen2.5-0.5b) or text-only data")
+    without = next((i for i, s in enumerate(samples) if getattr(s, "image", None) is None), None)
+    if without is not None and getattr(handle, "needs_image", False):
+        raise DataError(f"{_describe(samples[without], without, source)}: no picture, and {spec} cannot run without "
+                        "one: give every sample an image")
+
+
 def check_prompt_lengths(handle: Any, samples: Iterable[Any], limit: int | None = None, *,
                          source: str | None = None) -> list[int]:
     """Refuse any prompt whose chat-formatted text has more than ``limit`` tokens.
@@ -74,10 +97,13 @@ def check_prompt_lengths(handle: Any, samples: Iterable[Any], limit: int | None 
 
     Raises:
         PromptTooLong: one line naming the sample, its source, its token count and the limit.
+        DataError: a sample the model cannot take (:func:`check_images`).
         DataError: ``limit`` is not a positive integer.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise DataError(f"prompt-length limit must be a positive integer, got {limit!r}: pass --max-prompt-tokens N")
+    samples = list(samples)
+    check_images(handle, samples, source=source)
     default = limit is None
     limit = context_length(handle) if default else limit
     if limit is None:

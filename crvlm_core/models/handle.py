@@ -87,6 +87,11 @@ class ModelHandle:
         return self.processor is not None
 
     @property
+    def needs_image(self) -> bool:
+        """Whether the family cannot run without an image (InstructBLIP's Q-Former)."""
+        return FAMILIES.get(self.family, FAMILIES["causal"]).needs_image
+
+    @property
     def key(self) -> str:
         """What caches of this model's activations and outputs are keyed by: the spec, plus what tells two models
         under one spec apart (an organism's adapter ``config.crvlm_organism``, a composite's build
@@ -171,7 +176,7 @@ class ModelHandle:
                 images = None
         if images is not None and not self.is_vlm:
             raise ValueError(f"{self.spec} is a text-only model: it cannot take images")
-        if images is None and FAMILIES.get(self.family, FAMILIES["causal"]).needs_image:
+        if images is None and self.needs_image:
             raise ValueError(f"{self.spec} ({self.family}) cannot run without an image: give one image per prompt")
         if images is not None and any(im is None for im in images):
             raise ValueError("build_inputs: a batch must have an image for every prompt or for none; "
