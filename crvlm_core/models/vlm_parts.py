@@ -101,15 +101,21 @@ def finish_model(model: PreTrainedModel, tok, suppress: list[int]) -> PreTrained
     return model
 
 
-def llava_processor(tok, image_size: int, patch_size: int, template: str, image_token: str = "<image>"):
-    """A LlavaProcessor over a CLIP image processor (one CLS token dropped), with the image token before the text."""
+def llava_processor(tok, image_size: int, patch_size: int, template: str, image_token: str = "<image>",
+                    strategy: str = "default", mean: list[float] | None = None, std: list[float] | None = None):
+    """A LlavaProcessor over a CLIP image processor, with the image token before the text: ``(image_size //
+    patch_size)²`` image tokens, plus the CLS token with ``strategy="full"`` (``"default"`` drops it). ``mean`` /
+    ``std``: the normalisation, CLIP's unless given (DINOv2: ImageNet's)."""
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
+    image_processor = clip_image_processor(CLIPImageProcessorPil, image_size)
+    if mean is not None:
+        image_processor.image_mean, image_processor.image_std = list(mean), list(std)
     return LlavaProcessor(
-        image_processor=clip_image_processor(CLIPImageProcessorPil, image_size),
+        image_processor=image_processor,
         tokenizer=tok,
         patch_size=patch_size,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy=strategy,
         num_additional_image_tokens=1,
         image_token=image_token,
         chat_template=wrap_chat_template(template, image_token),
