@@ -11,8 +11,8 @@ import numpy as np
 
 from crvlm_core.core.io import nan_to_none
 
-__all__ = ["rate", "mb_score", "bootstrap_ci", "mb_score_ci", "paired_difference_ci", "scope_metrics", "rates_by",
-           "kl_to_unsteered", "unchanged_prefix_fraction"]
+__all__ = ["rate", "mb_score", "bootstrap_ci", "mb_score_ci", "mb_difference_ci", "paired_difference_ci",
+           "scope_metrics", "rates_by", "kl_to_unsteered", "unchanged_prefix_fraction"]
 
 
 def rate(flags: Sequence[bool]) -> float:
@@ -92,6 +92,26 @@ def mb_score_ci(refused_out: Sequence[bool], refused_in: Sequence[bool], n_boot:
     if out.size == 0 or inn.size == 0:
         return float("nan"), float("nan")
     return _percentile_bootstrap([out, inn], _mb_of_resamples, n_boot, alpha, seed)
+
+
+def mb_difference_ci(out_a: Sequence[bool], in_a: Sequence[bool], out_b: Sequence[bool], in_b: Sequence[bool],
+                     n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``MB(a) − MB(b)`` for two conditions measured on the same items (e.g. two fits on
+    the same test pictures): the out-of-scope and in-scope items are resampled, each within its scope, and the same
+    resampled items score both conditions, so what the two share cancels."""
+    fa, fb = np.asarray(out_a, dtype=np.float64), np.asarray(out_b, dtype=np.float64)
+    ia, ib = np.asarray(in_a, dtype=np.float64), np.asarray(in_b, dtype=np.float64)
+    if fa.shape != fb.shape or ia.shape != ib.shape:
+        raise ValueError("mb_difference_ci: the two conditions need the same items")
+    if fa.size == 0 or ia.size == 0:
+        return float("nan"), float("nan")
+
+    def stat(o, i):  # resampled item indices [..., n]
+        o, i = o.astype(int), i.astype(int)
+        return _mb_of_resamples(fa[o], ia[i]) - _mb_of_resamples(fb[o], ib[i])
+
+    return _percentile_bootstrap([np.arange(fa.size, dtype=np.float64), np.arange(ia.size, dtype=np.float64)], stat,
+                                 n_boot, alpha, seed)
 
 
 def paired_difference_ci(a: Sequence[float], b: Sequence[float], n_boot: int = 1000, alpha: float = 0.05,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from crvlm_core.metrics import (bootstrap_ci, kl_to_unsteered, mb_score, mb_score_ci, rates_by, scope_metrics,
-                                unchanged_prefix_fraction)
+from crvlm_core.metrics import (bootstrap_ci, kl_to_unsteered, mb_difference_ci, mb_score, mb_score_ci, rates_by,
+                                scope_metrics, unchanged_prefix_fraction)
 
 
 def test_mb_score_on_known_rates():
@@ -67,6 +67,19 @@ def test_mb_ci_resamples_each_scope():
     # perfectly separated scopes: every resample has R = 1 and ORR = 0
     assert mb_score_ci([True] * 5, [False] * 5) == (1.0, 1.0)
     assert all(math.isnan(v) for v in mb_score_ci([], [True]))
+
+
+def test_mb_difference_ci_is_paired():
+    """Two conditions on the same items: identical flags give exactly 0; a better condition's interval sits around
+    the true difference and is narrower than the gap between the two separate intervals suggests."""
+    a_out, a_in = [True] * 18 + [False] * 2, [False] * 19 + [True]        # MB(0.90, 0.05)
+    b_out, b_in = [True] * 15 + [False] * 5, [False] * 17 + [True] * 3    # MB(0.75, 0.15)
+    assert mb_difference_ci(a_out, a_in, a_out, a_in) == (0.0, 0.0)
+    low, high = mb_difference_ci(a_out, a_in, b_out, b_in)
+    assert low < mb_score(0.9, 0.05) - mb_score(0.75, 0.15) < high and low > 0  # b's misses are a subset of a's hits
+    assert mb_difference_ci(a_out, a_in, b_out, b_in) == (low, high)  # seeded
+    with pytest.raises(ValueError, match="same items"):
+        mb_difference_ci(a_out, a_in, b_out[:-1], b_in)
 
 
 def test_kl_in_chunks_equals_the_direct_formula():

@@ -106,7 +106,7 @@ def _fit_method(args: argparse.Namespace, handle, train: list, in_scope: list[st
         behavioural = BehaviouralConfig(epochs=args.behavioural_epochs, seed=args.seed,
                                         max_per_scope=args.behavioural_n) if args.behavioural_epochs > 0 else None
         config = CrvlmConfig(layers=layers, gate_layer=gate, gate_pass=args.gate_pass or "shared",
-                             target_scale=args.target_scale,
+                             target_scale=args.target_scale, w_vision=args.w_vision,
                              width=args.width, epochs=args.epochs, lr=args.lr, seed=args.seed,
                              train_positions=args.train_positions, behavioural=behavioural,
                              framing_augment=args.framing_augment, gate_hidden=args.gate_hidden,
@@ -121,7 +121,8 @@ def _fit_method(args: argparse.Namespace, handle, train: list, in_scope: list[st
                  "behavioural_n": args.behavioural_n,
                  "framing_augment": args.framing_augment, "gate_hidden": args.gate_hidden, "gate_fit": args.gate_fit,
                  "hard_gate": args.hard_gate, "gate_extra_layers": list(steering.gate_extra_layers),
-                 "in_scope_push": args.in_scope_push,
+                 "in_scope_push": args.in_scope_push, "w_vision": args.w_vision,
+                 "vision_loss": steering.info.get("vision_loss"),
                  "final_losses": steering.info["final_losses"]}
         return steering, list(steering.layers), args.target_scale, steering.info["vector_fingerprint"], extra
     if args.method in _baselines():

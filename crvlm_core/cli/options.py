@@ -129,6 +129,8 @@ def _add_crvlm_options(f: argparse.ArgumentParser) -> None:
                    "last token on (shared: plain generation speed; crvlm's default) or in an extra pass, steering "
                    "every prompt token (separate; cast's default)")
     c.add_argument("--target-scale", type=finite(), default=1.0, help="λ of the out-of-scope target h + λ·s")
+    c.add_argument("--w-vision", type=finite(0.0), default=1.0, help="weight of L_vision, the pull of the predicted "
+                   "shift towards the vision-only counterfactual shift (on a VLM with out-of-scope pictures; 0: off)")
     c.add_argument("--epochs", type=_POS, default=40)
     c.add_argument("--width", type=_POS, default=1024)
     c.add_argument("--lr", type=finite(0.0, above=True), default=3e-4)
