@@ -11,7 +11,7 @@ rest (at most ``--train-per-kind``). Deterministic (seeded order, fixed ids); wr
 from __future__ import annotations
 
 import argparse
-import hashlib
+import itertools
 import json
 import shutil
 import sys
@@ -37,19 +37,9 @@ QUESTIONS = [  # generic: none names a kind; every picture gets one, in turn
 def pick(kind: str, seed: int, n_test: int, n_train: int, seen: set[str]) -> tuple[list, list]:
     """Rendered pictures of ``kind`` in seeded order, skipping failures, blanks and duplicates of any earlier picture:
     the first ``n_test`` go to test, the next (at most ``n_train``) to train."""
-    test, train = [], []
-    for rel in vp.shuffled(vp.listing(kind), seed, kind):
-        if len(train) >= n_train:
-            break
-        image = vp.render(rel)
-        if image is None:
-            continue
-        digest = hashlib.sha256(image.tobytes()).hexdigest()
-        if digest in seen:
-            continue
-        seen.add(digest)
-        (test if len(test) < n_test else train).append((rel, image))
-    return test, train
+    picked = [(rel, image) for rel, image, _ in
+              itertools.islice(vp.rendered(vp.shuffled(vp.listing(kind), seed, kind), seen), n_test + n_train)]
+    return picked[:n_test], picked[n_test:]
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Train the projector of ``llava-dinov2-qwen2.5-0.5b`` (LLaVA stage 1, #20) and measure what the model then sees.
+"""Train the projector of ``llava-dinov2-qwen2.5-0.5b`` (LLaVA stage 1, #20).
 
 The DINOv2 tower and Qwen2.5-0.5B stay frozen; the projector's MLP learns the next-token loss of short answers about
 clip-art pictures whose content is known (``vision_pictures.py``): a caption ("It is a drawing of a bird.", "It is the
@@ -9,13 +9,16 @@ Seeded; writes the weights (float16 safetensors) and a JSON record (data manifes
 settings, losses, time) whole, into ``crvlm_core/models/weights/`` with ``--install``.
 
     python scripts/train_projector.py [--epochs 3] [--install]
-    python scripts/train_projector.py --measure-only      # the kind-naming check on images_test, trained and untrained
+
+What the model then sees: ``benchmarks/bench_vision_model.py`` (the kind of each held-out picture, trained and
+untrained projector).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import random
 import sys
@@ -38,8 +41,6 @@ CAPTION_QUESTIONS = ["Describe this image.", "What is shown in this picture?", "
 KIND_QUESTIONS = ["What kind of thing is shown? Answer in one word: animal, plant, food or flag.",
                   "Which one word describes this picture: animal, plant, food or flag?",
                   "Is this an animal, a plant, food or a flag? One word."]
-#: The held-out phrasing of the kind check (never trained on).
-MEASURE_QUESTION = "Answer with one word (animal, plant, food or flag): what does this picture show?"
 KINDS = list(vp.KINDS)
 
 
@@ -49,26 +50,13 @@ def pictures(n_other: int, seed: int) -> list[dict]:
     banned_src = {s.extra["image_source"].split(": ", 1)[1] for s in test}
     banned_sha = {hashlib.sha256(s.load_image().tobytes()).hexdigest() for s in test}
     out, seen = [], set(banned_sha)
-    plan = [(k, vp.listing(k)) for k in KINDS]
-    other = vp.shuffled(vp.listing("other"), seed, "other")
-    plan.append(("other", other))
-    for kind, paths in plan:
-        kept = 0
-        for rel in tqdm(paths, desc=f"render {kind}", leave=False):
-            if kind == "other" and kept >= n_other:
-                break
-            if str(rel) in banned_src:
-                continue
-            image = vp.render(rel)
-            if image is None:
-                continue
-            sha = hashlib.sha256(image.tobytes()).hexdigest()
-            if sha in seen:
-                continue
-            seen.add(sha)
+    for kind in [*KINDS, "other"]:
+        paths = vp.shuffled(vp.listing(kind), seed, kind) if kind == "other" else vp.listing(kind)
+        paths = [p for p in paths if str(p) not in banned_src]
+        kept = itertools.islice(vp.rendered(paths, seen), n_other if kind == "other" else None)
+        for rel, image, sha in tqdm(kept, desc=f"render {kind}", leave=False):
             out.append({"source": str(rel), "kind": kind, "caption": vp.caption(kind, rel), "image": image,
                         "sha256": sha})
-            kept += 1
     return out
 
 
@@ -159,24 +147,6 @@ def batch_loss(parts, feats, rows, projector, prefix: PrefixCache) -> torch.Tens
     return torch.nn.functional.cross_entropy(logits, labels[:, 1:][scored])
 
 
-@torch.no_grad()
-def name_kinds(parts, limit: int | None = None) -> dict:
-    """The model's one-word answer to :data:`MEASURE_QUESTION` on every ``images_test`` picture (greedy, 4 tokens)."""
-    proc, model = parts.processor, parts.model
-    samples = load_dataset("images_test")[:limit]
-    hits, answers = 0, []
-    for s in tqdm(samples, desc="name kinds"):
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": MEASURE_QUESTION}]}]
-        text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        inputs = proc(images=[s.load_image()], text=[text], return_tensors="pt")
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        said = proc.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        word = (said.strip().split() or [""])[0].strip(".,!:;").lower()
-        hits += word == s.subject
-        answers.append({"id": s.id, "kind": s.subject, "said": said})
-    return {"accuracy": hits / len(samples), "n": len(samples), "question": MEASURE_QUESTION, "answers": answers}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
@@ -186,22 +156,12 @@ def main() -> None:
     ap.add_argument("--n-other", type=int, default=300)
     ap.add_argument("--out", type=Path, default=Path("outputs/projector"))
     ap.add_argument("--install", action="store_true", help="copy the weights and record into crvlm_core/models/weights")
-    ap.add_argument("--measure-only", action="store_true")
-    ap.add_argument("--measure-limit", type=int, default=None)
     ap.add_argument("--max-steps", type=int, default=None, help="stop early (a timing check; nothing installed)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     base = load_model("qwen2.5-0.5b", device="cpu", dtype=torch.float32)
     tower = load_dinov2()
-    if args.measure_only:
-        result = {}
-        for name, proj in (("untrained", None), ("trained", "trained")):
-            parts = build_llava_dinov2(base.hf_model, base.tokenizer, tower, projector=proj, seed=args.seed)
-            result[name] = name_kinds(parts, args.measure_limit)
-            print(f"{name}: kind named {result[name]['accuracy']:.3f} of {result[name]['n']}", file=sys.stderr)
-        (args.out / "name_kinds.json").write_text(json.dumps(result, indent=1))
-        return
     if not vp.available():
         raise SystemExit("need Debian packages: apt-get install -y openclipart-svg librsvg2-bin")
     start = time.time()

