@@ -105,8 +105,10 @@ def build_llava_dinov2(language_model, tokenizer, tower, projector: str | Path |
         proj.norm.load_state_dict(tower.layernorm.state_dict())
         tag = f"untrained-seed{seed}"
     else:
-        state = load_projector_state(None if projector == "trained" else projector) \
-            if not isinstance(projector, dict) else projector
+        if isinstance(projector, dict):
+            state = projector
+        else:
+            state = load_projector_state(None if projector == "trained" else projector)
         try:
             proj.load_state_dict(state)
         except RuntimeError as err:
