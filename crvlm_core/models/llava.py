@@ -10,7 +10,7 @@ from transformers import PreTrainedModel
 
 from crvlm_core.models.vlm_parts import VLMParts, add_special_tokens, finish_model, llava_processor
 
-__all__ = ["LLAVA_AROUND_BUILD", "build_llava_around", "composite_tokenizer", "take_language_model", "text_config"]
+__all__ = ["LLAVA_AROUND_BUILD", "build_llava_around", "composite_tokenizer", "finish_composite", "text_config"]
 
 LLAVA_AROUND_BUILD = "llava-around-2"
 """How :func:`build_llava_around` builds a composite; a change that alters its outputs changes this (it keys caches).
@@ -79,9 +79,16 @@ def build_llava_around(
         model = LlavaForConditionalGeneration(config).float()
     model.config.crvlm_build = LLAVA_AROUND_BUILD
     _init_vision(model, seed)
-    take_language_model(model, language_model, new_vocab, tied)
     processor = llava_processor(tok, image_size, patch_size, tok.chat_template, image_token)
-    model = finish_model(model, tok, [image_id])
+    return finish_composite(model, language_model, processor, image_id, new_vocab, tied, image_size)
+
+
+def finish_composite(model, language_model: PreTrainedModel, processor, image_id: int, new_vocab: int, tied: bool,
+                     image_size: int) -> VLMParts:
+    """The last steps of every LLaVA composite: the meta-device ``model`` (vision parts already real) takes the LM's
+    own tensors, is put in float32 eval mode with ``image_id`` never generated, and keeps the LM's end-of-turn ids."""
+    _take_language_model(model, language_model, new_vocab, tied)
+    model = finish_model(model, processor.tokenizer, [image_id])
     gen = language_model.generation_config
     if gen is not None and gen.eos_token_id is not None:
         model.generation_config.eos_token_id = gen.eos_token_id
@@ -131,7 +138,7 @@ def _init_vision(model, seed: int) -> None:
     projector.apply(model._initialize_weights)
 
 
-def take_language_model(model, language_model: PreTrainedModel, new_vocab: int, tied: bool) -> None:
+def _take_language_model(model, language_model: PreTrainedModel, new_vocab: int, tied: bool) -> None:
     """Give the meta-device LLaVA the LM's own decoder tensors, buffers and output layer (padded copies only where
     the vocabulary grew); raise if any tensor is left without a value."""
     old_vocab = language_model.get_input_embeddings().weight.shape[0]

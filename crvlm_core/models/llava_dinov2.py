@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from crvlm_core.models.llava import composite_tokenizer, take_language_model, text_config
+from crvlm_core.models.llava import composite_tokenizer, finish_composite, text_config
 from crvlm_core.models.specs import ModelLoadError
-from crvlm_core.models.vlm_parts import VLMParts, finish_model, llava_processor
+from crvlm_core.models.vlm_parts import VLMParts, llava_processor
 
 __all__ = ["IMAGE_SIDE", "LLAVA_DINOV2_BUILD", "PROJECTOR_FILE", "PooledProjector", "build_llava_dinov2",
            "load_projector_state"]
@@ -116,14 +116,9 @@ def build_llava_dinov2(language_model, tokenizer, tower, projector: str | Path |
         tag = _projector_tag(projector)
     model.config.crvlm_build = f"{LLAVA_DINOV2_BUILD}+{tag}"  # keys caches: another projector, other outputs
     model.model.multi_modal_projector = proj.requires_grad_(False)
-    take_language_model(model, language_model, new_vocab, tied)
     processor = llava_processor(tok, IMAGE_SIDE, IMAGE_SIDE // GRID, tok.chat_template, image_token,
                                 strategy="full", mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    model = finish_model(model, tok, [image_id])
-    gen = language_model.generation_config
-    if gen is not None and gen.eos_token_id is not None:
-        model.generation_config.eos_token_id = gen.eos_token_id
-    return VLMParts(model, processor, "llava", "model.language_model.layers", IMAGE_SIDE)
+    return finish_composite(model, language_model, processor, image_id, new_vocab, tied, IMAGE_SIDE)
 
 
 def _projector_tag(projector) -> str:
