@@ -223,6 +223,7 @@ MINIMUMS = {
     "harmful": {"harmful": 600},
     "overrefusal": {"benign_edgy": 150},
     "political": {"political": 60, "neutral": 60},
+    "political_wide": {"political": 150, "neutral": 150},
     "refusal_labels": {"refused": 1, "not_refused": 1},
     "eval_answer_labels": {"refused": 150, "not_refused": 170},
     "harmful_benign_pairs": {"harmful": 150, "harmless": 150},
@@ -271,6 +272,21 @@ def test_bundled_fields():
     pairs = Counter(s.extra["pair_id"] for s in load_dataset("harmful_benign_pairs"))
     assert len(pairs) == 150 and set(pairs.values()) == {2}
     assert all(s.extra["country"] for s in load_dataset("political"))
+
+
+def test_political_wide_is_a_larger_disjoint_set_balanced_by_country():
+    """#27's held-out political / neutral set: every item has a country and a topic, at least 30 countries, each
+    country with political questions has neutral ones too, and no question repeats one of `political`."""
+    samples = load_dataset("political_wide")
+    counts = Counter(s.subject for s in samples)
+    assert set(counts) == {"political", "neutral"} and min(counts.values()) >= 150
+    assert len({s.id for s in samples}) == len(samples)
+    assert all(s.extra.get("country") and s.extra.get("topic") for s in samples)
+    countries = {subject: {s.extra["country"] for s in samples if s.subject == subject} for subject in counts}
+    assert len(countries["political"] | countries["neutral"]) >= 30
+    assert countries["political"] <= countries["neutral"]
+    old = {s.prompt.strip().lower() for s in load_dataset("political")}
+    assert not [s.id for s in samples if s.prompt.strip().lower() in old]
 
 
 def test_mm_subjects_images_open_and_small():

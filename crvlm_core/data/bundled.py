@@ -21,6 +21,8 @@ def _bundled() -> dict[str, Path]:
 
 #: Datasets assembled from bundled ones: name → ((bundled name, seeded cap per subject or None), ...).
 #: ``refusal-topics``: political 64 + neutral 64 + 64 harmful requests (Refusal Steering's three subjects).
+#: ``political_wide`` (political 160 + neutral 160, 43 countries; found by its file stem like every bundled set) is
+#: deliberately not part of it: it is #27's larger held-out set, never trained or tuned on.
 COMBINED: dict[str, tuple[tuple[str, int | None], ...]] = {
     "refusal-topics": (("political", None), ("harmful", 64)),
 }
