@@ -1,9 +1,11 @@
 """Train the projector of ``llava-dinov2-qwen2.5-0.5b`` (LLaVA stage 1, #20).
 
 The DINOv2 tower and Qwen2.5-0.5B stay frozen; the projector's MLP learns the next-token loss of short answers about
-clip-art pictures whose content is known (``vision_pictures.py``): a caption ("It is a drawing of a bird.", "It is the
-flag of Angola.") and, for the four kinds, the kind in one word. Pictures: the bundled ``images`` set plus the other
-renderable pictures of the four kinds and ``--n-other`` pictures of other folders; never a picture of ``images_test``
+clip-art pictures whose content is known (``vision_pictures.py``): a caption in one of several forms ("This is a
+drawing of a bird.", "The picture shows the flag of Angola."), for the four kinds also the kind in one word (options in
+a random order) and yes/no questions about one kind ("Is there an animal in this image?"). Pictures: the bundled
+``images`` set plus the other renderable pictures of the four kinds (plants also mirrored: only 35 remain for
+training) and ``--n-other`` pictures of other folders; never a picture of ``images_test``
 (compared by source file and by rendered bytes). DINOv2 features are computed once and cached under ``--out``.
 Seeded; writes the weights (float16 safetensors) and a JSON record (data manifest with SHA-256 of every picture,
 settings, losses, time) whole, into ``crvlm_core/models/weights/`` with ``--install``.
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import ImageOps
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,14 +41,23 @@ from crvlm_core.models.loading import load_model  # noqa: E402
 
 CAPTION_QUESTIONS = ["Describe this image.", "What is shown in this picture?", "What do you see in this image?",
                      "What is this?", "Give a short description of this picture."]
-KIND_QUESTIONS = ["What kind of thing is shown? Answer in one word: animal, plant, food or flag.",
-                  "Which one word describes this picture: animal, plant, food or flag?",
-                  "Is this an animal, a plant, food or a flag? One word."]
+CAPTION_ANSWERS = ["It is {c}.", "This is {c}.", "The picture shows {c}.", "{C}.", "I see {c}."]
+KIND_QUESTIONS = ["What kind of thing is shown? Answer in one word: {opts}.",
+                  "Which one word describes this picture: {opts}?",
+                  "Is this picture of {opts}? Answer with one word.",
+                  "One word ({opts}): what is in this image?"]
+YES_NO_QUESTIONS = ["Does this picture show {a}? Answer yes or no.", "Is there {a} in this image? Yes or no.",
+                    "Is this a picture of {a}? Answer yes or no."]
+ARTICLE = {"animal": "an animal", "plant": "a plant", "food": "food", "flag": "a flag"}
 KINDS = list(vp.KINDS)
+RECIPE = ("2: captions in several answer forms, kinds in one word with the options shuffled, yes/no questions about"
+          " one kind; plants also mirrored; each example weighs the same")
+MIRRORED = {"plant"}  # kinds with few pictures (35 plants to train on), also seen mirrored
 
 
 def pictures(n_other: int, seed: int) -> list[dict]:
-    """The training pictures (rendered), each ``{source, kind, caption, image, sha256}``, none from images_test."""
+    """The training pictures (rendered), each ``{source, kind, caption, image, sha256}``, none from images_test;
+    pictures of :data:`MIRRORED` kinds come twice, as drawn and mirrored."""
     test = load_dataset("images_test")
     banned_src = {s.extra["image_source"].split(": ", 1)[1] for s in test}
     banned_sha = {hashlib.sha256(s.load_image().tobytes()).hexdigest() for s in test}
@@ -57,6 +69,10 @@ def pictures(n_other: int, seed: int) -> list[dict]:
         for rel, image, sha in tqdm(kept, desc=f"render {kind}", leave=False):
             out.append({"source": str(rel), "kind": kind, "caption": vp.caption(kind, rel), "image": image,
                         "sha256": sha})
+            if kind in MIRRORED:  # a scarce kind: its mirror image too (a new picture of the same thing)
+                mirror = ImageOps.mirror(image)
+                out.append({"source": f"{rel} (mirrored)", "kind": kind, "caption": vp.caption(kind, rel),
+                            "image": mirror, "sha256": hashlib.sha256(mirror.tobytes()).hexdigest()})
     return out
 
 
@@ -73,15 +89,25 @@ def pooled_features(parts, images, batch: int = 16) -> torch.Tensor:
 
 
 def examples(pics: list[dict], seed: int, epoch: int) -> list[tuple[int, str, str]]:
-    """One ``(picture index, question, answer)`` per picture, shuffled: for the four kinds the caption and the kind in
-    one word take turns from epoch to epoch (half the pictures start with each); other pictures get their caption."""
+    """One ``(picture index, question, answer)`` per picture, shuffled. Pictures of the four kinds take turns from epoch
+    to epoch between a caption, their kind in one word (the four options in a random order, so the answer cannot come
+    from the question's wording) and a yes/no question about one kind (their own half of the time); other pictures
+    between a caption and a yes/no question (always no). Captions come in several answer forms."""
     rng = random.Random(f"{seed}:{epoch}")
     rows = []
     for i, p in enumerate(pics):
-        if p["kind"] != "other" and (i + epoch) % 2:
-            rows.append((i, rng.choice(KIND_QUESTIONS), p["kind"].capitalize() + "."))
+        kind = p["kind"]
+        task = (i + epoch) % 3 if kind != "other" else 2 * ((i + epoch) % 2)
+        if task == 1:
+            opts = rng.sample(KINDS, len(KINDS))
+            question = rng.choice(KIND_QUESTIONS).format(opts=", ".join(opts[:-1]) + " or " + opts[-1])
+            rows.append((i, question, kind.capitalize() + "."))
+        elif task == 2:
+            asked = kind if kind != "other" and rng.random() < 0.5 else rng.choice([k for k in KINDS if k != kind])
+            rows.append((i, rng.choice(YES_NO_QUESTIONS).format(a=ARTICLE[asked]), "Yes." if asked == kind else "No."))
         else:
-            rows.append((i, rng.choice(CAPTION_QUESTIONS), f"It is {p['caption']}."))
+            c = p["caption"]
+            rows.append((i, rng.choice(CAPTION_QUESTIONS), rng.choice(CAPTION_ANSWERS).format(c=c, C=c[0].upper() + c[1:])))
     rng.shuffle(rows)
     return rows
 
@@ -122,8 +148,9 @@ class PrefixCache:
 
 
 def batch_loss(parts, feats, rows, projector, prefix: PrefixCache) -> torch.Tensor:
-    """Next-token loss on the answers of ``rows`` with image positions filled by ``projector.mlp(feats)``; the shared
-    prefix comes from ``prefix``, the rest is right-padded (padding sits after every scored token)."""
+    """Next-token loss on the answers of ``rows`` (the mean over examples of each answer's mean token loss) with image
+    positions filled by ``projector.mlp(feats)``; the shared prefix comes from ``prefix``, the rest is right-padded
+    (padding sits after every scored token)."""
     model, tok = parts.model, parts.processor.tokenizer
     encoded = [encode(parts, q, a)[1:] for _, q, a in rows]
     width = max(len(seq) for seq, _ in encoded)
@@ -144,7 +171,10 @@ def batch_loss(parts, feats, rows, projector, prefix: PrefixCache) -> torch.Tens
                                         cache=prefix.fresh(len(rows)), use_cache=True).last_hidden_state
     scored = labels[:, 1:] != -100  # the output layer only where a token is scored (151k columns)
     logits = model.lm_head(hidden[:, :-1][scored])
-    return torch.nn.functional.cross_entropy(logits, labels[:, 1:][scored])
+    token_loss = torch.nn.functional.cross_entropy(logits, labels[:, 1:][scored], reduction="none")
+    rows_of = torch.arange(len(rows))[:, None].expand_as(scored)[scored]  # each example counts once, short or long
+    per_row = torch.zeros(len(rows)).index_add(0, rows_of, token_loss) / scored.sum(1)
+    return per_row.mean()
 
 
 def main() -> None:
@@ -207,7 +237,7 @@ def main() -> None:
     weights = args.out / PROJECTOR_FILE.name
     save_file(state, str(weights) + ".tmp")
     Path(str(weights) + ".tmp").replace(weights)
-    record = {"seed": args.seed, "epochs": args.epochs, "batch": args.batch, "lr": args.lr, "n_other": args.n_other,
+    record = {"recipe": RECIPE, "seed": args.seed, "epochs": args.epochs, "batch": args.batch, "lr": args.lr, "n_other": args.n_other,
               "n_pictures": len(pics), "n_examples": len(pics) * args.epochs, "seconds": round(time.time() - start, 1),
               "loss_first_20": sum(losses[:20]) / 20, "loss_last_20": sum(losses[-20:]) / 20, "losses": losses,
               "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),

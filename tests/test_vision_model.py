@@ -101,19 +101,21 @@ def test_a_picture_is_seventeen_tokens_and_changes_the_answer(seeing):
 
 
 def test_shared_prefix_loss_equals_the_full_forward(seeing):
-    """The projector trainer's prompt-prefix cache and right padding give the loss of LLaVA's own forward."""
+    """The projector trainer's prompt-prefix cache and right padding give the loss of LLaVA's own forward: the mean over
+    examples of each answer's mean token loss (a short and a long answer weigh the same)."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import train_projector as tp
 
     _, parts = seeing
-    samples = load_dataset("images")[:1]
+    samples = load_dataset("images")[:2]
     feats = tp.pooled_features(parts, [s.load_image() for s in samples])
-    rows = [(0, tp.KIND_QUESTIONS[0], "Flag.")]
+    rows = [(0, tp.KIND_QUESTIONS[0].format(opts="flag, food, animal or plant"), "Flag."),
+            (1, tp.CAPTION_QUESTIONS[0], "The picture shows a drawing of an insect.")]
     proj = parts.model.model.multi_modal_projector
     prefix = tp.PrefixCache(parts, tp.encode(parts, "x", "")[0])
     with torch.no_grad():
         got = tp.batch_loss(parts, feats, rows, proj, prefix).item()
-        total, count = 0.0, 0
+        per_example = []
         for (_, q, a), s in zip(rows, samples):
             pre, rest, n_prompt = tp.encode(parts, q, a)
             ids = torch.tensor([pre + rest])
@@ -121,9 +123,9 @@ def test_shared_prefix_loss_equals_the_full_forward(seeing):
             logits = parts.model(input_ids=ids, pixel_values=pixels).logits[0, :-1]
             labels = ids[0, 1:].clone()
             labels[: len(pre) + n_prompt - 1] = -100
-            total += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-            count += int((labels != -100).sum())
-    assert got == pytest.approx(total / count, rel=1e-4)
+            per_example.append(torch.nn.functional.cross_entropy(logits, labels).item())
+    assert per_example[0] != pytest.approx(per_example[1], rel=1e-2)
+    assert got == pytest.approx(sum(per_example) / 2, rel=1e-4)
 
 
 def test_shipped_projector_matches_its_record_and_never_saw_a_test_picture():
