@@ -3,7 +3,9 @@
 the projector never saw, 40 each of animal / plant / food / flag; goal ≥ 80 %, chance 25 %) with the shipped
 projector and with an untrained one (seeded), greedy, one word, with 95 % bootstrap intervals.
 
-The question (never used in training): :data:`QUESTION`. The answer counts when its first word is the kind.
+The question (never used in training): :data:`QUESTION`. The answer counts when its first word is the kind. The
+trained projector is asked again with the options in another order (:data:`QUESTION_REORDERED`): a model that reads
+the question's wording rather than the picture answers differently.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ import time
 from common import Bench, PeakRSS, parser, setup_torch
 
 QUESTION = "Answer with one word (animal, plant, food or flag): what does this picture show?"
+QUESTION_REORDERED = "Answer with one word (flag, food, plant or animal): what does this picture show?"
+KINDS = ("animal", "plant", "food", "flag")
 
 
-def name_kinds(handle, samples) -> tuple[list[bool], list[dict]]:
-    """Greedy 4-token answers to :data:`QUESTION`, one picture at a time; hits and the answers."""
+def name_kinds(handle, samples, question: str = QUESTION) -> tuple[list[bool], list[dict]]:
+    """Greedy 4-token answers to ``question``, one picture at a time; hits and the answers."""
     hits, answers = [], []
     for s in samples:
-        said = handle.generate([QUESTION], images=[s.load_image()], max_new_tokens=4)[0]
+        said = handle.generate([question], images=[s.load_image()], max_new_tokens=4)[0]
         word = (said.strip().split() or [""])[0].strip(".,!:;\"'").lower()
         hits.append(word == s.subject)
         answers.append({"id": s.id, "kind": s.subject, "said": said})
@@ -47,27 +51,30 @@ def main(argv=None) -> None:
         handle = load_model("llava-dinov2-qwen2.5-0.5b", device="cpu")
         load_s = time.perf_counter() - start
         results = {}
-        for name in ("trained", "untrained"):
+        runs = [("trained", QUESTION), ("trained_reordered", QUESTION_REORDERED), ("untrained", QUESTION)]
+        for name, question in runs:
             if name == "untrained":
                 base = load_model("qwen2.5-0.5b")
                 parts = build_llava_dinov2(base.hf_model, base.tokenizer, load_dinov2(), projector=None, seed=0)
                 handle = wrap_model("llava-dinov2-qwen2.5-0.5b+untrained", parts.family, parts.model,
                                     parts.processor.tokenizer, parts.processor, parts.layers_path)
             t0 = time.perf_counter()
-            hits, answers = name_kinds(handle, samples)
+            hits, answers = name_kinds(handle, samples, question)
             lo, hi = bootstrap_ci([float(h) for h in hits])
             per_kind = {k: sum(h for h, s in zip(hits, samples) if s.subject == k) / sum(s.subject == k for s in samples)
-                        for k in ("animal", "plant", "food", "flag")}
-            results[name] = {"accuracy": sum(hits) / len(hits), "ci95": [lo, hi], "per_kind": per_kind,
-                             "seconds": round(time.perf_counter() - t0, 1), "answers": answers}
+                        for k in KINDS}
+            results[name] = {"question": question, "accuracy": sum(hits) / len(hits), "ci95": [lo, hi],
+                             "per_kind": per_kind, "seconds": round(time.perf_counter() - t0, 1), "answers": answers}
             bench.log(f"{name}: kind named {results[name]['accuracy']:.3f} [{lo:.2f}, {hi:.2f}] {per_kind}")
     bench.results.update(load_seconds=round(load_s, 2), peak_rss_gb=round(peak.peak / 2**30, 3), **results)
     bench.add("load llava-dinov2-qwen2.5-0.5b (converted)", round(load_s, 2), "s", "≤ 10", load_s <= 10)
     bench.add("peak RSS", round(peak.peak / 2**30, 3), "GB", "≤ 4", peak.peak <= 4 * 2**30)
-    for name in ("trained", "untrained"):
+    for name, _ in runs:
         r = results[name]
-        goal = ("≥ 0.8", r["accuracy"] >= 0.8) if name == "trained" else (None, None)
-        bench.add(f"kind of a held-out picture named, {name} projector (95 % CI {r['ci95'][0]:.2f}–{r['ci95'][1]:.2f})",
+        goal = ("≥ 0.8", r["accuracy"] >= 0.8) if name.startswith("trained") else (None, None)
+        label = {"trained": "trained projector", "trained_reordered": "trained projector, options reordered",
+                 "untrained": "untrained projector"}[name]
+        bench.add(f"kind of a held-out picture named, {label} (95 % CI {r['ci95'][0]:.2f}–{r['ci95'][1]:.2f})",
                   r["accuracy"], "", *goal)
     bench.write()
 

@@ -22,7 +22,7 @@ from crvlm_core.metrics import bootstrap_ci, mb_difference_ci, paired_difference
 from crvlm_core.models.handle import ModelHandle
 from crvlm_core.steer.score import refusal_score
 
-__all__ = ["VARIANTS", "vision_ablation"]
+__all__ = ["VARIANTS", "scope_probe", "vision_ablation"]
 
 #: The two fits compared: name → weight of L_vision.
 VARIANTS = {"with L_vision": 1.0, "without L_vision": 0.0}
@@ -32,6 +32,32 @@ def _mean_ci(values) -> dict:
     values = [float(v) for v in values]
     lo, hi = bootstrap_ci(values)
     return {"mean": float(np.mean(values)), "ci95": [lo, hi]}
+
+
+def scope_probe(vlm: ModelHandle, train: Sequence[Sample], test: Sequence[Sample], layers: Sequence[int], *,
+                batch_size: int = 8, seed: int = 0) -> dict[int, dict]:
+    """How well the scope can be read from the language model at all: a logistic probe for in vs out of scope on the
+    last prompt token's state at each of ``layers`` (standardised, fitted on ``train``), its ROC AUC and accuracy on
+    ``test``. The ceiling a gate reading that state can reach. ``{layer: {"auc", "accuracy", "n_train", "n_test"}}``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    from crvlm_core.extract import extract
+
+    acts = {name: extract(vlm, samples, layers=list(layers), batch_size=batch_size, cache_dir=False,
+                          progress=False).acts.numpy() for name, samples in (("train", train), ("test", test))}
+    y = {name: np.array([s.scope == "in" for s in samples]) for name, samples in (("train", train), ("test", test))}
+    out = {}
+    for j, layer in enumerate(layers):
+        x_train, x_test = acts["train"][:, j], acts["test"][:, j]
+        mean, scale = x_train.mean(0), x_train.std(0) + 1e-6
+        clf = LogisticRegression(C=0.1, max_iter=5000, class_weight="balanced", random_state=seed)
+        clf.fit((x_train - mean) / scale, y["train"])
+        z = (x_test - mean) / scale
+        out[int(layer)] = {"auc": float(roc_auc_score(y["test"], clf.decision_function(z))),
+                           "accuracy": float(np.mean(clf.predict(z) == y["test"])),
+                           "n_train": len(x_train), "n_test": len(x_test)}
+    return out
 
 
 def vision_ablation(vlm: ModelHandle, train: Sequence[Sample], test: Sequence[Sample], config: CrvlmConfig, *,

@@ -1,6 +1,7 @@
 """Image-scoped CR-VLM on ``llava-dinov2-qwen2.5-0.5b`` (#20), with and without L_vision: fitted on the bundled
 ``images`` pictures (``--in-scope`` kind in, the other three kinds out; the question text never names the kind),
-measured on the 160 held-out ``images_test`` pictures (:func:`crvlm_core.vision_ablation.vision_ablation`). Writes
+measured on the 160 held-out ``images_test`` pictures (:func:`crvlm_core.vision_ablation.vision_ablation`), and how
+well a linear probe reads the scope from the steered and gate layers' last-token states (``scope_probe``). Writes
 ``outputs/vision/<in-scope>/metrics.json`` (and each variant's samples) whole; fits and evaluations are cached.
 
     python scripts/measure_vision_scope.py [--in-scope animal] [--behavioural-epochs 1]
@@ -21,7 +22,7 @@ from crvlm_core.data.splits import assign_scope
 from crvlm_core.methods.crvlm.config import BehaviouralConfig, CrvlmConfig
 from crvlm_core.methods.refusal_vectors import default_layers
 from crvlm_core.models.loading import load_model
-from crvlm_core.vision_ablation import vision_ablation
+from crvlm_core.vision_ablation import scope_probe, vision_ablation
 
 MODEL = "llava-dinov2-qwen2.5-0.5b"
 
@@ -48,6 +49,9 @@ def main() -> None:
     result = vision_ablation(vlm, train, test, config, max_new_tokens=args.max_new_tokens,
                              cal_cache=True, eval_cache=outputs_dir() / "cache" / "evaluations", progress=True)
     steerings = result.pop("steerings")
+    gate_layer = steerings["with L_vision"].gate_layer
+    probe_layers = sorted({*config.layers, *([gate_layer] if gate_layer is not None else [])})
+    probe = scope_probe(vlm, train, test, probe_layers, seed=args.seed)
     out.mkdir(parents=True, exist_ok=True)
     for name, variant in [("unsteered", result["unsteered"]), *result["variants"].items()]:
         rows = variant.pop("rows")
@@ -55,7 +59,7 @@ def main() -> None:
     metrics = {"model": MODEL, "model_key": vlm.key, "in_scope": [args.in_scope], "train": "images (all)",
                "test": "images_test (all)", "n_train_in": sum(s.scope == "in" for s in train),
                "n_train_out": sum(s.scope == "out" for s in train), "layers": list(config.layers),
-               "gate_layer": steerings["with L_vision"].gate_layer, "epochs": args.epochs,
+               "gate_layer": gate_layer, "scope_probe": probe, "epochs": args.epochs,
                "behavioural_epochs": args.behavioural_epochs, "behavioural_n": args.behavioural_n,
                "max_new_tokens": args.max_new_tokens, "judge": "keyword", "seed": args.seed,
                "seconds": round(time.time() - start, 1), **result}
@@ -65,6 +69,8 @@ def main() -> None:
               f"{v['mb_score_ci']} unchanged {v[f'unchanged_{args.max_new_tokens}_in']:.2f} "
               f"cos {v['shift_cosine']['mean']:.2f} image-only out {v['image_only_score_out']['mean']:.2f} "
               f"in {v['image_only_score_in']['mean']:.2f}", file=sys.stderr)
+    for layer, r in probe.items():
+        print(f"scope probe at layer {layer}: AUC {r['auc']:.3f}, accuracy {r['accuracy']:.3f}", file=sys.stderr)
     print(f"wrote {path}", file=sys.stderr)
 
 
