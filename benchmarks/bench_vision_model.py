@@ -51,8 +51,10 @@ def main(argv=None) -> None:
         handle = load_model("llava-dinov2-qwen2.5-0.5b", device="cpu")
         load_s = time.perf_counter() - start
         results = {}
-        runs = [("trained", QUESTION), ("trained_reordered", QUESTION_REORDERED), ("untrained", QUESTION)]
-        for name, question in runs:
+        runs = [("trained", QUESTION, "trained projector"),
+                ("trained_reordered", QUESTION_REORDERED, "trained projector, options reordered"),
+                ("untrained", QUESTION, "untrained projector")]
+        for name, question, _ in runs:
             if name == "untrained":
                 base = load_model("qwen2.5-0.5b")
                 parts = build_llava_dinov2(base.hf_model, base.tokenizer, load_dinov2(), projector=None, seed=0)
@@ -69,11 +71,9 @@ def main(argv=None) -> None:
     bench.results.update(load_seconds=round(load_s, 2), peak_rss_gb=round(peak.peak / 2**30, 3), **results)
     bench.add("load llava-dinov2-qwen2.5-0.5b (converted)", round(load_s, 2), "s", "≤ 10", load_s <= 10)
     bench.add("peak RSS", round(peak.peak / 2**30, 3), "GB", "≤ 4", peak.peak <= 4 * 2**30)
-    for name, _ in runs:
+    for name, _, label in runs:
         r = results[name]
         goal = ("≥ 0.8", r["accuracy"] >= 0.8) if name.startswith("trained") else (None, None)
-        label = {"trained": "trained projector", "trained_reordered": "trained projector, options reordered",
-                 "untrained": "untrained projector"}[name]
         bench.add(f"kind of a held-out picture named, {label} (95 % CI {r['ci95'][0]:.2f}–{r['ci95'][1]:.2f})",
                   r["accuracy"], "", *goal)
     bench.write()

@@ -107,7 +107,8 @@ def examples(pics: list[dict], seed: int, epoch: int) -> list[tuple[int, str, st
             rows.append((i, rng.choice(YES_NO_QUESTIONS).format(a=ARTICLE[asked]), "Yes." if asked == kind else "No."))
         else:
             c = p["caption"]
-            rows.append((i, rng.choice(CAPTION_QUESTIONS), rng.choice(CAPTION_ANSWERS).format(c=c, C=c[0].upper() + c[1:])))
+            answer = rng.choice(CAPTION_ANSWERS).format(c=c, C=c[0].upper() + c[1:])
+            rows.append((i, rng.choice(CAPTION_QUESTIONS), answer))
     rng.shuffle(rows)
     return rows
 
@@ -237,8 +238,8 @@ def main() -> None:
     weights = args.out / PROJECTOR_FILE.name
     save_file(state, str(weights) + ".tmp")
     Path(str(weights) + ".tmp").replace(weights)
-    record = {"recipe": RECIPE, "seed": args.seed, "epochs": args.epochs, "batch": args.batch, "lr": args.lr, "n_other": args.n_other,
-              "n_pictures": len(pics), "n_examples": len(pics) * args.epochs, "seconds": round(time.time() - start, 1),
+    record = {"recipe": RECIPE, "seed": args.seed, "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
+              "n_other": args.n_other, "n_pictures": len(pics), "n_examples": len(pics) * args.epochs, "seconds": round(time.time() - start, 1),
               "loss_first_20": sum(losses[:20]) / 20, "loss_last_20": sum(losses[-20:]) / 20, "losses": losses,
               "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
               "held_out": "every picture of the bundled images_test (by source file and rendered bytes)",

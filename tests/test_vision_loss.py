@@ -118,7 +118,7 @@ def test_llava_around_a_real_lm_with_images_end_to_end(spec, tmp_path):
     assert len(texts) == len(test) and all(isinstance(t, str) and t.strip() for t in texts)
 
 
-def test_scope_probe_reads_the_scope_from_the_picture_alone(tiny_llava):
+def test_scope_probe_reads_the_scope_from_the_picture_alone(tiny_llava, tmp_path):
     """On pictures whose scope is a function of the picture (and the same question text), the probe beats chance on
     held-out pictures; with the scopes shuffled it cannot (the probe can fail)."""
     from dataclasses import replace
@@ -138,13 +138,9 @@ def test_scope_probe_reads_the_scope_from_the_picture_alone(tiny_llava):
                               scope="in" if i % 2 else "out", image=path))
         return out
 
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as d:
-        train, test = pictures(Path(d), 16, 0), pictures(Path(d), 8, 100)
-        got = scope_probe(tiny_llava, train, test, layers=[1])
-        assert set(got) == {1} and got[1]["n_train"] == 16 and got[1]["n_test"] == 8
-        assert got[1]["auc"] > 0.9
-        shuffled = [replace(s, scope="in" if k in (0, 3, 5, 6, 9, 10, 12, 15) else "out") for k, s in enumerate(train)]
-        assert scope_probe(tiny_llava, shuffled, test, layers=[1])[1]["auc"] < 0.9
+    train, test = pictures(tmp_path, 16, 0), pictures(tmp_path, 8, 100)
+    got = scope_probe(tiny_llava, train, test, layers=[1])
+    assert set(got) == {1} and got[1]["n_train"] == 16 and got[1]["n_test"] == 8
+    assert got[1]["auc"] > 0.9
+    shuffled = [replace(s, scope="in" if k in (0, 3, 5, 6, 9, 10, 12, 15) else "out") for k, s in enumerate(train)]
+    assert scope_probe(tiny_llava, shuffled, test, layers=[1])[1]["auc"] < 0.9
