@@ -39,24 +39,21 @@ def scope_probe(vlm: ModelHandle, train: Sequence[Sample], test: Sequence[Sample
     """How well the scope can be read from the language model at all: a logistic probe for in vs out of scope on the
     last prompt token's state at each of ``layers`` (standardised, fitted on ``train``), its ROC AUC and accuracy on
     ``test``. The ceiling a gate reading that state can reach. ``{layer: {"auc", "accuracy", "n_train", "n_test"}}``."""
-    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
     from crvlm_core.extract import extract
+    from crvlm_core.judges.readout import LinearReadout
 
     acts = {name: extract(vlm, samples, layers=list(layers), batch_size=batch_size, cache_dir=False,
                           progress=False).acts.numpy() for name, samples in (("train", train), ("test", test))}
-    y = {name: np.array([s.scope == "in" for s in samples]) for name, samples in (("train", train), ("test", test))}
+    y_train, y_test = ([s.scope == "in" for s in samples] for samples in (train, test))
     out = {}
     for j, layer in enumerate(layers):
-        x_train, x_test = acts["train"][:, j], acts["test"][:, j]
-        mean, scale = x_train.mean(0), x_train.std(0) + 1e-6
-        clf = LogisticRegression(C=0.1, max_iter=5000, class_weight="balanced", random_state=seed)
-        clf.fit((x_train - mean) / scale, y["train"])
-        z = (x_test - mean) / scale
-        out[int(layer)] = {"auc": float(roc_auc_score(y["test"], clf.decision_function(z))),
-                           "accuracy": float(np.mean(clf.predict(z) == y["test"])),
-                           "n_train": len(x_train), "n_test": len(x_test)}
+        readout = LinearReadout.fit(acts["train"][:, j], y_train, C=0.1, seed=seed, class_weight="balanced")
+        p = readout.probability(acts["test"][:, j])
+        out[int(layer)] = {"auc": float(roc_auc_score(y_test, p)),
+                           "accuracy": float(np.mean((p > 0.5) == np.asarray(y_test))),
+                           "n_train": len(y_train), "n_test": len(y_test)}
     return out
 
 

@@ -31,8 +31,10 @@ class LinearReadout:
         return int(self.coef.shape[0])
 
     @classmethod
-    def fit(cls, x: np.ndarray, labels: Sequence[bool], C: float = 1.0, seed: int = 0) -> LinearReadout:
-        """Standardise ``x`` ``[n, d]`` and fit an L2 logistic regression (``C``: inverse regularisation)."""
+    def fit(cls, x: np.ndarray, labels: Sequence[bool], C: float = 1.0, seed: int = 0,
+            class_weight: str | None = None) -> LinearReadout:
+        """Standardise ``x`` ``[n, d]`` and fit an L2 logistic regression (``C``: inverse regularisation;
+        ``class_weight="balanced"`` weighs both classes the same whatever their counts)."""
         from sklearn.linear_model import LogisticRegression
 
         x = np.asarray(x, np.float64)
@@ -41,7 +43,8 @@ class LinearReadout:
             raise ValueError("a readout needs both refusals and answers to train on")
         mean, scale = x.mean(0), x.std(0)
         scale[scale == 0] = 1.0
-        clf = LogisticRegression(C=C, max_iter=5000, random_state=seed).fit((x - mean) / scale, y)
+        clf = LogisticRegression(C=C, max_iter=5000, random_state=seed, class_weight=class_weight)
+        clf.fit((x - mean) / scale, y)
         return cls(mean, scale, clf.coef_[0], clf.intercept_[0])
 
     def probability(self, x: np.ndarray) -> np.ndarray:
