@@ -4,7 +4,8 @@ measured on the 160 held-out ``images_test`` pictures (:func:`crvlm_core.vision_
 well a linear probe reads the scope from the steered and gate layers' last-token states (``scope_probe``). Writes
 ``outputs/vision/<in-scope>/metrics.json`` (and each variant's samples) whole; fits and evaluations are cached.
 
-    python scripts/measure_vision_scope.py [--in-scope animal] [--behavioural-epochs 1]
+    python scripts/measure_vision_scope.py [--in-scope animal] [--behavioural-epochs 1] [--behavioural-n N]
+        [--layers 8 ...] [--target-scale 1.0] [--hard-gate]
 """
 
 from __future__ import annotations
@@ -32,7 +33,11 @@ def main() -> None:
     ap.add_argument("--in-scope", default="animal", choices=["animal", "plant", "food", "flag"])
     ap.add_argument("--behavioural-epochs", type=int, default=1)
     ap.add_argument("--behavioural-n", type=int, default=None)
+    ap.add_argument("--behavioural-lr", type=float, default=1e-4)
     ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--layers", type=int, nargs="+", default=None, help="steered layers (default: a third up)")
+    ap.add_argument("--target-scale", type=float, default=1.0, help="λ of the out-of-scope target h_out + λ·s")
+    ap.add_argument("--hard-gate", action="store_true", help="round the prefill gate to 0 / 1 at 0.5")
     ap.add_argument("--max-new-tokens", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
@@ -42,10 +47,11 @@ def main() -> None:
     vlm = load_model(MODEL)
     train = assign_scope(load_dataset("images"), in_scope=[args.in_scope])
     test = assign_scope(load_dataset("images_test"), in_scope=[args.in_scope])
-    behavioural = BehaviouralConfig(epochs=args.behavioural_epochs, seed=args.seed,
-                                    max_per_scope=args.behavioural_n) if args.behavioural_epochs else None
-    config = CrvlmConfig(layers=list(default_layers(vlm)), gate_layer="auto", epochs=args.epochs, seed=args.seed,
-                         behavioural=behavioural)
+    behavioural = BehaviouralConfig(epochs=args.behavioural_epochs, seed=args.seed, max_per_scope=args.behavioural_n,
+                                    lr=args.behavioural_lr) if args.behavioural_epochs else None
+    config = CrvlmConfig(layers=args.layers or list(default_layers(vlm)), gate_layer="auto", epochs=args.epochs,
+                         seed=args.seed, behavioural=behavioural, target_scale=args.target_scale,
+                         hard_gate=args.hard_gate)
     result = vision_ablation(vlm, train, test, config, max_new_tokens=args.max_new_tokens,
                              cal_cache=True, eval_cache=outputs_dir() / "cache" / "evaluations", progress=True)
     steerings = result.pop("steerings")
@@ -60,7 +66,9 @@ def main() -> None:
                "test": "images_test (all)", "n_train_in": sum(s.scope == "in" for s in train),
                "n_train_out": sum(s.scope == "out" for s in train), "layers": list(config.layers),
                "gate_layer": gate_layer, "scope_probe": probe, "epochs": args.epochs,
+               "target_scale": args.target_scale, "hard_gate": args.hard_gate,
                "behavioural_epochs": args.behavioural_epochs, "behavioural_n": args.behavioural_n,
+               "behavioural_lr": args.behavioural_lr,
                "max_new_tokens": args.max_new_tokens, "judge": "keyword", "seed": args.seed,
                "seconds": round(time.time() - start, 1), **result}
     path = atomic_write_json(out / "metrics.json", metrics)

@@ -146,6 +146,7 @@ ROWS = [
     row("fit-epochs-0", [*FIT, "--method", "crvlm", "--epochs", "0"], "--epochs", ">= 1"),
     row("fit-width-0", [*FIT, "--method", "crvlm", "--width", "0"], "--width", ">= 1"),
     row("fit-behavioural-epochs-neg", [*FIT, "--behavioural-epochs", "-1"], "--behavioural-epochs", ">= 0"),
+    row("fit-behavioural-lr-0", [*FIT, "--method", "crvlm", "--behavioural-lr", "0"], "--behavioural-lr", "> 0"),
     row("fit-batch-size-0", [*FIT, "--batch-size", "0"], "--batch-size", ">= 1"),
     row("eval-batch-size-neg", [*EVAL, "--batch-size", "-4"], "--batch-size", ">= 1"),
     row("eval-max-new-tokens-0", [*EVAL, "--max-new-tokens", "0"], "--max-new-tokens", ">= 1"),

@@ -100,6 +100,19 @@ def test_crvlm_takes_its_refusal_vector_from_train_alone_when_train_extra_joins(
     assert (b["n_in"], b["n_out"]) == (a["n_in"] + 1, a["n_out"] + 1) and a["fingerprint"] == b["fingerprint"]
 
 
+def test_the_behavioural_stage_learns_at_the_given_rate(tmp_path, smollm2):
+    """``--behavioural-lr`` reaches the behavioural stage (the same calibrator, fine-tuned at two rates, ends
+    different) and ``fit.json``."""
+    common = ["fit", "--model", "smollm2-135m", "--method", "crvlm", "--in-scope", "biology", "--layers", "8",
+              "--n-train", "2", "--epochs", "1", "--width", "16", "--behavioural-epochs", "1"]
+    assert _run(common + ["--behavioural-lr", "1e-6", "--out", str(tmp_path / "a")]) == 0
+    assert _run(common + ["--behavioural-lr", "1e-2", "--out", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / k / "fit.json").read_text()) for k in "ab")
+    assert (a["behavioural_lr"], b["behavioural_lr"]) == (1e-6, 1e-2)
+    tensors = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.safetensors"))
+    assert tensors and any((tmp_path / "a" / t).read_bytes() != (tmp_path / "b" / t).read_bytes() for t in tensors)
+
+
 def test_cli_bad_inputs(tmp_path, smollm2, capsys):
     with pytest.raises(SystemExit):  # argparse rejects an unknown method
         main(["fit", "--method", "telepathy", "--in-scope", "biology", "--out", str(tmp_path)])

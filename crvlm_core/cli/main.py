@@ -104,7 +104,8 @@ def _fit_method(args: argparse.Namespace, handle, train: list, in_scope: list[st
         if args.gate_layer not in ("auto", "none"):
             gate = int(args.gate_layer)
         behavioural = BehaviouralConfig(epochs=args.behavioural_epochs, seed=args.seed,
-                                        max_per_scope=args.behavioural_n) if args.behavioural_epochs > 0 else None
+                                        max_per_scope=args.behavioural_n,
+                                        lr=args.behavioural_lr) if args.behavioural_epochs > 0 else None
         config = CrvlmConfig(layers=layers, gate_layer=gate, gate_pass=args.gate_pass or "shared",
                              target_scale=args.target_scale, w_vision=args.w_vision,
                              width=args.width, epochs=args.epochs, lr=args.lr, seed=args.seed,
@@ -118,7 +119,7 @@ def _fit_method(args: argparse.Namespace, handle, train: list, in_scope: list[st
         extra = {"gate_layer": steering.gate_layer, "gate_pass": steering.gate_pass, "epochs": args.epochs,
                  "width": args.width,
                  "train_positions": args.train_positions, "behavioural_epochs": args.behavioural_epochs,
-                 "behavioural_n": args.behavioural_n,
+                 "behavioural_n": args.behavioural_n, "behavioural_lr": args.behavioural_lr,
                  "framing_augment": args.framing_augment, "gate_hidden": args.gate_hidden, "gate_fit": args.gate_fit,
                  "hard_gate": args.hard_gate, "gate_extra_layers": list(steering.gate_extra_layers),
                  "in_scope_push": args.in_scope_push, "w_vision": args.w_vision,

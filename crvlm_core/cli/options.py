@@ -159,6 +159,9 @@ def _add_crvlm_options(f: argparse.ArgumentParser) -> None:
     c.add_argument("--behavioural-n", type=_POS, default=None, help="the behavioural stage sees at most this many "
                    "training questions per scope, a seeded subset (default: all; its cost grows with the larger "
                    "scope, ~9 s per 4 questions on 2 CPU cores)")
+    c.add_argument("--behavioural-lr", type=finite(0.0, above=True), default=1e-4, help="the behavioural stage's "
+                   "Adam learning rate (default 1e-4; image-scoped flags on llava-dinov2-qwen2.5-0.5b refused most "
+                   "at 3e-4, docs/results.md)")
 
 
 def _add_refusal_steering_options(f: argparse.ArgumentParser) -> None:
